@@ -1,0 +1,67 @@
+"""The one interface every inference backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+
+class Engine(ABC):
+    """``infer(float32 [B, 1, H, W]) -> (class_logits [B, 2], mask_logits [B, 1, H, W])``.
+
+    Subclasses implement ``_run`` for one batch of at most ``max_batch`` slices; ``infer``
+    checks the input and splits larger batches.
+    """
+
+    backend: str = "?"
+
+    def __init__(self, meta: dict[str, Any], *, device: str, precision: str,
+                 max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.meta = meta
+        self.device = device
+        self.precision = precision
+        self.max_batch = max_batch
+        size = meta["preprocessing"]["size"]
+        self.input_size = (int(size[0]), int(size[1]))
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class logits float32 [B, 2] and mask logits float32 [B, 1, H, W] for a batch."""
+        batch = self._checked(batch)
+        if len(batch) <= self.max_batch:
+            return self._run(batch)
+        parts = [self._run(batch[i:i + self.max_batch])
+                 for i in range(0, len(batch), self.max_batch)]
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+    def _checked(self, batch: np.ndarray) -> np.ndarray:
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
+            raise TypeError(f"batch must be a float32 numpy array, got "
+                            f"{getattr(batch, 'dtype', type(batch).__name__)}")
+        expected = (1, *self.input_size)
+        if batch.ndim != 4 or batch.shape[1:] != expected or batch.shape[0] == 0:
+            raise ValueError(f"batch must have shape [B>0, {', '.join(map(str, expected))}], "
+                             f"got {list(batch.shape)}")
+        return np.ascontiguousarray(batch)
+
+    @abstractmethod
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run one C-contiguous batch of at most ``max_batch`` slices."""
+
+    def close(self) -> None:
+        """Release device memory, sessions and streams (idempotent)."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(backend={self.backend!r}, device={self.device!r}, "
+                f"precision={self.precision!r}, max_batch={self.max_batch})")

@@ -1,0 +1,123 @@
+"""Slice extraction and normalisation, in native code (``ubc._native``).
+
+Conventions (shared with ``ubc.preprocess_reference``, the NumPy oracle):
+- The volume is in canonical RAS orientation, axes (x, y, z), z axial; ``spacing`` in mm.
+- Along each in-plane axis, output pixel ``o`` samples input index
+  ``(o - (m - 1) / 2) * t / s + (n - 1) / 2`` (n, s: input pixels and spacing; m, t: output):
+  slice centre -> output centre, pixel centres at integer indices, zero outside the slice.
+  Output H follows x, W follows y.
+- Normalisation uses statistics of the whole volume's foreground (non-zero voxels), computed
+  once in double precision; background voxels stay exactly 0. Intensities are normalised
+  first, then resampled (bilinear), so a linear ramp stays linear.
+- NaN or Inf voxels are rejected (ValueError): a scan with them is corrupt, and treating them
+  as background would hide that.
+- Output sizes must be multiples of 32 (the U-Net's five down-samplings; exported graphs do
+  not check it).
+Work is split over slices on ``threads`` threads (0 = all cores) with the GIL released; the
+result is bit-identical for any thread count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ubc import _native
+
+__all__ = ["NORMS", "slices", "mask_slices", "lesion_areas", "to_original", "foreground_counts"]
+
+NORMS = ("zscore", "percentile", "none")
+
+
+def _indices(slice_indices: Sequence[int] | np.ndarray | None, n_slices: int) -> np.ndarray:
+    if slice_indices is None:
+        return np.arange(n_slices, dtype=np.int64)
+    return np.ascontiguousarray(slice_indices, dtype=np.int64).reshape(-1)
+
+
+def _n_slices(volume: np.ndarray) -> int:
+    if not isinstance(volume, np.ndarray):
+        raise TypeError(f"volume must be a numpy array, got {type(volume).__name__}")
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3-D (x, y, z), got shape {volume.shape}")
+    return int(volume.shape[2])
+
+
+def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype).name} array of shape "
+                         f"{shape}, got {out.dtype} {out.shape}")
+    return out
+
+
+def slices(volume: np.ndarray, spacing: Sequence[float], *, size: Sequence[int] = (224, 224),
+           target_spacing: Sequence[float] = (1.0, 1.0), norm: str = "zscore",
+           slice_indices: Sequence[int] | np.ndarray | None = None, threads: int = 0,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """float32 [S, 1, H, W]: every axial slice (or ``slice_indices``), normalised per volume
+    (``norm``: zscore | percentile | none), resampled in-plane to ``target_spacing`` mm
+    (bilinear), centre-cropped/padded to ``size`` = (H, W). ``out`` reuses a buffer."""
+    indices = _indices(slice_indices, _n_slices(volume))
+    result = _output(out, (len(indices), 1, int(size[0]), int(size[1])), np.float32)
+    _native.slices(volume, tuple(spacing), tuple(size), tuple(target_spacing), norm, indices,
+                   threads, result)
+    return result
+
+
+def mask_slices(labels: np.ndarray, spacing: Sequence[float], *,
+                size: Sequence[int] = (224, 224), target_spacing: Sequence[float] = (1.0, 1.0),
+                slice_indices: Sequence[int] | np.ndarray | None = None, threads: int = 0,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [S, 1, H, W]: binary lesion mask (union of labels > 0), same geometry as
+    ``slices``, resampled by nearest neighbour (ties round up)."""
+    indices = _indices(slice_indices, _n_slices(labels))
+    result = _output(out, (len(indices), 1, int(size[0]), int(size[1])), np.uint8)
+    _native.mask_slices(labels, tuple(spacing), tuple(size), tuple(target_spacing), indices,
+                        threads, result)
+    return result
+
+
+def lesion_areas(labels: np.ndarray, spacing: Sequence[float], *,
+                 slice_indices: Sequence[int] | np.ndarray | None = None,
+                 threads: int = 0) -> np.ndarray:
+    """float64 [S]: lesion area (labels > 0) of each axial slice in mm2, original grid."""
+    indices = _indices(slice_indices, _n_slices(labels))
+    result = np.empty(len(indices), dtype=np.float64)
+    _native.lesion_areas(labels, tuple(spacing), indices, threads, result)
+    return result
+
+
+def foreground_counts(volume: np.ndarray, *, threads: int = 0) -> np.ndarray:
+    """int64 [Z]: number of non-zero voxels in each axial slice (0 = background only)."""
+    _n_slices(volume)
+    result = np.empty(volume.shape[2], dtype=np.int64)
+    _native.foreground_counts(volume, threads, result)
+    return result
+
+
+def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequence[float], *,
+                target_spacing: Sequence[float] = (1.0, 1.0),
+                slice_indices: Sequence[int] | np.ndarray | None = None,
+                threads: int = 0) -> np.ndarray:
+    """float32 array of ``original_shape`` (x, y, z), Fortran order: model-grid slices
+    ``values`` [S, H, W] (or [S, 1, H, W]) mapped back onto the original in-plane grid
+    (bilinear, the inverse of ``slices``' geometry). Slices not in ``slice_indices`` are 0;
+    threshold the result for a binary mask."""
+    values = np.asarray(values)
+    if values.ndim == 4 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 3:
+        raise ValueError(f"values must be [S, H, W] or [S, 1, H, W], got shape {values.shape}")
+    shape = tuple(int(n) for n in original_shape)
+    if len(shape) != 3:
+        raise ValueError(f"original_shape must have 3 entries (x, y, z), got {shape}")
+    indices = _indices(slice_indices, shape[2])
+    if len(indices) != values.shape[0]:
+        raise ValueError(f"{values.shape[0]} slices given for {len(indices)} slice indices")
+    result = np.zeros(shape, dtype=np.float32, order="F")
+    _native.to_original(np.ascontiguousarray(values, dtype=np.float32), tuple(spacing),
+                        tuple(target_spacing), indices, threads, result)
+    return result
