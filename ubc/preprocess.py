@@ -36,12 +36,16 @@ def _indices(slice_indices: Sequence[int] | np.ndarray | None, n_slices: int) ->
     return np.ascontiguousarray(slice_indices, dtype=np.int64).reshape(-1)
 
 
-def _n_slices(volume: np.ndarray) -> int:
+def _checked_volume(volume: np.ndarray) -> np.ndarray:
+    """The volume itself (no copy) unless its byte order is not native (NIfTI files may be
+    big-endian): then a native copy, since the native code reads native numbers only."""
     if not isinstance(volume, np.ndarray):
         raise TypeError(f"volume must be a numpy array, got {type(volume).__name__}")
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3-D (x, y, z), got shape {volume.shape}")
-    return int(volume.shape[2])
+    if not volume.dtype.isnative:
+        return volume.astype(volume.dtype.newbyteorder("="))
+    return volume
 
 
 def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
@@ -60,7 +64,8 @@ def slices(volume: np.ndarray, spacing: Sequence[float], *, size: Sequence[int] 
     """float32 [S, 1, H, W]: every axial slice (or ``slice_indices``), normalised per volume
     (``norm``: zscore | percentile | none), resampled in-plane to ``target_spacing`` mm
     (bilinear), centre-cropped/padded to ``size`` = (H, W). ``out`` reuses a buffer."""
-    indices = _indices(slice_indices, _n_slices(volume))
+    volume = _checked_volume(volume)
+    indices = _indices(slice_indices, volume.shape[2])
     result = _output(out, (len(indices), 1, int(size[0]), int(size[1])), np.float32)
     _native.slices(volume, tuple(spacing), tuple(size), tuple(target_spacing), norm, indices,
                    threads, result)
@@ -73,7 +78,8 @@ def mask_slices(labels: np.ndarray, spacing: Sequence[float], *,
                 out: np.ndarray | None = None) -> np.ndarray:
     """uint8 [S, 1, H, W]: binary lesion mask (union of labels > 0), same geometry as
     ``slices``, resampled by nearest neighbour (ties round up)."""
-    indices = _indices(slice_indices, _n_slices(labels))
+    labels = _checked_volume(labels)
+    indices = _indices(slice_indices, labels.shape[2])
     result = _output(out, (len(indices), 1, int(size[0]), int(size[1])), np.uint8)
     _native.mask_slices(labels, tuple(spacing), tuple(size), tuple(target_spacing), indices,
                         threads, result)
@@ -84,7 +90,8 @@ def lesion_areas(labels: np.ndarray, spacing: Sequence[float], *,
                  slice_indices: Sequence[int] | np.ndarray | None = None,
                  threads: int = 0) -> np.ndarray:
     """float64 [S]: lesion area (labels > 0) of each axial slice in mm2, original grid."""
-    indices = _indices(slice_indices, _n_slices(labels))
+    labels = _checked_volume(labels)
+    indices = _indices(slice_indices, labels.shape[2])
     result = np.empty(len(indices), dtype=np.float64)
     _native.lesion_areas(labels, tuple(spacing), indices, threads, result)
     return result
@@ -92,7 +99,7 @@ def lesion_areas(labels: np.ndarray, spacing: Sequence[float], *,
 
 def foreground_counts(volume: np.ndarray, *, threads: int = 0) -> np.ndarray:
     """int64 [Z]: number of non-zero voxels in each axial slice (0 = background only)."""
-    _n_slices(volume)
+    volume = _checked_volume(volume)
     result = np.empty(volume.shape[2], dtype=np.int64)
     _native.foreground_counts(volume, threads, result)
     return result

@@ -1,0 +1,597 @@
+#include "preprocess.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+namespace ubc {
+namespace {
+
+constexpr int64_t kSizeMultiple = 32;  // five 2x down-samplings in the U-Net encoder
+constexpr int64_t kMaxSide = 4096;
+
+// Runs body(begin, end) over [0, n) split into contiguous chunks, one per thread. Each output
+// element is computed by exactly one chunk, so results do not depend on the thread count.
+template <typename Body>
+void parallel_for(int64_t n, int threads, Body&& body) {
+    int64_t workers = threads > 0 ? threads : static_cast<int64_t>(std::thread::hardware_concurrency());
+    workers = std::max<int64_t>(1, std::min(workers, n));
+    if (workers == 1) {
+        body(int64_t{0}, n);
+        return;
+    }
+    const int64_t chunk = (n + workers - 1) / workers;
+    std::vector<std::exception_ptr> errors(static_cast<size_t>(workers));
+    std::vector<std::thread> pool;
+    for (int64_t w = 0; w < workers; ++w) {
+        const int64_t begin = w * chunk;
+        const int64_t end = std::min(n, begin + chunk);
+        pool.emplace_back([&body, &errors, w, begin, end] {
+            try {
+                body(begin, end);
+            } catch (...) {
+                errors[static_cast<size_t>(w)] = std::current_exception();
+            }
+        });
+    }
+    for (auto& t : pool) t.join();
+    for (auto& e : errors)
+        if (e) std::rethrow_exception(e);
+}
+
+template <typename Fn>
+auto dispatch(DType dtype, Fn&& fn) {
+    switch (dtype) {
+        case DType::u8: return fn(uint8_t{});
+        case DType::i16: return fn(int16_t{});
+        case DType::u16: return fn(uint16_t{});
+        case DType::i32: return fn(int32_t{});
+        case DType::f32: return fn(float{});
+        case DType::f64: return fn(double{});
+    }
+    throw std::invalid_argument("unsupported dtype");
+}
+
+// Calls fn(x, y, value) for every voxel of axial slice k, walking the smaller stride innermost.
+template <typename T, typename Fn>
+void for_each_voxel(const VolumeView& v, int64_t k, Fn&& fn) {
+    const T* base = static_cast<const T*>(v.data) + k * v.strides[2];
+    const int64_t nx = v.shape[0], ny = v.shape[1], sx = v.strides[0], sy = v.strides[1];
+    if (std::llabs(sy) <= std::llabs(sx)) {
+        for (int64_t x = 0; x < nx; ++x)
+            for (int64_t y = 0; y < ny; ++y) fn(x, y, base[x * sx + y * sy]);
+    } else {
+        for (int64_t y = 0; y < ny; ++y)
+            for (int64_t x = 0; x < nx; ++x) fn(x, y, base[x * sx + y * sy]);
+    }
+}
+
+// Axes ordered from the largest stride to the smallest: loops in this order stream memory.
+std::array<size_t, 3> memory_order(const VolumeView& v) {
+    std::array<size_t, 3> axes{0, 1, 2};
+    std::sort(axes.begin(), axes.end(), [&](size_t a, size_t b) {
+        return std::llabs(v.strides[a]) > std::llabs(v.strides[b]);
+    });
+    return axes;
+}
+
+std::string shape_text(const std::array<int64_t, 3>& s) {
+    std::ostringstream os;
+    os << "(" << s[0] << ", " << s[1] << ", " << s[2] << ")";
+    return os.str();
+}
+
+void check_volume(const VolumeView& v, const char* what) {
+    if (v.data == nullptr) throw std::invalid_argument(std::string(what) + " has no data");
+    for (int64_t n : v.shape)
+        if (n <= 0)
+            throw std::invalid_argument(std::string(what) + " has an empty axis, shape " +
+                                        shape_text(v.shape));
+}
+
+template <size_t N>
+void check_spacing(const std::array<double, N>& spacing, const char* what) {
+    for (double s : spacing)
+        if (!std::isfinite(s) || s <= 0.0) {
+            std::ostringstream os;
+            os << what << " must be finite and positive (mm), got " << s;
+            throw std::invalid_argument(os.str());
+        }
+}
+
+void check_size(const std::array<int64_t, 2>& size) {
+    for (int64_t n : size)
+        if (n < kSizeMultiple || n > kMaxSide) {
+            std::ostringstream os;
+            os << "output size (" << size[0] << ", " << size[1] << ") is out of range: each side "
+               << "must be between " << kSizeMultiple << " and " << kMaxSide;
+            throw std::invalid_argument(os.str());
+        }
+    if (size[0] % kSizeMultiple == 0 && size[1] % kSizeMultiple == 0) return;
+    auto nearest = [](int64_t n) {
+        return std::max(kSizeMultiple, (n + kSizeMultiple / 2) / kSizeMultiple * kSizeMultiple);
+    };
+    std::ostringstream os;
+    os << "output size (" << size[0] << ", " << size[1] << ") is not a multiple of "
+       << kSizeMultiple << " (the U-Net down-samples 5 times); use (" << nearest(size[0]) << ", "
+       << nearest(size[1]) << ")";
+    throw std::invalid_argument(os.str());
+}
+
+void check_indices(const int64_t* indices, int64_t n, int64_t n_slices) {
+    for (int64_t i = 0; i < n; ++i)
+        if (indices[i] < 0 || indices[i] >= n_slices) {
+            std::ostringstream os;
+            os << "slice index " << indices[i] << " is out of range for a volume with "
+               << n_slices << " axial slices";
+            throw std::invalid_argument(os.str());
+        }
+}
+
+void check_geometry(const VolumeView& v, const SliceGeometry& g, const int64_t* indices,
+                    int64_t n_indices, const char* what) {
+    check_volume(v, what);
+    check_spacing(g.spacing, "spacing");
+    check_spacing(g.target_spacing, "target_spacing");
+    check_size(g.size);
+    check_indices(indices, n_indices, v.shape[2]);
+}
+
+// Linear-interpolation taps along one axis. Index i0 refers to a buffer padded with one zero
+// on each side (stored index = input index + 1), so both taps are always readable and samples
+// outside the input read zeros.
+struct Taps {
+    std::vector<int64_t> i0;
+    std::vector<float> w0, w1;
+};
+
+double source_coord(int64_t o, int64_t n_out, int64_t n_in, double spacing_in,
+                    double spacing_out) {
+    return (static_cast<double>(o) - static_cast<double>(n_out - 1) * 0.5) *
+               (spacing_out / spacing_in) +
+           static_cast<double>(n_in - 1) * 0.5;
+}
+
+Taps linear_taps(int64_t n_out, int64_t n_in, double spacing_in, double spacing_out) {
+    Taps taps;
+    for (int64_t o = 0; o < n_out; ++o) {
+        const double src = source_coord(o, n_out, n_in, spacing_in, spacing_out);
+        const double lower = std::floor(src);
+        const double frac = src - lower;
+        if (lower < -1.0 || lower > static_cast<double>(n_in - 1)) {
+            taps.i0.push_back(0);  // wholly outside: both weights zero
+            taps.w0.push_back(0.0f);
+            taps.w1.push_back(0.0f);
+            continue;
+        }
+        taps.i0.push_back(static_cast<int64_t>(lower) + 1);
+        taps.w0.push_back(static_cast<float>(1.0 - frac));
+        taps.w1.push_back(static_cast<float>(frac));
+    }
+    return taps;
+}
+
+// Input index of the nearest pixel centre (ties round up), or -1 outside the input.
+std::vector<int64_t> nearest_taps(int64_t n_out, int64_t n_in, double spacing_in,
+                                  double spacing_out) {
+    std::vector<int64_t> index;
+    for (int64_t o = 0; o < n_out; ++o) {
+        const double nearest = std::floor(source_coord(o, n_out, n_in, spacing_in, spacing_out) + 0.5);
+        const bool inside = nearest >= 0.0 && nearest <= static_cast<double>(n_in - 1);
+        index.push_back(inside ? static_cast<int64_t>(nearest) : -1);
+    }
+    return index;
+}
+
+// out[h, w] = bilinear sample of a zero-padded [n_rows + 2, row_len] buffer.
+void interpolate(const float* padded, int64_t row_len, const Taps& rows, const Taps& cols,
+                 float* out, int64_t out_row_stride, int64_t out_col_stride) {
+    const int64_t n_rows = static_cast<int64_t>(rows.i0.size());
+    const int64_t n_cols = static_cast<int64_t>(cols.i0.size());
+    for (int64_t h = 0; h < n_rows; ++h) {
+        const float* r0 = padded + rows.i0[static_cast<size_t>(h)] * row_len;
+        const float* r1 = r0 + row_len;
+        const float a = rows.w0[static_cast<size_t>(h)], b = rows.w1[static_cast<size_t>(h)];
+        float* dst = out + h * out_row_stride;
+        for (int64_t w = 0; w < n_cols; ++w) {
+            const size_t c = static_cast<size_t>(w);
+            const int64_t j = cols.i0[c];
+            const float top = cols.w0[c] * r0[j] + cols.w1[c] * r0[j + 1];
+            const float bottom = cols.w0[c] * r1[j] + cols.w1[c] * r1[j + 1];
+            dst[w * out_col_stride] = a * top + b * bottom;
+        }
+    }
+}
+
+struct Partial {
+    int64_t count = 0;
+    double mean = 0.0;
+    double m2 = 0.0;  // sum of squared deviations from mean
+    int64_t nonfinite = 0;
+};
+
+template <typename T>
+Partial slice_partial(const VolumeView& v, int64_t k, bool want_moments) {
+    Partial p;
+    double sum = 0.0;
+    for_each_voxel<T>(v, k, [&](int64_t, int64_t, T value) {
+        if constexpr (std::is_floating_point_v<T>) {
+            if (!std::isfinite(value)) {
+                ++p.nonfinite;
+                return;
+            }
+        }
+        if (value != T(0)) {
+            ++p.count;
+            sum += static_cast<double>(value);
+        }
+    });
+    if (!want_moments || p.count == 0 || p.nonfinite > 0) return p;
+    p.mean = sum / static_cast<double>(p.count);
+    for_each_voxel<T>(v, k, [&](int64_t, int64_t, T value) {
+        if (value != T(0)) {
+            const double d = static_cast<double>(value) - p.mean;
+            p.m2 += d * d;
+        }
+    });
+    return p;
+}
+
+// Chan et al.'s pairwise combination, applied in slice order so the result is deterministic.
+Partial combine(const Partial& a, const Partial& b) {
+    Partial r;
+    r.nonfinite = a.nonfinite + b.nonfinite;
+    r.count = a.count + b.count;
+    if (r.count == 0) return r;
+    const double na = static_cast<double>(a.count), nb = static_cast<double>(b.count);
+    const double delta = b.mean - a.mean;
+    r.mean = a.mean + delta * nb / (na + nb);
+    r.m2 = a.m2 + b.m2 + delta * delta * na * nb / (na + nb);
+    return r;
+}
+
+// Linear-interpolated quantile (NumPy's default method) of values, reordered in place.
+double quantile(std::vector<double>& values, double q) {
+    const double position = q * static_cast<double>(values.size() - 1);
+    const auto lower = static_cast<std::ptrdiff_t>(std::floor(position));
+    auto it = values.begin() + lower;
+    std::nth_element(values.begin(), it, values.end());
+    const double low = *it;
+    if (it + 1 == values.end()) return low;
+    const double high = *std::min_element(it + 1, values.end());
+    return low + (high - low) * (position - static_cast<double>(lower));
+}
+
+template <typename T>
+std::vector<double> gather_foreground(const VolumeView& v, const std::vector<Partial>& parts,
+                                      int threads) {
+    std::vector<int64_t> offsets(parts.size() + 1, 0);
+    for (size_t k = 0; k < parts.size(); ++k) offsets[k + 1] = offsets[k] + parts[k].count;
+    std::vector<double> values(static_cast<size_t>(offsets.back()));
+    parallel_for(v.shape[2], threads, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+            double* dst = values.data() + offsets[static_cast<size_t>(k)];
+            for_each_voxel<T>(v, k, [&](int64_t, int64_t, T value) {
+                if (value != T(0)) *dst++ = static_cast<double>(value);
+            });
+        }
+    });
+    return values;
+}
+
+template <typename T>
+constexpr bool kHistogrammable = std::is_integral_v<T> && sizeof(T) <= 2;
+
+void throw_if_nonfinite(int64_t nonfinite) {
+    if (nonfinite == 0) return;
+    std::ostringstream os;
+    os << "volume contains " << nonfinite << " NaN/Inf voxels; they are rejected, not "
+       << "treated as background: repair the scan or replace them (np.nan_to_num)";
+    throw std::invalid_argument(os.str());
+}
+
+NormStats finish_stats(Norm norm, int64_t count, double mean, double variance, double low,
+                       double high) {
+    NormStats stats;
+    stats.foreground = count;
+    if (norm == Norm::none) return stats;
+    if (count == 0)
+        throw std::invalid_argument("volume has no foreground (every voxel is 0): empty scan");
+    if (norm == Norm::zscore) {
+        if (!(variance > 0.0))
+            throw std::invalid_argument("volume foreground is constant (std = 0): nothing to normalise");
+        stats.offset = mean;
+        stats.scale = 1.0 / std::sqrt(variance);
+        return stats;
+    }
+    if (!(high > low))
+        throw std::invalid_argument("volume foreground is constant (0.5 and 99.5 percentiles are equal)");
+    stats.offset = low;
+    stats.scale = 1.0 / (high - low);
+    return stats;
+}
+
+// 8/16-bit integers: one pass building a histogram per thread (exact integer counts, so the
+// merge order cannot change the result); moments and percentiles are read off it exactly.
+template <typename T>
+NormStats histogram_stats(const VolumeView& v, Norm norm, int threads) {
+    constexpr int64_t kOffset = -static_cast<int64_t>(std::numeric_limits<T>::min());
+    constexpr size_t kBins = size_t{1} << (8 * sizeof(T));
+    std::vector<std::vector<int64_t>> partial;
+    std::mutex merge;
+    const auto [outer, middle, inner] = memory_order(v);  // order is irrelevant to a histogram
+    parallel_for(v.shape[outer], threads, [&](int64_t begin, int64_t end) {
+        std::vector<int64_t> hist(kBins, 0);
+        for (int64_t i = begin; i < end; ++i)
+            for (int64_t j = 0; j < v.shape[middle]; ++j) {
+                const T* row = static_cast<const T*>(v.data) + i * v.strides[outer] + j * v.strides[middle];
+                for (int64_t k = 0; k < v.shape[inner]; ++k)
+                    ++hist[static_cast<size_t>(static_cast<int64_t>(row[k * v.strides[inner]]) + kOffset)];
+            }
+        std::lock_guard<std::mutex> lock(merge);
+        partial.push_back(std::move(hist));
+    });
+    std::vector<int64_t> hist(kBins, 0);
+    for (const auto& h : partial)
+        for (size_t b = 0; b < kBins; ++b) hist[b] += h[b];
+    hist[static_cast<size_t>(kOffset)] = 0;  // background
+    int64_t count = 0;
+    __int128 sum = 0, sum_sq = 0;
+    for (size_t b = 0; b < kBins; ++b) {
+        const __int128 value = static_cast<int64_t>(b) - kOffset;
+        count += hist[b];
+        sum += value * hist[b];
+        sum_sq += value * value * hist[b];
+    }
+    if (count == 0 || norm == Norm::none) return finish_stats(norm, count, 0.0, 0.0, 0.0, 0.0);
+    const double n = static_cast<double>(count);
+    const double mean = static_cast<double>(sum) / n;
+    const double variance = static_cast<double>(sum_sq * count - sum * sum) / (n * n);
+    // NumPy's linear percentile: the value of rank floor(q (n - 1)) and the next one.
+    auto value_at_rank = [&](int64_t rank) {
+        int64_t seen = 0;
+        for (size_t b = 0; b < kBins; ++b) {
+            seen += hist[b];
+            if (seen > rank) return static_cast<double>(static_cast<int64_t>(b) - kOffset);
+        }
+        return 0.0;
+    };
+    auto percentile = [&](double q) {
+        const double position = q * static_cast<double>(count - 1);
+        const auto rank = static_cast<int64_t>(std::floor(position));
+        const double low = value_at_rank(rank);
+        const double high = rank + 1 < count ? value_at_rank(rank + 1) : low;
+        return low + (high - low) * (position - static_cast<double>(rank));
+    };
+    const double low = norm == Norm::percentile ? percentile(0.005) : 0.0;
+    const double high = norm == Norm::percentile ? percentile(0.995) : 0.0;
+    return finish_stats(norm, count, mean, variance, low, high);
+}
+
+// Wider integers and floats: per-slice mean and squared deviations (two passes over a slice
+// in cache), combined in slice order; percentiles by selection on the gathered foreground.
+template <typename T>
+NormStats moment_stats(const VolumeView& v, Norm norm, int threads) {
+    std::vector<Partial> parts(static_cast<size_t>(v.shape[2]));
+    parallel_for(v.shape[2], threads, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k)
+            parts[static_cast<size_t>(k)] = slice_partial<T>(v, k, norm == Norm::zscore);
+    });
+    Partial total;
+    for (const Partial& p : parts) total = combine(total, p);
+    throw_if_nonfinite(total.nonfinite);
+    double low = 0.0, high = 0.0;
+    if (norm == Norm::percentile && total.count > 0) {
+        std::vector<double> values = gather_foreground<T>(v, parts, threads);
+        low = quantile(values, 0.005);
+        high = quantile(values, 0.995);
+    }
+    const double variance = total.count > 0 ? total.m2 / static_cast<double>(total.count) : 0.0;
+    return finish_stats(norm, total.count, total.mean, variance, low, high);
+}
+
+template <typename T>
+NormStats typed_stats(const VolumeView& v, Norm norm, int threads) {
+    if constexpr (kHistogrammable<T>) {
+        if (norm == Norm::none) return {};
+        return histogram_stats<T>(v, norm, threads);
+    } else {
+        return moment_stats<T>(v, norm, threads);
+    }
+}
+
+float normalise_value(double value, const NormStats& stats, bool clip) {
+    if (value == 0.0) return 0.0f;  // background stays exactly 0
+    double n = (value - stats.offset) * stats.scale;
+    if (clip) n = std::clamp(n, 0.0, 1.0);
+    return static_cast<float>(n);
+}
+
+// Maps a voxel value to its normalised float. 8/16-bit inputs go through a table of every
+// representable value (at most 256 KiB, built once per volume), so a voxel costs one lookup.
+template <typename T>
+class Normaliser {
+public:
+    Normaliser(const NormStats& stats, Norm norm) : stats_(stats), clip_(norm == Norm::percentile) {
+        if constexpr (kHistogrammable<T>) {
+            table_.resize(size_t{1} << (8 * sizeof(T)));
+            for (size_t b = 0; b < table_.size(); ++b)
+                table_[b] = normalise_value(static_cast<double>(static_cast<int64_t>(b) + kMin), stats_, clip_);
+        }
+    }
+    float operator()(T value) const {
+        if constexpr (kHistogrammable<T>)
+            return table_[static_cast<size_t>(static_cast<int64_t>(value) - kMin)];
+        else
+            return normalise_value(static_cast<double>(value), stats_, clip_);
+    }
+
+private:
+    static constexpr int64_t kMin = static_cast<int64_t>(std::numeric_limits<T>::min());
+    NormStats stats_;
+    bool clip_;
+    std::vector<float> table_;
+};
+
+// Normalises slices indices[0..count) into zero-padded [nx + 2, ny + 2] buffers. When z is the
+// volume's fastest axis (a C-ordered (x, y, z) array, or a sagittal file reoriented), the block
+// is read along z so that each cache line is used once, not once per slice.
+template <typename T>
+void normalise_block(const VolumeView& v, const int64_t* indices, int64_t count,
+                     const Normaliser<T>& normalise, std::vector<float>& padded, int64_t row_len) {
+    const int64_t plane = (v.shape[0] + 2) * row_len;
+    const T* data = static_cast<const T*>(v.data);
+    if (count == 1) {
+        for_each_voxel<T>(v, indices[0], [&](int64_t x, int64_t y, T value) {
+            padded[static_cast<size_t>((x + 1) * row_len + (y + 1))] = normalise(value);
+        });
+        return;
+    }
+    for (int64_t x = 0; x < v.shape[0]; ++x)
+        for (int64_t y = 0; y < v.shape[1]; ++y) {
+            const T* column = data + x * v.strides[0] + y * v.strides[1];
+            float* dst = padded.data() + (x + 1) * row_len + (y + 1);
+            for (int64_t j = 0; j < count; ++j)
+                dst[j * plane] = normalise(column[indices[j] * v.strides[2]]);
+        }
+}
+
+bool z_is_fastest(const VolumeView& v) {
+    const int64_t sz = std::llabs(v.strides[2]);
+    return sz < std::llabs(v.strides[0]) && sz < std::llabs(v.strides[1]);
+}
+
+}  // namespace
+
+Norm parse_norm(const std::string& name) {
+    if (name == "zscore") return Norm::zscore;
+    if (name == "percentile") return Norm::percentile;
+    if (name == "none") return Norm::none;
+    throw std::invalid_argument("norm must be one of zscore, percentile, none; got '" + name + "'");
+}
+
+NormStats volume_stats(const VolumeView& volume, Norm norm, int threads) {
+    check_volume(volume, "volume");
+    return dispatch(volume.dtype, [&](auto tag) {
+        return typed_stats<decltype(tag)>(volume, norm, threads);
+    });
+}
+
+void slices(const VolumeView& volume, const SliceGeometry& g, Norm norm,
+            const int64_t* slice_indices, int64_t n_indices, int threads, float* out) {
+    check_geometry(volume, g, slice_indices, n_indices, "volume");
+    const NormStats stats = volume_stats(volume, norm, threads);
+    const int64_t nx = volume.shape[0], ny = volume.shape[1];
+    const Taps rows = linear_taps(g.size[0], nx, g.spacing[0], g.target_spacing[0]);
+    const Taps cols = linear_taps(g.size[1], ny, g.spacing[1], g.target_spacing[1]);
+    const int64_t row_len = ny + 2, padded_plane = (nx + 2) * row_len;
+    const int64_t plane = g.size[0] * g.size[1];
+    const int64_t block = z_is_fastest(volume) ? 16 : 1;
+    dispatch(volume.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        const Normaliser<T> normalise(stats, norm);
+        parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
+            std::vector<float> padded(static_cast<size_t>(block * padded_plane), 0.0f);
+            for (int64_t s = begin; s < end; s += block) {
+                const int64_t count = std::min(block, end - s);
+                normalise_block<T>(volume, slice_indices + s, count, normalise, padded, row_len);
+                for (int64_t j = 0; j < count; ++j)
+                    interpolate(padded.data() + j * padded_plane, row_len, rows, cols,
+                                out + (s + j) * plane, g.size[1], 1);
+            }
+        });
+    });
+}
+
+void mask_slices(const VolumeView& labels, const SliceGeometry& g, const int64_t* slice_indices,
+                 int64_t n_indices, int threads, uint8_t* out) {
+    check_geometry(labels, g, slice_indices, n_indices, "labels");
+    const auto ix = nearest_taps(g.size[0], labels.shape[0], g.spacing[0], g.target_spacing[0]);
+    const auto iy = nearest_taps(g.size[1], labels.shape[1], g.spacing[1], g.target_spacing[1]);
+    const int64_t plane = g.size[0] * g.size[1];
+    dispatch(labels.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
+            for (int64_t s = begin; s < end; ++s) {
+                const T* base = static_cast<const T*>(labels.data) + slice_indices[s] * labels.strides[2];
+                uint8_t* dst = out + s * plane;
+                for (size_t h = 0; h < ix.size(); ++h)
+                    for (size_t w = 0; w < iy.size(); ++w) {
+                        const bool inside = ix[h] >= 0 && iy[w] >= 0;
+                        *dst++ = inside && base[ix[h] * labels.strides[0] + iy[w] * labels.strides[1]] > T(0);
+                    }
+            }
+        });
+    });
+}
+
+void lesion_areas(const VolumeView& labels, const std::array<double, 3>& spacing,
+                  const int64_t* slice_indices, int64_t n_indices, int threads, double* out) {
+    check_volume(labels, "labels");
+    check_spacing(spacing, "spacing");
+    check_indices(slice_indices, n_indices, labels.shape[2]);
+    const double pixel_area = spacing[0] * spacing[1];
+    dispatch(labels.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
+            for (int64_t s = begin; s < end; ++s) {
+                int64_t count = 0;
+                for_each_voxel<T>(labels, slice_indices[s],
+                                  [&](int64_t, int64_t, T value) { count += value > T(0); });
+                out[s] = static_cast<double>(count) * pixel_area;
+            }
+        });
+    });
+}
+
+void foreground_counts(const VolumeView& volume, int threads, int64_t* out) {
+    check_volume(volume, "volume");
+    dispatch(volume.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        parallel_for(volume.shape[2], threads, [&](int64_t begin, int64_t end) {
+            for (int64_t k = begin; k < end; ++k) {
+                int64_t count = 0;
+                for_each_voxel<T>(volume, k, [&](int64_t, int64_t, T value) { count += value != T(0); });
+                out[k] = count;
+            }
+        });
+    });
+}
+
+void to_original(const float* values, const std::array<int64_t, 2>& size,
+                 const std::array<int64_t, 3>& out_shape,
+                 const std::array<int64_t, 3>& out_strides,
+                 const std::array<double, 3>& spacing,
+                 const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
+                 int64_t n_indices, int threads, float* out) {
+    if (values == nullptr || out == nullptr) throw std::invalid_argument("to_original: no data");
+    if (size[0] <= 0 || size[1] <= 0) throw std::invalid_argument("to_original: empty slices");
+    for (int64_t n : out_shape)
+        if (n <= 0) throw std::invalid_argument("original shape has an empty axis " + shape_text(out_shape));
+    check_spacing(spacing, "spacing");
+    check_spacing(target_spacing, "target_spacing");
+    check_indices(slice_indices, n_indices, out_shape[2]);
+    // The inverse map: original pixels sample the model grid (spacing target_spacing).
+    const Taps rows = linear_taps(out_shape[0], size[0], target_spacing[0], spacing[0]);
+    const Taps cols = linear_taps(out_shape[1], size[1], target_spacing[1], spacing[1]);
+    const int64_t row_len = size[1] + 2, plane = size[0] * size[1];
+    parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
+        std::vector<float> padded(static_cast<size_t>((size[0] + 2) * row_len), 0.0f);
+        for (int64_t s = begin; s < end; ++s) {
+            for (int64_t h = 0; h < size[0]; ++h)
+                std::copy_n(values + s * plane + h * size[1], size[1],
+                            padded.data() + (h + 1) * row_len + 1);
+            interpolate(padded.data(), row_len, rows, cols, out + slice_indices[s] * out_strides[2],
+                        out_strides[0], out_strides[1]);
+        }
+    });
+}
+
+}  // namespace ubc

@@ -1,0 +1,73 @@
+// Slice extraction and normalisation for UBC: a pure C++17 core with no Python headers.
+//
+// Volumes are read through a pointer + shape + strides (in elements, any sign), so C order,
+// Fortran order and flipped or transposed views are all read in place. Outputs go into
+// caller-owned buffers. Bad arguments throw std::invalid_argument.
+//
+// Geometry: along an in-plane axis with n input pixels of spacing s and m output pixels of
+// spacing t, output pixel o samples input index (o - (m - 1) / 2) * t / s + (n - 1) / 2:
+// slice centre -> output centre, pixel centres at integer indices, zero outside the slice.
+// Output rows (H) follow the volume's x axis, columns (W) its y axis.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+namespace ubc {
+
+enum class DType { u8, i16, u16, i32, f32, f64 };
+enum class Norm { zscore, percentile, none };
+
+struct VolumeView {
+    const void* data = nullptr;
+    DType dtype = DType::f32;
+    std::array<int64_t, 3> shape{};    // (x, y, z)
+    std::array<int64_t, 3> strides{};  // in elements, may be negative
+};
+
+struct SliceGeometry {
+    std::array<double, 3> spacing{1.0, 1.0, 1.0};  // input voxel size (x, y, z), mm
+    std::array<int64_t, 2> size{224, 224};         // output (H, W)
+    std::array<double, 2> target_spacing{1.0, 1.0};  // output pixel size (H, W), mm
+};
+
+// A foreground voxel v normalises to (v - offset) * scale (clipped to [0, 1] for percentile);
+// background (v == 0) stays 0.
+struct NormStats {
+    double offset = 0.0;
+    double scale = 1.0;
+    int64_t foreground = 0;
+};
+
+Norm parse_norm(const std::string& name);
+
+// Statistics over the volume's foreground, in double precision; throws on NaN/Inf, on an
+// empty or constant foreground (unless norm is none).
+NormStats volume_stats(const VolumeView& volume, Norm norm, int threads);
+
+// out: float32 [n_indices, H, W], C-contiguous.
+void slices(const VolumeView& volume, const SliceGeometry& geometry, Norm norm,
+            const int64_t* slice_indices, int64_t n_indices, int threads, float* out);
+
+// out: uint8 [n_indices, H, W]: 1 where the nearest input voxel has a label > 0.
+void mask_slices(const VolumeView& labels, const SliceGeometry& geometry,
+                 const int64_t* slice_indices, int64_t n_indices, int threads, uint8_t* out);
+
+// out: double [n_indices]: area (mm2) of labels > 0 in each axial slice.
+void lesion_areas(const VolumeView& labels, const std::array<double, 3>& spacing,
+                  const int64_t* slice_indices, int64_t n_indices, int threads, double* out);
+
+// out: int64 [z]: number of non-zero voxels in each axial slice.
+void foreground_counts(const VolumeView& volume, int threads, int64_t* out);
+
+// values: float32 [n_indices, H, W] C-contiguous on the model grid; out: float32 volume of
+// out_shape (x, y, z) with out_strides (elements). Only the listed slices are written.
+void to_original(const float* values, const std::array<int64_t, 2>& size,
+                 const std::array<int64_t, 3>& out_shape,
+                 const std::array<int64_t, 3>& out_strides,
+                 const std::array<double, 3>& spacing,
+                 const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
+                 int64_t n_indices, int threads, float* out);
+
+}  // namespace ubc

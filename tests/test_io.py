@@ -1,0 +1,148 @@
+"""NIfTI loading: orientation, spacing, scaling, 4-D files, compression and broken files."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ubc.errors import UBCInputError
+from ubc.io import load_volume, save_mask
+
+RAS = np.diag([1.0, 1.0, 1.0, 1.0])
+
+
+def write(path, data, affine=RAS, zooms=None, slope=None, inter=None):
+    image = nib.Nifti1Image(data, affine)
+    if zooms is not None:
+        image.header.set_zooms(zooms)
+    if slope is not None:
+        image.header.set_slope_inter(slope, inter)
+    nib.save(image, path)
+    return path
+
+
+def marked_volume(shape=(20, 30, 10), dtype=np.int16):
+    data = np.arange(np.prod(shape)).reshape(shape).astype(dtype)
+    return data
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_ras_volume_loads_unchanged(tmp_path, suffix):
+    data = marked_volume()
+    volume = load_volume(write(tmp_path / f"v{suffix}", data))
+    assert volume.data.dtype == np.int16  # on-disk dtype kept: no float64 blow-up
+    np.testing.assert_array_equal(volume.data, data)
+    assert volume.spacing == (1.0, 1.0, 1.0)
+    assert volume.original_shape == data.shape
+    np.testing.assert_array_equal(volume.affine, RAS)
+
+
+def world(affine, index):
+    return (affine @ np.array([*index, 1.0]))[:3]
+
+
+@pytest.mark.parametrize("affine", [
+    np.diag([-1.0, -1.0, 1.0, 1.0]),                           # LPS, as BraTS files are
+    np.array([[0, 2.0, 0, 0], [1.5, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]]),  # x/y swapped
+    np.array([[0, 0, -2.0, 5], [0, 1.0, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1]]),  # sagittal
+], ids=["LPS", "swap", "sagittal"])
+def test_non_ras_volumes_are_reoriented_to_canonical(tmp_path, affine):
+    data = marked_volume()
+    path = write(tmp_path / "v.nii.gz", data, affine=affine)
+    volume = load_volume(path)
+    codes = nib.aff2axcodes(volume.affine)
+    assert codes == ("R", "A", "S")
+    # Every canonical voxel holds the value stored at the same world position in the file.
+    for index in [(0, 0, 0), (3, 7, 2), tuple(np.array(volume.data.shape) - 1)]:
+        value = volume.data[index]
+        original = np.argwhere(data == value)[0]
+        np.testing.assert_allclose(world(volume.affine, index), world(affine, original))
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    expected_spacing = np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0))
+    np.testing.assert_allclose(volume.spacing, expected_spacing)
+    assert sorted(volume.spacing) == sorted(zooms)
+
+
+def test_scaled_int16_is_scaled_to_float32(tmp_path):
+    data = marked_volume()
+    volume = load_volume(write(tmp_path / "v.nii.gz", data, slope=2.0, inter=10.0))
+    assert volume.data.dtype == np.float32
+    np.testing.assert_allclose(volume.data, data * 2.0 + 10.0)
+
+
+def test_single_volume_4d_is_squeezed_and_multi_volume_needs_an_index(tmp_path):
+    data = marked_volume()
+    single = load_volume(write(tmp_path / "one.nii.gz", data[..., None]))
+    np.testing.assert_array_equal(single.data, data)
+    two = write(tmp_path / "two.nii.gz", np.stack([data, data + 1], axis=-1))
+    with pytest.raises(UBCInputError, match=r"two\.nii\.gz.*2 volumes"):
+        load_volume(two)
+    np.testing.assert_array_equal(load_volume(two, volume_index=1).data, data + 1)
+
+
+def test_gzip_and_plain_files_load_the_same(tmp_path):
+    data = marked_volume(dtype=np.float32)
+    plain = load_volume(write(tmp_path / "v.nii", data, zooms=(0.5, 0.7, 2.0)))
+    packed = load_volume(write(tmp_path / "v.nii.gz", data, zooms=(0.5, 0.7, 2.0)))
+    np.testing.assert_array_equal(plain.data, packed.data)
+    assert plain.spacing == packed.spacing == pytest.approx((0.5, 0.7, 2.0))
+
+
+def test_truncated_gzip_is_reported_with_the_file_name(tmp_path):
+    good = write(tmp_path / "good.nii.gz", marked_volume())
+    raw = good.read_bytes()
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UBCInputError, match=r"truncated\.nii\.gz.*(corrupt|truncated)"):
+        load_volume(bad)
+
+
+def test_corrupt_gzip_and_non_nifti_files_are_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08\x00" + rng.bytes(5000))
+    noise = tmp_path / "noise.nii.gz"
+    noise.write_bytes(rng.bytes(5000))
+    text = tmp_path / "notes.nii.gz"
+    text.write_bytes(gzip.compress(b"this is a radiology report, not an image\n" * 20))
+    for path in (corrupt, noise, text):
+        with pytest.raises(UBCInputError, match=path.name):
+            load_volume(path)
+
+
+def test_missing_file_and_2d_image_are_reported(tmp_path):
+    with pytest.raises(UBCInputError, match=r"absent\.nii\.gz: file not found"):
+        load_volume(tmp_path / "absent.nii.gz")
+    flat = write(tmp_path / "flat.nii.gz", np.ones((10, 10), np.int16))
+    with pytest.raises(UBCInputError, match=r"flat\.nii\.gz.*3-D"):
+        load_volume(flat)
+
+
+@pytest.mark.parametrize("affine", [RAS, np.diag([-1.0, -1.0, 1.0, 1.0]),
+                                    np.array([[0, 2.0, 0, 0], [-1.0, 0, 0, 0],
+                                              [0, 0, 3.0, 0], [0, 0, 0, 1]])],
+                         ids=["RAS", "LPS", "swap"])
+def test_mask_is_saved_in_the_input_grid(tmp_path, affine):
+    data = marked_volume()
+    volume = load_volume(write(tmp_path / "v.nii.gz", data, affine=affine))
+    mask = (volume.data % 7 == 0).astype(np.uint8)  # defined on the canonical grid
+    saved = nib.load(save_mask(mask, volume, tmp_path / "mask.nii.gz"))
+    np.testing.assert_allclose(saved.affine, affine)
+    stored = np.asanyarray(saved.dataobj)
+    assert stored.shape == data.shape and stored.dtype == np.uint8
+    np.testing.assert_array_equal(stored, (data % 7 == 0).astype(np.uint8))
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.real
+def test_real_volumes_load_in_canonical_orientation(real_volume_paths):
+    for key in ("brats_flair", "tcga_flair", "tcga_seg"):
+        volume = load_volume(real_volume_paths[key])
+        assert volume.data.shape == (240, 240, 155)
+        assert volume.spacing == (1.0, 1.0, 1.0)
+        assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+        assert nib.aff2axcodes(volume.original_affine) == ("L", "P", "S")
+        assert volume.data.dtype in (np.int16, np.uint8)
