@@ -1,0 +1,134 @@
+"""Preprocessing of one BraTS-geometry volume (240 x 240 x 155 int16, 1 mm) into
+[155, 1, 224, 224] float32 z-scored slices, and loading it from disk.
+
+    pytest bench/bench_preprocess.py --benchmark-only
+
+Compared in one group: the NumPy reference (first row, the baseline of the ratios), the
+native code on one thread and on all cores, the torch re-implementation a user would write,
+and a plain copy of the output bytes (the floor). Each benchmark also checks its output.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.conftest import record
+from ubc import io, preprocess, preprocess_reference
+from ubc.synth import phantom, phantom_affine
+
+SHAPE = (240, 240, 155)
+SIZE = (224, 224)
+GROUP = "preprocess 240x240x155 int16 -> 155x1x224x224"
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / \
+    "BraTS-GLI-00001-000-t2f.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def volume() -> io.Volume:
+    """The real BraTS FLAIR when the team's data folder is present, else a phantom."""
+    if REAL.is_file():
+        return io.load_volume(REAL)
+    flair, _labels = phantom(0, grade=1, shape=SHAPE)[:2]
+    return io.Volume(flair, (1.0, 1.0, 1.0), phantom_affine(SHAPE), phantom_affine(SHAPE), SHAPE)
+
+
+@pytest.fixture(scope="module")
+def expected(volume) -> np.ndarray:
+    return preprocess_reference.slices(volume.data, volume.spacing, size=SIZE)
+
+
+def torch_baseline(volume: np.ndarray, spacing, size=SIZE, target_spacing=(1.0, 1.0)):
+    """What a user would write with torch: z-score over non-zero voxels, bilinear resize to
+    the target spacing, centre crop/pad."""
+    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).permute(2, 0, 1)
+    foreground = t != 0
+    values = t[foreground]
+    t = torch.where(foreground, (t - values.mean()) / values.std(unbiased=False), 0.0)
+    new = [round(n * s / ts) for n, s, ts in zip(t.shape[1:], spacing, target_spacing)]
+    t = F.interpolate(t[:, None], size=new, mode="bilinear", align_corners=False)
+    pads = []
+    for have, want in zip(new[::-1], size[::-1]):
+        before = (want - have) // 2
+        pads += [before, want - have - before]
+    return F.pad(t, pads).numpy()  # negative pads crop
+
+
+def test_numpy_reference(benchmark, figures, volume, expected):
+    out = benchmark.pedantic(preprocess_reference.slices, args=(volume.data, volume.spacing),
+                             kwargs={"size": SIZE}, rounds=2, iterations=1)
+    np.testing.assert_array_equal(out, expected)
+    record(figures, GROUP, "numpy reference", benchmark)
+
+
+@pytest.mark.parametrize("threads", [1, 0], ids=["1 thread", "all cores"])
+def test_native(benchmark, figures, volume, expected, threads):
+    out = np.empty((SHAPE[2], 1, *SIZE), np.float32)
+    benchmark(preprocess.slices, volume.data, volume.spacing, size=SIZE, threads=threads, out=out)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    record(figures, GROUP, f"native, {'all cores' if threads == 0 else '1 thread'}", benchmark)
+
+
+def test_torch_baseline(benchmark, figures, volume, expected):
+    out = benchmark(torch_baseline, volume.data, volume.spacing)
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    record(figures, GROUP, f"torch ({torch.get_num_threads()} threads)", benchmark)
+
+
+def test_copy_floor(benchmark, figures, expected):
+    out = np.empty_like(expected)
+    benchmark(np.copyto, out, expected)
+    record(figures, GROUP, "copy of the output bytes (floor)", benchmark)
+
+
+@pytest.fixture(scope="module")
+def files(volume, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("volumes")
+    image = nib.Nifti1Image(np.asarray(volume.data), volume.affine)
+    paths = {"nii.gz": folder / "v.nii.gz", "nii": folder / "v.nii"}
+    for path in paths.values():
+        nib.save(image, path)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["nii.gz", "nii"])
+def test_load_volume(benchmark, figures, files, kind):
+    loaded = benchmark(io.load_volume, files[kind])
+    assert loaded.data.shape == SHAPE
+    record(figures, "load 240x240x155 int16", f"load_volume .{kind} ({io.GZIP_BACKEND})",
+           benchmark)
+
+
+@pytest.mark.parametrize("module", ["gzip", "isal.igzip"])
+def test_decompress(benchmark, figures, files, module):
+    if module == "isal.igzip":
+        isal_igzip = pytest.importorskip("isal.igzip")
+        decompress = isal_igzip.decompress
+    else:
+        decompress = gzip.decompress
+    raw = files["nii.gz"].read_bytes()
+    out = benchmark(decompress, raw)
+    assert len(out) > 2 * np.prod(SHAPE)
+    record(figures, "gunzip 240x240x155 int16", module, benchmark)
+
+
+def test_whole_preparation(benchmark, figures, files):
+    """Load + preprocess, the whole of a volume's preparation before inference."""
+    def prepare():
+        v = io.load_volume(files["nii.gz"])
+        return preprocess.slices(v.data, v.spacing, size=SIZE)
+    out = benchmark(prepare)
+    assert out.shape == (SHAPE[2], 1, *SIZE)
+    record(figures, "load 240x240x155 int16", "load + preprocess (.nii.gz)", benchmark)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(pytest.main([__file__, "--benchmark-only", *os.sys.argv[1:]]))
