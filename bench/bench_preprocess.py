@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -53,10 +52,11 @@ def torch_baseline(volume: np.ndarray, spacing, size=SIZE, target_spacing=(1.0, 
     foreground = t != 0
     values = t[foreground]
     t = torch.where(foreground, (t - values.mean()) / values.std(unbiased=False), 0.0)
-    new = [round(n * s / ts) for n, s, ts in zip(t.shape[1:], spacing, target_spacing)]
+    new = [round(n * s / ts) for n, s, ts in zip(t.shape[1:], spacing[:2], target_spacing,
+                                                 strict=True)]
     t = F.interpolate(t[:, None], size=new, mode="bilinear", align_corners=False)
     pads = []
-    for have, want in zip(new[::-1], size[::-1]):
+    for have, want in zip(new[::-1], size[::-1], strict=True):
         before = (want - have) // 2
         pads += [before, want - have - before]
     return F.pad(t, pads).numpy()  # negative pads crop

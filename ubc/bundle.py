@@ -52,7 +52,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -130,7 +130,7 @@ class Bundle:
             self._verified[name] = stamp
         return path
 
-    def write_file(self, name: str, write: Callable[[Path], None],
+    def write_file(self, name: str, write: Callable[[Path], object],
                    **meta_entries: Any) -> Path:
         """Write artifact ``name`` with ``write(tmp_path)``, record its sha256, atomically."""
         path = self.path / name

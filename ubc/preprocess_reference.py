@@ -58,7 +58,7 @@ def _bilinear_weights(coords: np.ndarray, n_in: int) -> np.ndarray:
     weights = np.zeros((len(coords), n_in))
     lower = np.floor(coords).astype(np.int64)
     frac = coords - lower
-    for i, (j, f) in enumerate(zip(lower, frac)):
+    for i, (j, f) in enumerate(zip(lower, frac, strict=True)):
         if 0 <= j < n_in:
             weights[i, j] += 1.0 - f
         if 0 <= j + 1 < n_in:
