@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ubc.bundle import Bundle
 
 
 class Engine(ABC):
@@ -17,6 +20,22 @@ class Engine(ABC):
     """
 
     backend: str = "?"
+    #: the bundle file this engine runs (``weights.pt``, ``model.onnx``, a plan, ...)
+    artifact: str = ""
+    #: how ``ubc.engine.load`` chose this engine (set by ``load``; None when named)
+    selection: Any = None
+
+    @classmethod
+    def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
+        """The bundle file this backend would run for ``device`` and ``precision``."""
+        raise NotImplementedError
+
+    @classmethod
+    def unavailable(cls, bundle: Bundle, device: str, precision: str,
+                    **options: Any) -> str | None:
+        """Why this backend cannot run the bundle here (missing package, artifact, device,
+        precision), or None when it can. Cheap: imports nothing heavy, verifies no hash."""
+        return None
 
     def __init__(self, meta: dict[str, Any], *, device: str, precision: str,
                  max_batch: int) -> None:
@@ -39,6 +58,8 @@ class Engine(ABC):
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
     def _checked(self, batch: np.ndarray) -> np.ndarray:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed; load the bundle again")
         if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
             raise TypeError(f"batch must be a float32 numpy array, got "
                             f"{getattr(batch, 'dtype', type(batch).__name__)}")
@@ -52,8 +73,16 @@ class Engine(ABC):
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run one C-contiguous batch of at most ``max_batch`` slices."""
 
+    _closed: bool = False
+
     def close(self) -> None:
-        """Release device memory, sessions and streams (idempotent)."""
+        """Release device memory, sessions and streams (idempotent); ``infer`` then fails."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:  # noqa: B027 - optional hook, nothing to free by default
+        """Free what the backend holds (called once, by ``close``)."""
 
     def __enter__(self) -> Engine:
         return self
@@ -63,5 +92,6 @@ class Engine(ABC):
         self.close()
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(backend={self.backend!r}, device={self.device!r}, "
-                f"precision={self.precision!r}, max_batch={self.max_batch})")
+        return (f"{type(self).__name__}(backend={self.backend!r}, artifact={self.artifact!r}, "
+                f"device={self.device!r}, precision={self.precision!r}, "
+                f"max_batch={self.max_batch})")

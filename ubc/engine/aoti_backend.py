@@ -1,0 +1,127 @@
+"""AOTInductor backend: a ``torch.export`` program compiled ahead of time to native code
+(``model.cpu-<isa>.pt2`` or ``model.cuda-sm90.pt2``), run without the project's model code.
+
+A package holds machine code: a CPU one for the vector instruction set it was compiled
+with (a newer x86 set runs older code, never the reverse: that would crash on an illegal
+instruction), a CUDA one for one compute capability; both for one PyTorch version. A
+package that does not fit this machine is refused with the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import numpy as np
+
+from ubc.bundle import Bundle
+from ubc.engine.artifacts import aoti_name, artifacts_of, rebuild_hint
+from ubc.engine.base import Engine
+from ubc.engine.devices import gpu_info, parse_device, strict_fp32
+
+# x86 vector sets, each a superset of the ones before it.
+_X86_ISA_RANK = {"none": 0, "avx2": 1, "avx512": 2, "amx": 3}
+
+
+def cpu_isa() -> str:
+    """The vector instruction set Inductor compiles for on this CPU: avx2, avx512, amx, ..."""
+    from torch._inductor import cpu_vec_isa
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    if not isa:
+        return "none"
+    return type(isa).__name__.lower().removeprefix("vec")
+
+
+def torch_series(version: str) -> str:
+    """``2.14.1+cu130`` -> ``2.14``: AOTInductor packages are tied to a PyTorch release."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def isa_compatible(built: str, here: str) -> bool:
+    if built == here:
+        return True
+    return built in _X86_ISA_RANK and here in _X86_ISA_RANK and \
+        _X86_ISA_RANK[here] >= _X86_ISA_RANK[built]
+
+
+def _find_cpu_package(bundle: Bundle) -> str | None:
+    """The bundle's CPU package this CPU can run (the most capable one), if any."""
+    here = cpu_isa()
+    fitting = [(name, entry.get("isa", "")) for name, entry in artifacts_of(bundle.meta).items()
+               if entry.get("format") == "aoti" and entry.get("device") == "cpu"
+               and isa_compatible(str(entry.get("isa", "")), here)]
+    fitting.sort(key=lambda item: _X86_ISA_RANK.get(item[1], -1), reverse=True)
+    return fitting[0][0] if fitting else None
+
+
+class AotiEngine(Engine):
+    """An AOTInductor package on the CPU or a CUDA GPU (fp32; the batch range is the one it
+    was exported with, recorded in meta.json)."""
+
+    backend = "aoti"
+
+    @classmethod
+    def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
+        kind, index = parse_device(device)
+        if kind == "cpu":
+            return _find_cpu_package(bundle) or aoti_name("cpu", isa=cpu_isa())
+        return aoti_name("cuda", gpu=gpu_info(index))
+
+    @classmethod
+    def unavailable(cls, bundle: Bundle, device: str, precision: str,
+                    **options: Any) -> str | None:
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed (pip install torch)"
+        if precision != "fp32":
+            return f"packages are compiled for fp32, not {precision}"
+        name = cls.artifact_for(bundle, device, precision)
+        entry = artifacts_of(bundle.meta).get(name)
+        if not bundle.has(name) or entry is None:
+            return f"the bundle has no {name} for this machine (make it with " \
+                   f"`{rebuild_hint(bundle.path, name)}`)"
+        import torch
+
+        built, here = str(entry.get("torch", "?")), torch_series(torch.__version__)
+        if torch_series(built) != here:
+            return f"{name} was compiled with PyTorch {built}, this is {torch.__version__}; " \
+                   f"rebuild it: `{rebuild_hint(bundle.path, name)}`"
+        return None
+
+    def __init__(self, bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
+                 max_batch: int | None = None, threads: int | None = None) -> None:
+        reason = self.unavailable(bundle, device, precision)
+        if reason is not None:
+            raise ValueError(f"{bundle.path}: aoti backend: {reason}")
+        import torch
+        import torch._inductor
+
+        name = self.artifact_for(bundle, device, precision)
+        entry = artifacts_of(bundle.meta)[name]
+        limit = int(entry.get("max_batch", 1))
+        if max_batch is None:
+            max_batch = limit
+        if not 1 <= max_batch <= limit:
+            raise ValueError(f"max_batch must be within 1..{limit}, the batch range {name} was "
+                             f"exported with (re-export with a larger --max-batch)")
+        super().__init__(bundle.meta, device=device, precision=precision, max_batch=max_batch)
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        self.artifact = name
+        kind, index = parse_device(device)
+        if kind == "cuda":
+            strict_fp32(torch)  # the package calls cuDNN, which would use TF32 otherwise
+        self._torch = torch
+        self._device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+        self._runner: Any = torch._inductor.aoti_load_package(
+            str(bundle.file(name)), device_index=index if kind == "cuda" else -1)
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self._device, non_blocking=True)
+            class_logits, mask_logits = self._runner(x)
+            return class_logits.float().cpu().numpy(), mask_logits.float().cpu().numpy()
+
+    def _release(self) -> None:
+        self._runner = None

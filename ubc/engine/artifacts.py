@@ -1,0 +1,102 @@
+"""Names and descriptions of the artifacts a bundle holds, shared by ``ubc.export`` (which
+writes them) and ``ubc.engine`` (which picks and loads them).
+
+Every exported file has an entry in ``meta["artifacts"]`` (format, device, precision, the
+versions it was built with) beside its sha256 in ``meta["files"]``. Machine-specific
+artifacts carry the machine in their name, so that several can live in one bundle:
+
+- ``weights.pt``                              eager state dict (the reference)
+- ``model.ts``                                TorchScript, device-neutral
+- ``model.onnx``                              ONNX, dynamic batch; source of every plan
+- ``model.cpu-avx512.pt2``, ``model.cuda-sm90.pt2``  AOTInductor packages (per CPU vector
+  instruction set or GPU arch, and PyTorch release)
+- ``model.<gpu>.sm90.trt10.8.0.fp16.plan``     TensorRT plans (per GPU, TensorRT, precision)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+WEIGHTS = "weights.pt"
+TORCHSCRIPT = "model.ts"
+ONNX = "model.onnx"
+CALIB_CACHE = "calib.int8.cache"
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("class_logits", "mask_logits")
+
+_PLAN = re.compile(r"^model\.(?P<gpu>[a-z0-9-]+)\.sm(?P<cc>\d+)\.trt(?P<trt>[0-9.]+)"
+                   r"\.(?P<precision>fp32|fp16|int8)\.plan$")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """The GPU an artifact is built for: marketing name and compute capability."""
+
+    name: str
+    major: int
+    minor: int
+
+    @property
+    def slug(self) -> str:
+        """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (safe in a file name)."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "gpu"
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.major}{self.minor}"
+
+
+def plan_name(gpu: GpuInfo, trt_version: str, precision: str) -> str:
+    """File name of a TensorRT plan built on ``gpu`` with TensorRT ``trt_version``."""
+    return f"model.{gpu.slug}.{gpu.sm}.trt{trt_version}.{precision}.plan"
+
+
+def parse_plan_name(name: str) -> dict[str, str] | None:
+    """``{"gpu", "cc", "trt", "precision"}`` of a plan file name, None if it is not one."""
+    match = _PLAN.match(name)
+    return match.groupdict() if match else None
+
+
+def timing_cache_name(gpu: GpuInfo, trt_version: str) -> str:
+    return f"timing.{gpu.slug}.{gpu.sm}.trt{trt_version}.cache"
+
+
+def aoti_name(device: str, *, isa: str = "", gpu: GpuInfo | None = None) -> str:
+    """``model.cpu-avx512.pt2`` (machine code for one vector instruction set), or
+    ``model.cuda-sm90.pt2`` (kernels for one compute capability)."""
+    if device == "cpu":
+        return f"model.cpu-{isa or 'none'}.pt2"
+    if gpu is None:
+        raise ValueError("a CUDA AOTInductor package needs the GPU it is compiled for")
+    return f"model.cuda-{gpu.sm}.pt2"
+
+
+def artifacts_of(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``meta["artifacts"]``: file name -> description (format, device, precision, ...)."""
+    entries = meta.get("artifacts", {})
+    return entries if isinstance(entries, dict) else {}
+
+
+def with_artifact(meta: dict[str, Any], name: str, **description: Any) -> dict[str, Any]:
+    """A copy of ``meta["artifacts"]`` with ``name`` described (for ``Bundle.write_file``)."""
+    entries = dict(artifacts_of(meta))
+    entries[name] = description
+    return entries
+
+
+def rebuild_hint(bundle_path: object, name: str) -> str:
+    """The one command that rebuilds artifact ``name`` of a bundle on this machine."""
+    plan = parse_plan_name(name)
+    if plan is not None:
+        return f"ubc-export {bundle_path} --tensorrt --precision {plan['precision']}"
+    if name.endswith(".pt2"):
+        device = "cpu" if name.startswith("model.cpu") else "cuda"
+        return f"ubc-export {bundle_path} --aoti --device {device}"
+    if name == ONNX:
+        return f"ubc-export {bundle_path} --onnx"
+    if name == TORCHSCRIPT:
+        return f"ubc-export {bundle_path} --torchscript"
+    return f"ubc-export {bundle_path}"

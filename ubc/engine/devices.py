@@ -1,0 +1,83 @@
+"""Which devices this machine has, without importing torch when it is not installed (a
+TensorRT-only deployment has only tensorrt + cuda-bindings + numpy)."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+
+from ubc.engine.artifacts import GpuInfo
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` -> ("cpu", 0), ``"cuda:1"`` -> ("cuda", 1); ValueError otherwise."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or \
+            (kind == "cpu" and index):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return kind, int(index or 0)
+
+
+def _runtime_device_count() -> int | None:
+    """GPUs seen by the CUDA runtime through cuda-bindings; None if it is not installed."""
+    if importlib.util.find_spec("cuda") is None:
+        return None
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        return None
+    err, count = runtime.cudaGetDeviceCount()
+    return int(count) if err == runtime.cudaError_t.cudaSuccess else 0
+
+
+@lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """Number of usable CUDA GPUs (0 on a machine without a GPU or driver)."""
+    count = _runtime_device_count()
+    if count:
+        return count
+    # cuda-bindings may be absent or built for a newer driver than torch's CUDA needs.
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    return 0
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is usable, else ``"cpu"``; checks the others."""
+    if device == "auto":
+        return "cuda" if cuda_device_count() > 0 else "cpu"
+    kind, index = parse_device(device)
+    if kind == "cuda" and index >= cuda_device_count():
+        found = cuda_device_count()
+        raise ValueError(f"device {device!r} is not available: this machine has {found} usable "
+                         "CUDA GPU(s); use device='cpu' or 'auto'")
+    return device
+
+
+def strict_fp32(torch: object) -> None:
+    """Make CUDA fp32 mean fp32: PyTorch lets cuDNN convolutions use TF32 by default (10-bit
+    mantissa on Ampere and newer), which breaks the fp32 parity bound of 1e-3. Process-wide;
+    fp16/bf16 engines are the fast path instead."""
+    backends = torch.backends  # type: ignore[attr-defined]
+    backends.cudnn.allow_tf32 = False
+    backends.cuda.matmul.allow_tf32 = False
+
+
+def gpu_info(index: int = 0) -> GpuInfo:
+    """Name and compute capability of CUDA device ``index`` (which must exist)."""
+    if _runtime_device_count():
+        from cuda.bindings import runtime
+
+        err, prop = runtime.cudaGetDeviceProperties(index)
+        if err == runtime.cudaError_t.cudaSuccess:
+            raw = prop.name
+            name = raw.split(b"\0", 1)[0].decode() if isinstance(raw, bytes) else str(raw)
+            return GpuInfo(name=name, major=int(prop.major), minor=int(prop.minor))
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return GpuInfo(name=torch.cuda.get_device_name(index), major=major, minor=minor)

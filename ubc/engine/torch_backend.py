@@ -1,0 +1,195 @@
+"""PyTorch backend: the bundle's eager weights or its TorchScript, on the CPU or CUDA.
+
+On CUDA: fp32, fp16 or bf16 (autocast, or weights cast to half with ``half_weights=True``,
+eager only: a frozen TorchScript holds its weights as graph constants that cannot be cast),
+channels_last, and optional CUDA-graph capture for fixed batch sizes (``cuda_graphs``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from ubc.bundle import Bundle
+from ubc.engine.artifacts import TORCHSCRIPT, WEIGHTS
+from ubc.engine.base import Engine
+from ubc.engine.devices import parse_device, strict_fp32
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ("auto", "torchscript", "eager")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _check_options(device_kind: str, precision: str, artifact: str, half_weights: bool,
+                   cuda_graphs: bool | Iterable[int]) -> None:
+    if artifact not in ARTIFACTS:
+        raise ValueError(f"artifact must be one of {ARTIFACTS}, got {artifact!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"the torch backend runs {', '.join(PRECISIONS)}, not {precision!r}; "
+                         "INT8 needs the tensorrt backend")
+    if device_kind == "cpu" and precision != "fp32":
+        raise ValueError(f"precision {precision!r} on the CPU is slower than fp32 here; "
+                         "use precision='fp32' (fp16/bf16 are for device='cuda')")
+    if device_kind == "cpu" and cuda_graphs:
+        raise ValueError("cuda_graphs needs device='cuda'")
+    if half_weights and precision == "fp32":
+        raise ValueError("half_weights needs precision='fp16' or 'bf16'")
+
+
+class TorchEngine(Engine):
+    """Eager or TorchScript model; see the module docstring for the CUDA options.
+
+    ``artifact``: "torchscript" (``model.ts``), "eager" (``weights.pt`` + the project's model
+    code) or "auto" (TorchScript when the bundle has it). ``threads`` sets torch's intra-op
+    thread count (process-wide). ``cuda_graphs``: True captures a graph for every batch size
+    met, or give the sizes to capture (others run uncaptured).
+    """
+
+    backend = "torch"
+
+    @classmethod
+    def artifact_for(cls, bundle: Bundle, device: str, precision: str, *,
+                     artifact: str = "auto", **options: Any) -> str:
+        if artifact == "auto":
+            return TORCHSCRIPT if bundle.has(TORCHSCRIPT) else WEIGHTS
+        return TORCHSCRIPT if artifact == "torchscript" else WEIGHTS
+
+    @classmethod
+    def unavailable(cls, bundle: Bundle, device: str, precision: str, *,
+                    artifact: str = "auto", **options: Any) -> str | None:
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed (pip install torch)"
+        if device == "cpu" and precision != "fp32":
+            return f"{precision} on the CPU is not offered (fp32 only)"
+        if precision not in PRECISIONS:
+            return f"precision {precision!r} is not offered (fp32, fp16, bf16)"
+        name = cls.artifact_for(bundle, device, precision, artifact=artifact)
+        if not bundle.has(name):
+            return f"the bundle has no {name} (make it with `ubc-export {bundle.path} " \
+                   "--torchscript`)"
+        if name == WEIGHTS and importlib.util.find_spec("segmentation_models_pytorch") is None:
+            return "eager weights need segmentation-models-pytorch (pip install ubc)"
+        return None
+
+    def __init__(self, bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
+                 max_batch: int = 32, artifact: str = "auto", half_weights: bool = False,
+                 channels_last: bool | None = None, cuda_graphs: bool | Iterable[int] = False,
+                 threads: int | None = None) -> None:
+        import torch
+
+        kind, index = parse_device(device)
+        _check_options(kind, precision, artifact, half_weights, cuda_graphs)
+        if artifact == "auto":
+            artifact = "torchscript" if bundle.has(TORCHSCRIPT) else "eager"
+        if artifact == "torchscript" and half_weights:
+            raise ValueError("half_weights needs artifact='eager' (TorchScript weights are "
+                             "frozen constants); use autocast (the default) instead")
+        super().__init__(bundle.meta, device=device, precision=precision, max_batch=max_batch)
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        if kind == "cuda" and precision == "fp32":
+            strict_fp32(torch)
+        if kind == "cpu":
+            # Denormal floats are many times slower on x86 (as in ubc.training, which sets the
+            # same); process-wide, and values under 1e-38 change no logit.
+            torch.set_flush_denormal(True)
+        self.artifact = TORCHSCRIPT if artifact == "torchscript" else WEIGHTS
+        self._torch = torch
+        self._device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+        self._dtype = {"fp32": torch.float32, "fp16": torch.float16,
+                       "bf16": torch.bfloat16}[precision]
+        self._autocast = precision != "fp32" and not half_weights
+        self._input_dtype = self._dtype if half_weights else torch.float32
+        self._channels_last = (kind == "cuda") if channels_last is None else channels_last
+        self._model = self._load(bundle, artifact, half_weights)
+        self._graph_sizes: set[int] | None = (
+            None if cuda_graphs is True else {int(n) for n in cuda_graphs or ()})
+        self._use_graphs = bool(cuda_graphs)
+        self._graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self._pinned = (torch.empty((max_batch, 1, *self.input_size), dtype=torch.float32)
+                        .pin_memory() if kind == "cuda" else None)
+
+    def _load(self, bundle: Bundle, artifact: str, half_weights: bool) -> Any:
+        torch = self._torch
+        if artifact == "torchscript":
+            model = torch.jit.load(str(bundle.file(TORCHSCRIPT)), map_location=self._device)
+            try:
+                # Optimised here, not at export: on the CPU the pass swaps in MKLDNN
+                # constants, and a module holding them cannot be saved and loaded again.
+                model = torch.jit.optimize_for_inference(model)
+            except RuntimeError as exc:  # pragma: no cover - depends on torch build
+                log.warning("optimize_for_inference failed (%s); running the frozen graph", exc)
+        else:
+            model = bundle.build_model()
+            if half_weights:
+                model = model.to(self._dtype)
+        model = model.to(self._device)
+        if self._channels_last and artifact == "eager":
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _forward(self, x: Any) -> tuple[Any, Any]:
+        torch = self._torch
+        with torch.autocast(self._device.type, dtype=self._dtype, enabled=self._autocast,
+                            cache_enabled=False):
+            class_logits, mask_logits = self._model(x)
+        if mask_logits is None:
+            raise ValueError(f"architecture {self.meta.get('arch')!r} has no mask head; the "
+                             "engines serve 'ubc-resnet34' bundles")
+        return class_logits, mask_logits
+
+    def _to_device(self, batch: np.ndarray) -> Any:
+        torch = self._torch
+        x = torch.from_numpy(batch)
+        if self._pinned is not None:
+            staged = self._pinned[:len(batch)]
+            staged.copy_(x)
+            x = staged.to(self._device, non_blocking=True)
+        x = x.to(self._input_dtype)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _graph(self, n: int) -> tuple[Any, Any, Any]:
+        """A CUDA graph captured for batch size ``n``: (graph, static input, static output)."""
+        if n in self._graphs:
+            return self._graphs[n]
+        torch = self._torch
+        static_in = self._to_device(np.zeros((n, 1, *self.input_size), np.float32))
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):  # warm-up on a side stream, as the capture requires
+            for _ in range(3):
+                self._forward(static_in)
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._forward(static_in)
+        self._graphs[n] = (graph, static_in, static_out)
+        return self._graphs[n]
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        n = len(batch)
+        with torch.inference_mode():
+            if self._use_graphs and (self._graph_sizes is None or n in self._graph_sizes):
+                graph, static_in, out = self._graph(n)
+                static_in.copy_(self._to_device(batch))
+                graph.replay()
+            else:
+                out = self._forward(self._to_device(batch))
+            class_logits = out[0].float().cpu().numpy()
+            mask_logits = out[1].float().contiguous().cpu().numpy()
+        return class_logits, mask_logits
+
+    def _release(self) -> None:
+        self._graphs.clear()
+        self._model = None
+        self._pinned = None
+        if self._device.type == "cuda":
+            self._torch.cuda.empty_cache()

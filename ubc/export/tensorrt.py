@@ -1,0 +1,263 @@
+"""TensorRT plans built from the bundle's ONNX with the TensorRT 10 Python API.
+
+Explicit batch; one optimisation profile (min 1, opt and max from the arguments); FP16;
+INT8 with an entropy calibrator fed by preprocessed slices (its cache is kept in the bundle
+as ``calib.int8.cache`` and reused when no new slices are given); a timing cache per GPU and
+TensorRT version kept in the bundle. The plan is stored under a name carrying the GPU
+model, compute capability, TensorRT version and precision (``ubc.engine.artifacts``).
+
+TensorRT 11 removed the weak-typing flags (BuilderFlag.FP16/INT8) and the INT8 calibrators;
+with it only fp32 plans are built here, and fp16/int8 ask for TensorRT 10 (see
+``_check_precision``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ubc.bundle import Bundle
+from ubc.engine.artifacts import (
+    CALIB_CACHE,
+    INPUT_NAME,
+    ONNX,
+    GpuInfo,
+    artifacts_of,
+    plan_name,
+    timing_cache_name,
+    with_artifact,
+)
+from ubc.engine.devices import gpu_info, parse_device, resolve_device
+from ubc.engine.select import stale_reason
+from ubc.export.common import ExportResult, artifact_entry, check_arch
+
+INSTALL_HINT = "pip install ubc[tensorrt]"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """How a plan is built. Batch sizes are slices per call: the profile covers
+    1..``max_batch`` and is tuned for ``opt_batch`` (default: ``max_batch``)."""
+
+    precision: str = "fp16"
+    max_batch: int = 32
+    opt_batch: int | None = None
+    workspace_gib: float = 4.0
+    calib_batch: int = 8
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if not 1 <= self.optimal_batch <= self.max_batch:
+            raise ValueError(f"opt_batch must be within 1..max_batch={self.max_batch}, "
+                             f"got {self.opt_batch}")
+        if self.calib_batch < 1 or self.workspace_gib <= 0:
+            raise ValueError("calib_batch and workspace_gib must be positive")
+
+    @property
+    def optimal_batch(self) -> int:
+        return self.max_batch if self.opt_batch is None else self.opt_batch
+
+
+class CalibrationBatches:
+    """Full batches of ``batch`` slices, in order, from preprocessed ``slices`` (float32
+    [N, 1, H, W]); the remainder that does not fill a batch is left out, as TensorRT's
+    calibrator wants one batch size."""
+
+    def __init__(self, slices: np.ndarray, batch: int, size: tuple[int, int]) -> None:
+        if slices.ndim != 4 or slices.shape[1:] != (1, *size):
+            raise ValueError(f"calibration slices must be float32 [N, 1, {size[0]}, {size[1]}],"
+                             f" got {list(slices.shape)}")
+        if len(slices) < batch:
+            raise ValueError(f"INT8 calibration needs at least one batch of {batch} slices, "
+                             f"got {len(slices)}; give more with --calib")
+        self.slices = np.ascontiguousarray(slices, dtype=np.float32)
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.slices) // self.batch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self.slices[i * self.batch:(i + 1) * self.batch]
+
+
+def _check_precision(trt: Any, precision: str) -> None:
+    if precision != "fp32" and not hasattr(trt.BuilderFlag, "FP16"):
+        raise RuntimeError(f"TensorRT {trt.__version__} builds strongly typed networks only "
+                           "(no FP16/INT8 builder flags, no calibrators); build fp16/int8 "
+                           "plans with TensorRT 10: pip install 'tensorrt>=10,<11'")
+
+
+def _calibrator(trt: Any, batches: CalibrationBatches | None, cache: bytes | None) -> Any:
+    """An IInt8EntropyCalibrator2 feeding ``batches`` through one device buffer, or
+    replaying ``cache`` (a previous calibration of the same weights)."""
+    from ubc.engine import cuda_memory
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.cache = cache
+            self.batch = batches.batch if batches is not None else 1
+            self._iter = iter(batches) if batches is not None else iter(())
+            self._host: Any = None
+            self._device: Any = None
+            self._stream = cuda_memory.Stream()
+
+        def get_batch_size(self) -> int:
+            return self.batch
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            batch = next(self._iter, None)
+            if batch is None:
+                return None
+            if self._device is None:
+                self._host = cuda_memory.PinnedArray(batch.shape, np.float32)
+                self._device = cuda_memory.DeviceBuffer(batch.nbytes)
+            np.copyto(self._host.array, batch)
+            cuda_memory.copy_to_device(self._device, self._host, batch.nbytes, self._stream)
+            self._stream.synchronize()
+            return [self._device.ptr]
+
+        def read_calibration_cache(self) -> bytes | None:
+            return self.cache
+
+        def write_calibration_cache(self, data: Any) -> None:
+            self.cache = bytes(data)
+
+        def release(self) -> None:
+            for resource in (self._host, self._device, self._stream):
+                if resource is not None:
+                    resource.close()
+
+    return Calibrator()
+
+
+def _parse_onnx(trt: Any, builder: Any, logger: Any, bundle: Bundle) -> Any:
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    path = bundle.file(ONNX)
+    if not parser.parse_from_file(str(path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{path}: TensorRT cannot parse it ({errors}); re-export it with "
+                           f"`ubc-export {bundle.path} --onnx`")
+    return network, parser
+
+
+def _profile(builder: Any, size: tuple[int, int], low: int, opt: int, high: int) -> Any:
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (low, 1, *size), (opt, 1, *size), (high, 1, *size))
+    return profile
+
+
+def _timing_cache(config: Any, bundle: Bundle, name: str) -> Any:
+    previous = bundle.file(name).read_bytes() if bundle.has(name) else b""
+    cache = config.create_timing_cache(previous)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _build(trt: Any, bundle: Bundle, options: TensorRTOptions, gpu: GpuInfo,
+           calib: np.ndarray | None) -> tuple[bytes, bytes, bytes | None]:
+    """(plan, timing cache, calibration cache) built from the bundle's ONNX."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network, _parser = _parse_onnx(trt, builder, logger, bundle)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE,
+                                 int(options.workspace_gib * (1 << 30)))
+    size = bundle.preprocessing.size
+    config.add_optimization_profile(_profile(builder, size, 1, options.optimal_batch,
+                                             options.max_batch))
+    _timing_cache(config, bundle, timing_cache_name(gpu, trt.__version__))
+    calibrator = None
+    if options.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 plans stay fp32
+    if options.precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)  # INT8 falls back to FP16, not FP32
+    if options.precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        batches = None if calib is None else CalibrationBatches(calib, options.calib_batch, size)
+        cache = None
+        if batches is None:
+            if not bundle.has(CALIB_CACHE):
+                raise ValueError(f"{bundle.path}: INT8 needs calibration slices (--calib DATA) "
+                                 f"or a {CALIB_CACHE} from an earlier calibration")
+            stale = stale_reason(bundle, CALIB_CACHE)
+            if stale is not None:
+                raise ValueError(f"{bundle.path}: {stale.split(';')[0]}; calibrate again "
+                                 "with --calib DATA")
+            cache = bundle.file(CALIB_CACHE).read_bytes()
+        calibrator = _calibrator(trt, batches, cache)
+        config.int8_calibrator = calibrator
+        batch = calibrator.get_batch_size()
+        config.set_calibration_profile(_profile(builder, size, batch, batch, batch))
+    try:
+        plan = builder.build_serialized_network(network, config)
+    finally:
+        if calibrator is not None:
+            calibrator.release()
+    if plan is None:
+        raise RuntimeError(f"{bundle.path}: TensorRT could not build the {options.precision} "
+                           "plan (its log above says why)")
+    timing = bytes(config.get_timing_cache().serialize())
+    return bytes(plan), timing, calibrator.cache if calibrator is not None else None
+
+
+def to_tensorrt(bundle: Bundle, *, options: TensorRTOptions | None = None,
+                calib: np.ndarray | None = None) -> ExportResult:
+    """Build a TensorRT plan for this machine's GPU from the bundle's ``model.onnx`` and
+    store it (and the timing and calibration caches) in the bundle atomically.
+    ``calib``: preprocessed slices float32 [N, 1, H, W] for INT8 (a few hundred is plenty;
+    see ``ubc.data.sample_slices``)."""
+    options = options or TensorRTOptions()
+    check_arch(bundle)
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise ImportError(f"tensorrt is not installed ({INSTALL_HINT})") from exc
+    _check_precision(trt, options.precision)
+    if not bundle.has(ONNX):
+        raise ValueError(f"{bundle.path}: a plan is built from model.onnx; export it first: "
+                         f"`ubc-export {bundle.path} --onnx`")
+    device = resolve_device(options.device)
+    if not device.startswith("cuda"):
+        raise ValueError("TensorRT plans are built on the GPU that runs them; none is usable "
+                         "here")
+    from ubc.engine import cuda_memory
+
+    index = parse_device(device)[1]
+    cuda_memory.set_device(index)
+    gpu = gpu_info(index)
+    start = time.perf_counter()
+    plan, timing, calib_cache = _build(trt, bundle, options, gpu, calib)
+    seconds = time.perf_counter() - start
+    base = {"gpu": gpu.name, "compute_capability": f"{gpu.major}{gpu.minor}",
+            "tensorrt": trt.__version__}
+    cache_name = timing_cache_name(gpu, trt.__version__)
+    bundle.write_file(cache_name, lambda tmp: tmp.write_bytes(timing),
+                      artifacts=with_artifact(bundle.meta, cache_name,
+                                              **artifact_entry(bundle, "timing-cache", **base)))
+    if calib_cache is not None and calib is not None:
+        bundle.write_file(CALIB_CACHE, lambda tmp: tmp.write_bytes(calib_cache),
+                          artifacts=with_artifact(bundle.meta, CALIB_CACHE, **artifact_entry(
+                              bundle, "int8-calibration", slices=int(len(calib)),
+                              tensorrt=trt.__version__)))
+    name = plan_name(gpu, trt.__version__, options.precision)
+    entry = artifact_entry(bundle, "tensorrt", precision=options.precision, min_batch=1,
+                           opt_batch=options.optimal_batch, max_batch=options.max_batch,
+                           build_seconds=round(seconds, 1), **base,
+                           calibration=(artifacts_of(bundle.meta).get(CALIB_CACHE, {})
+                                        if options.precision == "int8" else None))
+    path = bundle.write_file(name, lambda tmp: tmp.write_bytes(plan),
+                             artifacts=with_artifact(bundle.meta, name, **entry))
+    return ExportResult(name, path, seconds, entry)

@@ -1,0 +1,308 @@
+"""Parity of every exported form with eager PyTorch fp32 on the same preprocessed slices.
+
+Measured: max |delta| of the class logits (absolute, and relative to the largest reference
+logit), max |delta P(HGG)|, max |delta| of the mask logits, Dice between the masks
+thresholded at probability 0.5 (logit 0), and the share of slices whose predicted class
+differs. The class-logit tolerance applies to ``max|delta| / max(1, max|reference|)``: the
+plain absolute error for a trained model (|logits| of a few units) and a relative one for a
+randomly initialised network, whose eval-mode logits reach thousands.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ubc.bundle import Bundle, Preprocessing
+from ubc.engine.select import parity_key
+
+MIN_SLICES = 64
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds a backend must meet at one precision (None: reported, not bounded)."""
+
+    class_logits: float  # on max|delta| / max(1, max|reference logit|)
+    p_hgg: float
+    mask_dice: float
+    class_flips: float  # share of slices whose predicted class differs
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(class_logits=1e-3, p_hgg=1e-3, mask_dice=0.999, class_flips=0.0),
+    "bf16": Tolerance(class_logits=1e-1, p_hgg=5e-2, mask_dice=0.98, class_flips=0.05),
+    "fp16": Tolerance(class_logits=5e-2, p_hgg=2e-2, mask_dice=0.99, class_flips=0.02),
+    # INT8 is bounded loosely and reported: its error depends on the calibration set.
+    "int8": Tolerance(class_logits=0.5, p_hgg=0.2, mask_dice=0.9, class_flips=0.1),
+}
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """One backend's agreement with eager PyTorch fp32 over ``slices`` slices."""
+
+    backend: str
+    device: str
+    precision: str
+    artifact: str
+    sha256: str
+    slices: int
+    max_abs_class_logits: float
+    max_rel_class_logits: float
+    max_abs_p_hgg: float
+    max_abs_mask_logits: float
+    mask_dice: float
+    class_flip_share: float
+    tolerance: Tolerance
+    passed: bool
+    failures: tuple[str, ...] = ()
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return parity_key(self.backend, self.device, self.precision, self.artifact)
+
+    def to_json(self) -> dict[str, Any]:
+        entry = asdict(self)
+        entry["failures"] = list(self.failures)
+        return entry
+
+
+def _softmax_p1(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e[:, 1] / e.sum(axis=1)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks over all their pixels (1.0 when both are empty)."""
+    inter = float(np.logical_and(a, b).sum())
+    total = float(a.sum()) + float(b.sum())
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
+def measure(reference: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]
+            ) -> dict[str, float]:
+    """The parity figures of ``got`` against ``reference`` (class logits, mask logits)."""
+    ref_cls, ref_mask = (np.asarray(r, np.float64) for r in reference)
+    cls, mask = (np.asarray(g, np.float64) for g in got)
+    if cls.shape != ref_cls.shape or mask.shape != ref_mask.shape:
+        raise ValueError(f"output shapes {cls.shape}, {mask.shape} differ from the "
+                         f"reference {ref_cls.shape}, {ref_mask.shape}")
+    abs_cls = float(np.abs(cls - ref_cls).max())
+    return {
+        "max_abs_class_logits": abs_cls,
+        "max_rel_class_logits": abs_cls / max(1.0, float(np.abs(ref_cls).max())),
+        "max_abs_p_hgg": float(np.abs(_softmax_p1(cls) - _softmax_p1(ref_cls)).max()),
+        "max_abs_mask_logits": float(np.abs(mask - ref_mask).max()),
+        "mask_dice": dice(mask > 0, ref_mask > 0),
+        "class_flip_share": float((cls.argmax(1) != ref_cls.argmax(1)).mean()),
+    }
+
+
+def _failures(figures: dict[str, float], tol: Tolerance) -> tuple[str, ...]:
+    checks = [
+        (figures["max_rel_class_logits"] <= tol.class_logits,
+         f"class logits off by {figures['max_rel_class_logits']:.3g} > {tol.class_logits:g}"),
+        (figures["max_abs_p_hgg"] <= tol.p_hgg,
+         f"P(HGG) off by {figures['max_abs_p_hgg']:.3g} > {tol.p_hgg:g}"),
+        (figures["mask_dice"] >= tol.mask_dice,
+         f"mask Dice {figures['mask_dice']:.4f} < {tol.mask_dice:g}"),
+        (figures["class_flip_share"] <= tol.class_flips,
+         f"{figures['class_flip_share']:.1%} of slices change class > {tol.class_flips:.0%}"),
+    ]
+    return tuple(message for ok, message in checks if not ok)
+
+
+def reference_outputs(bundle: Bundle, slices: np.ndarray, *, batch: int = 16
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Eager PyTorch fp32 on the CPU: the reference every backend is compared with."""
+    from ubc.engine.torch_backend import TorchEngine
+
+    with TorchEngine(bundle, device="cpu", artifact="eager", max_batch=batch) as engine:
+        return engine.infer(_checked_slices(bundle, slices, minimum=1))
+
+
+def _checked_slices(bundle: Bundle, slices: np.ndarray, *, minimum: int) -> np.ndarray:
+    expected = (1, *bundle.preprocessing.size)
+    if not isinstance(slices, np.ndarray) or slices.ndim != 4 or slices.shape[1:] != expected:
+        raise ValueError(f"slices must be float32 [N, {', '.join(map(str, expected))}] for "
+                         f"{bundle.path}, got {getattr(slices, 'shape', type(slices))}")
+    if len(slices) < minimum:
+        raise ValueError(f"parity needs at least {minimum} slices, got {len(slices)}; make "
+                         "them with ubc.parity.phantom_slices or volume_slices")
+    return np.ascontiguousarray(slices, dtype=np.float32)
+
+
+def compare(bundle: Bundle | str | os.PathLike[str], backend: str, slices: np.ndarray, *,
+            device: str = "cpu", precision: str = "fp32",
+            reference: tuple[np.ndarray, np.ndarray] | None = None, record: bool = True,
+            min_slices: int = MIN_SLICES, source: str = "", **options: Any) -> ParityResult:
+    """Run ``backend`` (see ``ubc.engine.BACKENDS``) on ``slices`` (float32 [N, 1, H, W],
+    preprocessed, N >= ``min_slices``) and compare with eager PyTorch fp32 (``reference``,
+    computed when not given). ``record`` writes the result into meta.json under
+    ``parity[<backend>:<device>:<precision>:<artifact>]``; ``options`` go to the engine."""
+    from ubc.engine import load
+
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle(bundle)
+    if precision not in TOLERANCES:
+        raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}, got {precision!r}")
+    slices = _checked_slices(bundle, slices, minimum=min_slices)
+    if reference is None:
+        reference = reference_outputs(bundle, slices)
+    with load(bundle, backend=backend, device=device, precision=precision,
+              **options) as engine:
+        got = engine.infer(slices)
+        artifact = engine.artifact
+    figures: dict[str, Any] = measure(reference, got)
+    tol = TOLERANCES[precision]
+    failures = _failures(figures, tol)
+    result = ParityResult(backend=backend, device=device, precision=precision,
+                          artifact=artifact, sha256=bundle.meta["files"].get(artifact, ""),
+                          slices=len(slices), tolerance=tol, passed=not failures,
+                          failures=failures, source=source, **figures)
+    if record:
+        entries = dict(bundle.meta.get("parity", {}))
+        entries[result.key] = result.to_json()
+        bundle.update_meta(parity=entries)
+    return result
+
+
+def phantom_slices(preprocessing: Preprocessing, n: int = MIN_SLICES, *, seed: int = 0,
+                   cases: int = 8, shape: tuple[int, int, int] = (240, 240, 155)
+                   ) -> np.ndarray:
+    """float32 [n, 1, H, W]: slices of synthetic phantoms (``ubc.synth``) written as NIfTI and
+    read back through ``ubc.io`` and ``ubc.preprocess``, half of them through the lesion."""
+    from ubc.data import sample_slices
+    from ubc.synth import write_archive
+
+    with tempfile.TemporaryDirectory(prefix="ubc-parity-") as tmp:
+        archive = write_archive(Path(tmp), cases, seed=seed, shape=shape)
+        return sample_slices(archive, preprocessing, n, seed=seed)
+
+
+def volume_slices(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing,
+                  n: int = MIN_SLICES) -> np.ndarray:
+    """float32 [n, 1, H, W]: the slices with the most brain of real volumes (NIfTI files),
+    spread evenly over the files, through ``ubc.io`` and ``ubc.preprocess``."""
+    from ubc import preprocess
+    from ubc.io import load_volume
+
+    if not paths:
+        raise ValueError("no volume files given")
+    per_file = -(-n // len(paths))
+    out = []
+    for path in paths:
+        volume = load_volume(path)
+        counts = preprocess.foreground_counts(volume.data)
+        picks = np.sort(np.argsort(-counts, kind="stable")[:per_file])
+        out.append(preprocess.slices(volume.data, volume.spacing, size=preprocessing.size,
+                                     target_spacing=preprocessing.target_spacing,
+                                     norm=preprocessing.norm, slice_indices=picks))
+    return np.ascontiguousarray(np.concatenate(out)[:n])
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A backend ``check_bundle`` could not run here, and why."""
+
+    backend: str
+    device: str
+    precision: str
+    reason: str
+
+
+def _candidates(bundle: Bundle, device: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(backend, precision, options) to check on ``device``: every runtime at fp32 (eager
+    included on CUDA), and on CUDA also torch fp16 and each TensorRT plan precision the
+    bundle holds."""
+    from ubc.engine.artifacts import artifacts_of, parse_plan_name
+    from ubc.engine.select import CPU_ORDER, CUDA_ORDER
+
+    order = CUDA_ORDER if device.startswith("cuda") else CPU_ORDER
+    found: list[tuple[str, str, dict[str, Any]]] = []
+    for backend, options in order:
+        eager = backend == "torch" and options.get("artifact") == "eager"
+        if backend == "tensorrt":
+            plans = sorted({(parse_plan_name(n) or {}).get("precision", "")
+                            for n in artifacts_of(bundle.meta)} - {""})
+            found += [(backend, p, {}) for p in plans or ["fp16"]]
+            continue
+        if not (eager and device == "cpu"):  # eager fp32 on the CPU is the reference itself
+            found.append((backend, "fp32", options))
+        if device.startswith("cuda") and backend == "torch":
+            found.append((backend, "fp16", options))
+    return found
+
+
+def check_bundle(bundle: Bundle, slices: np.ndarray, *, device: str = "cpu",
+                 source: str = "", record: bool = True) -> list[ParityResult | Skipped]:
+    """``compare`` every backend this machine can run on the bundle's artifacts (see
+    ``_candidates``) against one eager reference; the others are returned as ``Skipped``."""
+    from ubc.engine.select import backend_class
+
+    reference = reference_outputs(bundle, slices)
+    results: list[ParityResult | Skipped] = []
+    for backend, precision, options in _candidates(bundle, device):
+        reason = backend_class(backend).unavailable(bundle, device, precision, **options)
+        if reason is not None:
+            results.append(Skipped(backend, device, precision, reason))
+            continue
+        results.append(compare(bundle, backend, slices, device=device, precision=precision,
+                               reference=reference, record=record, source=source, **options))
+    return results
+
+
+def format_table(results: Sequence[ParityResult | Skipped]) -> str:
+    """A plain-text table of parity results (skipped backends listed below it)."""
+    header = ("backend", "device", "prec", "artifact", "n", "|dlogit|", "rel", "|dP(HGG)|",
+              "Dice", "flips", "result")
+    rows = [header]
+    for r in results:
+        if isinstance(r, ParityResult):
+            rows.append((r.backend, r.device, r.precision, r.artifact, str(r.slices),
+                         f"{r.max_abs_class_logits:.2e}", f"{r.max_rel_class_logits:.2e}",
+                         f"{r.max_abs_p_hgg:.2e}", f"{r.mask_dice:.5f}",
+                         f"{r.class_flip_share:.1%}",
+                         "pass" if r.passed else "FAIL: " + "; ".join(r.failures)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
+             + "  " + row[-1] for row in rows]
+    lines += [f"skipped {s.backend} ({s.device}, {s.precision}): {s.reason}"
+              for s in results if isinstance(s, Skipped)]
+    return "\n".join(lines)
+
+
+def slices_from(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing,
+                n: int = MIN_SLICES, *, seed: int = 0) -> tuple[np.ndarray, str]:
+    """(float32 [n, 1, H, W] slices, a description of where they came from) out of
+    ``paths``: nothing (synthetic phantoms), one ``.npy`` of preprocessed slices, one
+    archive folder (``ubc.data.discover`` layouts) or NIfTI volumes."""
+    if not paths:
+        cases = min(8, max(1, n // 8))
+        return phantom_slices(preprocessing, n, seed=seed, cases=cases), \
+            f"{n} slices of {cases} phantoms (ubc.synth, seed {seed})"
+    files = [Path(p) for p in paths]
+    missing = [str(p) for p in files if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"slice source(s) not found: {', '.join(missing)}")
+    if len(files) == 1 and files[0].suffix == ".npy":
+        slices = np.load(files[0], allow_pickle=False).astype(np.float32)
+        return slices[:n], f"{min(n, len(slices))} slices from {files[0]}"
+    if len(files) == 1 and files[0].is_dir():
+        from ubc.data import sample_slices
+
+        return sample_slices(files[0], preprocessing, n, seed=seed), \
+            f"{n} slices of the archive {files[0]}"
+    return volume_slices(files, preprocessing, n), \
+        f"{n} slices of {', '.join(p.name for p in files)}"
