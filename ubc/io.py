@@ -17,8 +17,12 @@ from nibabel import orientations
 from ubc.errors import UBCInputError
 
 _gzip: ModuleType
+_GZIP_ERRORS: tuple[type[Exception], ...] = (EOFError, zlib.error, gzip.BadGzipFile)
 try:  # igzip (ISA-L) inflates .nii.gz twice as fast as zlib (bench/bench_preprocess.py)
     from isal import igzip as _gzip
+    from isal import isal_zlib
+
+    _GZIP_ERRORS += (isal_zlib.error,)
 except ImportError:  # pragma: no cover - isal has wheels for every platform we ship to
     _gzip = gzip
 
@@ -104,7 +108,7 @@ def load_volume(path: str | os.PathLike[str], volume_index: int | None = None) -
         raise UBCInputError(f"{path}: file not found") from exc
     except PermissionError as exc:
         raise UBCInputError(f"{path}: permission denied") from exc
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except _GZIP_ERRORS as exc:
         raise UBCInputError(f"{path}: corrupt or truncated gzip ({exc})") from exc
     except Exception as exc:  # nibabel raises many types on malformed headers
         raise UBCInputError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") \

@@ -1,0 +1,117 @@
+"""From per-slice engine outputs to one verdict per case (the deployment rule of PAPER.md).
+
+For every scored slice: its predicted lesion area (pixels with mask probability > 0.5, i.e.
+mask logit > 0, times the model grid's pixel area in mm2) and its P(HGG) (softmax of the
+class logits). Then, per case:
+- the top-k slices by predicted area (k from the bundle unless overridden; slices with no
+  predicted lesion are never used, so fewer than k may be), largest first;
+- P(HGG) = the mean of their P(HGG); the predicted class is HGG when it is >= 0.5;
+- lesion volume (mL) = sum of the areas (mm2) x the slice thickness (mm) / 1000;
+- ``no_lesion`` when that volume is under ``min_lesion_ml`` (``DEFAULT_MIN_LESION_ML``): such
+  a volume is reported as such, with no class forced on it.
+Pixels of background (exactly 0 in the engine's input: outside the head, since
+normalisation and resampling keep 0 as 0) cannot hold a lesion, whatever the mask head says,
+for the same reason that background-only slices are not scored at all
+(``background_as_no_lesion``). Areas are measured on the model grid (after in-plane
+resampling and centre crop/pad), so a lesion outside the model's field of view is not
+counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DEFAULT_MIN_LESION_ML", "Verdict", "CaseAccumulator", "background_as_no_lesion",
+           "slice_scores", "decide"]
+
+#: 0.1 mL = 100 voxels of 1 mm3: a lesion smaller than that is noise for this model.
+DEFAULT_MIN_LESION_ML = 0.1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The aggregated scores of one case (before they become a ``CaseResult`` row)."""
+
+    no_lesion: bool
+    p_hgg: float | None
+    predicted_class: str | None
+    lesion_volume_ml: float
+    slices_used: tuple[int, ...]
+
+
+def background_as_no_lesion(mask_logits: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """float32 [n, H, W] mask logits with background pixels (``images == 0``) set to a
+    certain "no lesion" (-60)."""
+    logits = np.asarray(mask_logits, dtype=np.float32).reshape(np.shape(images))
+    return np.where(np.asarray(images) != 0, logits, np.float32(-60.0))
+
+
+def slice_scores(class_logits: np.ndarray, mask_logits: np.ndarray, *, hgg_index: int,
+                 pixel_area_mm2: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(p_hgg [B], area_mm2 [B])`` of a batch of engine outputs (float64)."""
+    logits = np.asarray(class_logits, dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p_hgg = shifted[:, hgg_index] / shifted.sum(axis=1)
+    pixels = np.count_nonzero(np.asarray(mask_logits).reshape(len(logits), -1) > 0, axis=1)
+    return p_hgg, pixels * float(pixel_area_mm2)
+
+
+def decide(p_hgg: np.ndarray, area_mm2: np.ndarray, slice_indices: np.ndarray, *,
+           slice_thickness_mm: float, top_k: int, class_names: Sequence[str],
+           hgg_index: int, min_lesion_ml: float = DEFAULT_MIN_LESION_ML) -> Verdict:
+    """The case's verdict from its scored slices (``slice_indices``: their axial indices)."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if not np.isfinite(p_hgg).all():
+        raise ValueError("the engine returned NaN or Inf class logits")
+    volume_ml = float(area_mm2.sum()) * float(slice_thickness_mm) / 1000.0
+    if volume_ml < min_lesion_ml or not (area_mm2 > 0).any():
+        return Verdict(True, None, None, volume_ml, ())
+    order = np.argsort(-area_mm2, kind="stable")[:top_k]
+    order = order[area_mm2[order] > 0]
+    p = float(p_hgg[order].mean())
+    other = 1 - hgg_index if len(class_names) == 2 else hgg_index
+    predicted = class_names[hgg_index] if p >= 0.5 else class_names[other]
+    return Verdict(False, p, predicted, volume_ml,
+                   tuple(int(i) for i in slice_indices[order]))
+
+
+class CaseAccumulator:
+    """Collects the engine outputs of one case's scored slices as batches come back.
+
+    Keeps two floats per slice; with ``keep_masks`` also the mask probabilities (float16
+    [S, H, W]) and with ``keep_images`` the input slices (float16), for masks and overlays.
+    """
+
+    def __init__(self, n_slices: int, size: tuple[int, int], *, keep_masks: bool = False,
+                 keep_images: bool = False) -> None:
+        self.n_slices = n_slices
+        self.received = 0
+        self.p_hgg = np.zeros(n_slices, dtype=np.float64)
+        self.area_mm2 = np.zeros(n_slices, dtype=np.float64)
+        shape = (n_slices, *size)
+        self.mask_prob = np.zeros(shape, np.float16) if keep_masks else None
+        self.images = np.zeros(shape, np.float16) if keep_images else None
+
+    def add(self, start: int, p_hgg: np.ndarray, area_mm2: np.ndarray,
+            mask_logits: np.ndarray | None = None, images: np.ndarray | None = None) -> None:
+        """Record slices ``start .. start + len(p_hgg)`` of this case."""
+        stop = start + len(p_hgg)
+        if stop > self.n_slices:
+            raise ValueError(f"slices {start}:{stop} past the case's {self.n_slices}")
+        self.p_hgg[start:stop] = p_hgg
+        self.area_mm2[start:stop] = area_mm2
+        if self.mask_prob is not None and mask_logits is not None:
+            logits = np.asarray(mask_logits, dtype=np.float32).reshape(len(p_hgg), -1)
+            probs = 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))
+            self.mask_prob[start:stop] = probs.reshape(self.mask_prob[start:stop].shape)
+        if self.images is not None and images is not None:
+            self.images[start:stop] = np.asarray(images).reshape(self.images[start:stop].shape)
+        self.received += len(p_hgg)
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.n_slices

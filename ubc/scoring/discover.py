@@ -1,0 +1,219 @@
+"""Find the cases of an archive: a folder tree (BraTS layout recognised), a text file with one
+path per line, a CSV manifest ``case_id,image[,mask,...]``, or a single NIfTI file.
+
+Case ids:
+- BraTS layout (``<case>/<case>_flair.nii.gz``): the case folder's name; the sibling
+  ``<case>_seg.nii.gz``, when present, is recorded as the case's mask.
+- otherwise: the file's path relative to the archive root (for a list: to the listed files'
+  common folder), without the ``.nii``/``.nii.gz`` extension.
+- a manifest: its ``case_id`` column.
+Output files derived from a case id go through ``safe_name``, which can never leave the
+output folder whatever the id holds (``../../etc/x`` included).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import hashlib
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ubc.errors import UBCInputError
+
+__all__ = ["DEFAULT_PATTERN", "Case", "case_id_for", "discover_cases", "safe_name", "safe_path"]
+
+#: FLAIR-like file names (BraTS 2019 ``_flair``, BraTS 2023 ``-t2f``, TCGA ``_fla_``);
+#: ``|`` separates alternatives. Matched case-insensitively against the file name (or, when
+#: the pattern holds a ``/``, against the path relative to the archive root).
+DEFAULT_PATTERN = "*flair*.nii*|*t2f*.nii*|*_fla_*.nii*"
+_BRATS_NAMES = (("_flair", "_seg"), ("-t2f", "-seg"))  # (image, mask) suffixes per edition
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_NAME = 120
+
+
+@dataclass(frozen=True)
+class Case:
+    """One volume to score: its id, its image file and, when known, its lesion mask file."""
+
+    case_id: str
+    image: Path
+    mask: Path | None = None
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``a/b_flair.nii.gz`` -> ``a/b_flair`` (also ``.nii``); other names are unchanged."""
+    lower = name.lower()
+    for suffix in _NIFTI_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_nifti_name(name: str) -> bool:
+    return name.lower().endswith(_NIFTI_SUFFIXES)
+
+
+def safe_name(case_id: str) -> str:
+    """A file-name stem for ``case_id`` that stays inside any folder it is joined to.
+
+    Characters outside ``[A-Za-z0-9._-]`` (path separators included) become ``_``, leading
+    and trailing dots/underscores are dropped (no ``..``, no hidden files); when the id had
+    to change, a short hash of the original id is appended so that two ids never share a name.
+    """
+    cleaned = _UNSAFE.sub("_", case_id).strip("._")[:_MAX_NAME]
+    if cleaned == case_id and cleaned:
+        return cleaned
+    digest = hashlib.sha1(case_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{cleaned}-{digest}" if cleaned else f"case-{digest}"
+
+
+def safe_path(folder: str | os.PathLike[str], case_id: str, suffix: str) -> Path:
+    """``folder/<safe_name(case_id)><suffix>``, checked to lie directly inside ``folder``."""
+    root = Path(folder).resolve()
+    path = root / f"{safe_name(case_id)}{suffix}"
+    if path.parent != root:  # cannot happen with safe_name; a guard against future edits
+        raise ValueError(f"case id {case_id!r} would write outside {root}")
+    return path
+
+
+def _matches(relative: str, pattern: str) -> bool:
+    for alternative in pattern.split("|"):
+        target = relative if "/" in alternative else relative.rsplit("/", 1)[-1]
+        if fnmatch.fnmatchcase(target.lower(), alternative.lower()):
+            return True
+    return False
+
+
+def _brats_case(path: Path) -> tuple[str, Path | None] | None:
+    """``(case, seg path)`` when ``path`` is ``<case>/<case>_flair.nii[.gz]`` (BraTS 2019)
+    or ``<case>/<case>-t2f.nii[.gz]`` (BraTS 2023), else None."""
+    stem = strip_nifti_suffix(path.name).lower()
+    folder = path.parent.name
+    for image, mask in _BRATS_NAMES:
+        if folder and stem == f"{folder}{image}".lower():
+            segs = [path.parent / f"{folder}{mask}{suffix}" for suffix in _NIFTI_SUFFIXES]
+            return folder, next((seg for seg in segs if seg.is_file()), None)
+    return None
+
+
+def case_id_for(path: str | os.PathLike[str]) -> str:
+    """The id of a lone file: its BraTS case folder's name, else its name without extension."""
+    path = Path(path)
+    brats = _brats_case(path)
+    return brats[0] if brats else strip_nifti_suffix(path.name)
+
+
+def _cases_from_files(files: Iterable[Path], root: Path) -> list[Case]:
+    """Cases for image files under ``root``; BraTS ids where unique, relative paths else."""
+    entries = []
+    for path in files:
+        relative = strip_nifti_suffix(path.relative_to(root).as_posix())
+        brats = _brats_case(path)
+        entries.append((brats[0] if brats else relative, relative, path,
+                        brats[1] if brats else None))
+    seen: dict[str, int] = {}
+    for case_id, *_ in entries:
+        seen[case_id] = seen.get(case_id, 0) + 1
+    return [Case(case_id if seen[case_id] == 1 else relative, path, mask)
+            for case_id, relative, path, mask in entries]
+
+
+def _walk(root: Path, pattern: str) -> list[Path]:
+    found = []
+    for folder, dirs, names in os.walk(root):  # followlinks=False: no symlink loops
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith(".") or not is_nifti_name(name):
+                continue
+            path = Path(folder) / name
+            if _matches(path.relative_to(root).as_posix(), pattern):
+                found.append(path)
+    return found
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UBCInputError(f"{path}: cannot read the case list ({exc})") from exc
+
+
+def _from_list(path: Path) -> list[Case]:
+    lines = [line.strip() for line in _read_text(path).splitlines()]
+    files = [Path(line) if Path(line).is_absolute() else path.parent / line
+             for line in lines if line and not line.startswith("#")]
+    if not files:
+        return []
+    files = [Path(os.path.abspath(f)) for f in files]
+    root = Path(os.path.commonpath([f.parent for f in files]))
+    return _cases_from_files(files, root)
+
+
+def _from_manifest(path: Path) -> list[Case]:
+    reader = csv.DictReader(_read_text(path).splitlines())
+    fields = [f.strip() for f in reader.fieldnames or []]
+    if "case_id" not in fields or "image" not in fields:
+        raise UBCInputError(f"{path}: a manifest needs the columns case_id,image "
+                            f"(found: {', '.join(fields) or 'no header'})")
+    cases = []
+    for line, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if not row["case_id"] or not row["image"]:
+            raise UBCInputError(f"{path}:{line}: empty case_id or image")
+        image = Path(row["image"])
+        mask = Path(row["mask"]) if row.get("mask") else None
+        cases.append(Case(row["case_id"], image if image.is_absolute() else path.parent / image,
+                          None if mask is None or mask.is_absolute() else path.parent / mask))
+    return cases
+
+
+def _is_manifest(path: Path) -> bool:
+    if path.suffix.lower() == ".csv":
+        return True
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline()
+    return {"case_id", "image"} <= {h.strip() for h in header.split(",")}
+
+
+def _check_unique(cases: list[Case], source: Path) -> None:
+    counts = Counter(c.case_id for c in cases)
+    duplicates = sorted(case_id for case_id, n in counts.items() if n > 1)
+    if duplicates:
+        raise UBCInputError(f"{source}: duplicate case ids: {', '.join(duplicates[:5])}"
+                            + (" ..." if len(duplicates) > 5 else ""))
+
+
+def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None,
+                   limit: int | None = None) -> list[Case]:
+    """The cases of ``source``, in a stable order (sorted paths, or the list's own order).
+
+    ``pattern`` (default ``DEFAULT_PATTERN``) selects image files in a folder tree; files of
+    a list or manifest are taken as given (a missing one becomes an error row when scored).
+    Raises ``UBCInputError`` when ``source`` is missing or unreadable, or ids repeat.
+    """
+    path = Path(source)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UBCInputError(f"{path}: folder not readable (permission denied)")
+        cases = _cases_from_files(_walk(path, pattern or DEFAULT_PATTERN), path)
+    elif path.is_file():
+        if is_nifti_name(path.name):
+            cases = [Case(case_id_for(path), path)]
+        else:
+            try:
+                cases = _from_manifest(path) if _is_manifest(path) else _from_list(path)
+            except OSError as exc:
+                raise UBCInputError(f"{path}: cannot read ({exc})") from exc
+    else:
+        raise UBCInputError(f"{path}: no such file or folder; pass a folder of NIfTI files, "
+                            "a text file with one path per line, or a CSV manifest")
+    _check_unique(cases, path)
+    return cases if limit is None else cases[:limit]

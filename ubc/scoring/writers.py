@@ -1,0 +1,274 @@
+"""Results files that survive ``kill -9``: CSV, JSON lines and Parquet, chosen by extension.
+
+Every row is appended, flushed and fsync'ed before the next case is reported done, so a run
+killed at any moment loses at most the row being written; that torn last line (no trailing
+newline) is dropped when the file is read back, and a re-run scores the case again.
+
+Parquet cannot be appended to, so a Parquet run appends its rows to a hidden journal
+(``.NAME.parquet.journal.jsonl`` beside it, same guarantees) and folds the journal into the
+Parquet file, atomically, when the run ends or when the next run starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ubc.errors import UBCInputError
+from ubc.scoring.result import COLUMNS, CaseResult
+
+__all__ = ["FORMATS", "ResultsFile", "open_results", "read_results"]
+
+FORMATS = (".csv", ".jsonl", ".parquet")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some filesystems refuse directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ResultsFile(ABC):
+    """A results file: ``read()`` the rows already there, ``start()`` appending (optionally
+    rewriting the file with only ``keep``), ``append()`` one row durably, ``close()``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @abstractmethod
+    def read(self) -> list[CaseResult]:
+        """Rows already in the file (a torn last line is ignored)."""
+
+    @abstractmethod
+    def start(self, keep: list[CaseResult] | None = None) -> None:
+        """Get ready to append; with ``keep``, first replace the file's rows by ``keep``."""
+
+    @abstractmethod
+    def append(self, result: CaseResult) -> None:
+        """Write one row and make it durable (flush + fsync) before returning."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Finish the file (idempotent)."""
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _LineFile(ResultsFile):
+    """One row per line, an optional header line; the base of CSV and JSON lines."""
+
+    header: bytes = b""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self._file: BinaryIO | None = None
+        self._complete_bytes: int | None = None  # length without a torn tail
+
+    @abstractmethod
+    def encode(self, result: CaseResult) -> bytes:
+        """One row as a line ending in a newline, with no other newline in it."""
+
+    @abstractmethod
+    def decode(self, line: str) -> dict[str, Any]:
+        """The values of one line."""
+
+    def _lines(self) -> list[str]:
+        if not self.path.exists():
+            self._complete_bytes = 0
+            return []
+        raw = self.path.read_bytes()
+        self._complete_bytes = raw.rfind(b"\n") + 1  # a torn last line has no newline
+        text = raw[: self._complete_bytes].decode("utf-8", errors="replace")
+        lines = text.splitlines()
+        if self.header and lines:
+            if lines[0].encode() + b"\n" != self.header:
+                raise UBCInputError(f"{self.path}: not a ubc-infer results file (its header is "
+                                    "not the expected columns); choose another --out")
+            lines = lines[1:]
+        return lines
+
+    def read(self) -> list[CaseResult]:
+        results = []
+        for number, line in enumerate(self._lines(), start=2 if self.header else 1):
+            if not line.strip():
+                continue
+            try:
+                results.append(CaseResult.from_row(self.decode(line)))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise UBCInputError(f"{self.path}:{number}: malformed results row ({exc}); "
+                                    "fix or remove the line, or choose another --out") from exc
+        return results
+
+    def start(self, keep: list[CaseResult] | None = None) -> None:
+        if keep is not None:
+            _atomic_write_bytes(self.path, self.header + b"".join(map(self.encode, keep)))
+        else:
+            if self._complete_bytes is None:
+                self.read()
+            if self.path.exists() and self.path.stat().st_size != self._complete_bytes:
+                os.truncate(self.path, self._complete_bytes or 0)  # drop the torn last line
+            if not self.path.exists() or self.path.stat().st_size == 0:
+                _atomic_write_bytes(self.path, self.header)
+        self._file = open(self.path, "ab")
+
+    def append(self, result: CaseResult) -> None:
+        if self._file is None:
+            raise RuntimeError("call start() before append()")
+        self._file.write(self.encode(result))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _one_line(text: str | None) -> str | None:
+    return None if text is None else " ".join(text.splitlines())
+
+
+class CsvResults(_LineFile):
+    """Comma-separated, a header line, ``slices_used`` as ``12;13;14``, empty = missing."""
+
+    header = (",".join(COLUMNS) + "\n").encode()
+
+    def encode(self, result: CaseResult) -> bytes:
+        row = result.to_row()
+        row["error"] = _one_line(row["error"])
+        row["slices_used"] = ";".join(str(i) for i in row["slices_used"])
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow(
+            "" if row[c] is None else row[c] for c in COLUMNS)
+        return buffer.getvalue().encode()
+
+    def decode(self, line: str) -> dict[str, Any]:
+        values = next(csv.reader([line]))
+        if len(values) != len(COLUMNS):
+            raise ValueError(f"{len(values)} fields, expected {len(COLUMNS)}")
+        return dict(zip(COLUMNS, values, strict=True))
+
+
+class JsonlResults(_LineFile):
+    """One JSON object per line; missing values are ``null``."""
+
+    def encode(self, result: CaseResult) -> bytes:
+        return (json.dumps(result.to_row(), allow_nan=False) + "\n").encode()
+
+    def decode(self, line: str) -> dict[str, Any]:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+            raise ValueError("a row must be a JSON object")
+        return row
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise ImportError("Parquet output needs pyarrow: pip install ubc[parquet]") from exc
+    return pa, pq
+
+
+def _schema(pa: Any) -> Any:
+    kinds = {"p_hgg": pa.float64(), "lesion_volume_ml": pa.float64(),
+             "seconds": pa.float64(), "slices_used": pa.list_(pa.int64())}
+    ints = ("slices_total", "slices_scored", "input_bytes", "input_mtime_ns")
+    return pa.schema([(c, kinds.get(c, pa.int64() if c in ints else pa.string()))
+                      for c in COLUMNS])
+
+
+class ParquetResults(ResultsFile):
+    """Parquet, made durable through a JSON-lines journal folded in at ``close()``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        try:
+            _pyarrow()
+        except ImportError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        self.journal = JsonlResults(self.path.with_name(f".{self.path.name}.journal.jsonl"))
+
+    def _table_rows(self) -> list[CaseResult]:
+        if not self.path.exists():
+            return []
+        _, pq = _pyarrow()
+        try:
+            rows = pq.read_table(self.path).to_pylist()
+        except Exception as exc:  # pyarrow raises its own types on a damaged file
+            raise UBCInputError(f"{self.path}: unreadable Parquet file ({exc}); choose "
+                                "another --out") from exc
+        return [CaseResult.from_row(row) for row in rows]
+
+    def read(self) -> list[CaseResult]:
+        return self._table_rows() + self.journal.read()
+
+    def _write(self, rows: Iterable[CaseResult]) -> None:
+        pa, pq = _pyarrow()
+        table = pa.Table.from_pylist([r.to_row() for r in rows], schema=_schema(pa))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        _atomic_write_bytes(self.path, sink.getvalue().to_pybytes())
+
+    def start(self, keep: list[CaseResult] | None = None) -> None:
+        if keep is not None:
+            self._write(keep)
+            self.journal.path.unlink(missing_ok=True)
+        self.journal.start()
+
+    def append(self, result: CaseResult) -> None:
+        self.journal.append(result)
+
+    def close(self) -> None:
+        if self.journal._file is None and not self.journal.path.exists():
+            return
+        self.journal.close()
+        self._write(self.read())
+        self.journal.path.unlink(missing_ok=True)
+
+
+def open_results(path: str | os.PathLike[str]) -> ResultsFile:
+    """The results file for ``path``, its format chosen by the extension (``FORMATS``)."""
+    suffix = Path(path).suffix.lower()
+    kinds: dict[str, type[ResultsFile]] = {".csv": CsvResults, ".jsonl": JsonlResults,
+                                           ".parquet": ParquetResults}
+    if suffix not in kinds:
+        raise ValueError(f"{path}: unknown results format {suffix or '(no extension)'!r}; "
+                         f"use one of {', '.join(FORMATS)}")
+    return kinds[suffix](path)
+
+
+def read_results(path: str | os.PathLike[str]) -> list[CaseResult]:
+    """Every complete row of a results file (any format), in file order."""
+    return open_results(path).read()
