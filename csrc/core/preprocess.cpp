@@ -488,28 +488,57 @@ std::vector<int64_t> aligned_index(const Taps& taps, int64_t n_in) {
     return index;
 }
 
+// Offsets (elements) of the valid entries of an aligned index, and the valid range [lo, hi):
+// the index is monotonic, so the pixels inside the input form one run.
+struct AlignedAxis {
+    int64_t lo = 0, hi = 0;
+    std::vector<int64_t> offset;  // offset[o] = index[o] * stride, for o in [lo, hi)
+};
+
+AlignedAxis aligned_axis(const std::vector<int64_t>& index, int64_t stride) {
+    AlignedAxis axis;
+    axis.offset.resize(index.size(), 0);
+    while (axis.lo < static_cast<int64_t>(index.size()) && index[static_cast<size_t>(axis.lo)] < 0) ++axis.lo;
+    axis.hi = axis.lo;
+    while (axis.hi < static_cast<int64_t>(index.size()) && index[static_cast<size_t>(axis.hi)] >= 0) {
+        axis.offset[static_cast<size_t>(axis.hi)] = index[static_cast<size_t>(axis.hi)] * stride;
+        ++axis.hi;
+    }
+    return axis;
+}
+
 // The aligned case needs no interpolation: each output pixel is one normalised input voxel.
 // With x the faster input axis, kTile output rows are filled column by column (see
 // for_each_voxel) so that reads run along x and writes stay within kTile cache lines.
 template <typename T>
 void copy_aligned_slice(const VolumeView& v, int64_t k, const Normaliser<T>& normalise,
-                        const std::vector<int64_t>& ix, const std::vector<int64_t>& iy,
-                        float* out) {
+                        const AlignedAxis& rows, const AlignedAxis& cols, int64_t n_rows,
+                        int64_t n_cols, float* out) {
     constexpr int64_t kTile = 32;
     const T* base = static_cast<const T*>(v.data) + k * v.strides[2];
-    const int64_t n_rows = static_cast<int64_t>(ix.size()), n_cols = static_cast<int64_t>(iy.size());
-    auto pixel = [&](int64_t h, int64_t w) {
-        const int64_t x = ix[static_cast<size_t>(h)], y = iy[static_cast<size_t>(w)];
-        out[h * n_cols + w] = x < 0 || y < 0 ? 0.0f : normalise(base[x * v.strides[0] + y * v.strides[1]]);
-    };
+    std::fill(out, out + rows.lo * n_cols, 0.0f);
+    std::fill(out + rows.hi * n_cols, out + n_rows * n_cols, 0.0f);
+    for (int64_t h = rows.lo; h < rows.hi; ++h) {
+        std::fill(out + h * n_cols, out + h * n_cols + cols.lo, 0.0f);
+        std::fill(out + h * n_cols + cols.hi, out + (h + 1) * n_cols, 0.0f);
+    }
+    const int64_t* row_offset = rows.offset.data();
+    const int64_t* col_offset = cols.offset.data();
     if (std::llabs(v.strides[1]) <= std::llabs(v.strides[0])) {
-        for (int64_t h = 0; h < n_rows; ++h)
-            for (int64_t w = 0; w < n_cols; ++w) pixel(h, w);
+        for (int64_t h = rows.lo; h < rows.hi; ++h) {
+            const T* src = base + row_offset[h];
+            float* dst = out + h * n_cols;
+            for (int64_t w = cols.lo; w < cols.hi; ++w) dst[w] = normalise(src[col_offset[w]]);
+        }
         return;
     }
-    for (int64_t h0 = 0; h0 < n_rows; h0 += kTile)
-        for (int64_t w = 0; w < n_cols; ++w)
-            for (int64_t h = h0; h < std::min(n_rows, h0 + kTile); ++h) pixel(h, w);
+    for (int64_t h0 = rows.lo; h0 < rows.hi; h0 += kTile) {
+        const int64_t h1 = std::min(rows.hi, h0 + kTile);
+        for (int64_t w = cols.lo; w < cols.hi; ++w) {
+            const T* src = base + col_offset[w];
+            for (int64_t h = h0; h < h1; ++h) out[h * n_cols + w] = normalise(src[row_offset[h]]);
+        }
+    }
 }
 
 bool z_is_fastest(const VolumeView& v) {
@@ -545,13 +574,16 @@ void slices(const VolumeView& volume, const SliceGeometry& g, Norm norm,
     const int64_t block = z_is_fastest(volume) ? 16 : 1;
     const auto ix = aligned_index(rows, nx), iy = aligned_index(cols, ny);
     const bool aligned = !ix.empty() && !iy.empty() && block == 1;
+    const AlignedAxis aligned_rows = aligned_axis(ix, volume.strides[0]);
+    const AlignedAxis aligned_cols = aligned_axis(iy, volume.strides[1]);
     dispatch(volume.dtype, [&](auto tag) {
         using T = decltype(tag);
         const Normaliser<T> normalise(stats, norm);
         if (aligned) {
             parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
                 for (int64_t s = begin; s < end; ++s)
-                    copy_aligned_slice<T>(volume, slice_indices[s], normalise, ix, iy, out + s * plane);
+                    copy_aligned_slice<T>(volume, slice_indices[s], normalise, aligned_rows,
+                                          aligned_cols, g.size[0], g.size[1], out + s * plane);
             });
             return;
         }
