@@ -15,9 +15,14 @@ NUM_CLASSES = 2
 
 
 class UBC(nn.Module):
-    """ResNet34 encoder + U-Net decoder (lesion mask) + classification head (HGG vs LGG)."""
+    """ResNet34 encoder + U-Net decoder (lesion mask) + classification head (HGG vs LGG).
 
-    def __init__(self) -> None:
+    ``deep_supervision=True`` adds a 1x1 mask head on each of the four coarser decoder
+    outputs (training only: ``forward_aux`` returns their logits; ``forward`` and the
+    exported graph are unchanged, and ``inference_state_dict`` drops the extra heads).
+    """
+
+    def __init__(self, deep_supervision: bool = False) -> None:
         super().__init__()
         self.net = smp.Unet(
             "resnet34",
@@ -26,10 +31,31 @@ class UBC(nn.Module):
             classes=1,
             aux_params={"classes": NUM_CLASSES},
         )
+        self._taps: list[torch.Tensor] = []
+        self.aux_heads: nn.ModuleList | None = None
+        if deep_supervision:
+            blocks = list(self.net.decoder.blocks)[:-1]
+            self.aux_heads = nn.ModuleList(
+                nn.Conv2d(b.conv2[0].out_channels, 1, kernel_size=1) for b in blocks)
+            for block in blocks:
+                block.register_forward_hook(lambda _m, _i, out: self._taps.append(out))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._taps.clear()
         mask_logits, class_logits = self.net(x)
+        self._taps.clear()
         return class_logits, mask_logits
+
+    def forward_aux(self, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(class logits, mask logits, coarse mask logits per decoder level, coarse first)."""
+        self._taps.clear()
+        mask_logits, class_logits = self.net(x)
+        taps, self._taps = self._taps, []
+        aux: list[torch.Tensor] = []
+        if self.aux_heads is not None:
+            aux = [head(tap) for head, tap in zip(self.aux_heads, taps, strict=True)]
+        return class_logits, mask_logits, aux
 
 
 class ResNet34Classifier(nn.Module):
@@ -46,10 +72,20 @@ class ResNet34Classifier(nn.Module):
         return self.head(self.encoder(x)[-1]), None
 
 
-def build_model(arch: str = "ubc-resnet34") -> nn.Module:
-    """A randomly initialised model of the named architecture (``ARCHITECTURES``)."""
+def build_model(arch: str = "ubc-resnet34", *, deep_supervision: bool = False) -> nn.Module:
+    """A randomly initialised model of the named architecture (``ARCHITECTURES``).
+    ``deep_supervision`` (UBC only) adds training-time mask heads; see ``UBC``."""
+    if deep_supervision and arch != "ubc-resnet34":
+        raise ValueError(f"deep supervision needs a decoder; {arch!r} has none")
     if arch == "ubc-resnet34":
-        return UBC()
+        return UBC(deep_supervision=deep_supervision)
     if arch == "resnet34":
         return ResNet34Classifier()
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def inference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a bundle stores: training-only heads (deep supervision) removed, so
+    the weights load into ``build_model(arch)``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not k.startswith("aux_heads.")}

@@ -1,0 +1,278 @@
+"""Synthetic brain-MRI phantoms with glioma-like lesions, written as a BraTS-layout archive.
+
+A phantom is a skull-stripped, head-like FLAIR volume: an irregular ellipsoidal brain with a
+cortical ribbon, two ventricles (dark on FLAIR), smooth tissue texture, a multiplicative bias
+field, Rician noise and a random scanner gain; plus one lesion whose *grade shows in its
+structure*, not in its size (both grades draw the same size distribution):
+
+- LGG-like: a diffuse, smooth, homogeneous hyperintensity with a blurred border, labelled
+  mostly oedema (2) with a small non-enhancing core (1) of the same brightness.
+- HGG-like: an irregular, lobulated lesion with a heterogeneous necrotic core (1, darker),
+  an enhancing rim (4) and surrounding oedema (2) with finger-like extensions.
+
+``SynthConfig`` holds the knobs that set how hard the task is (``core_contrast`` is how
+visible the HGG core is; ``overlap`` is the fraction of cases drawn with the other grade's
+appearance, which caps any classifier's accuracy at about ``1 - overlap``).
+
+Geometry: 1 mm isotropic voxels, stored like BraTS with LPS axis codes (affine
+``diag(-1, -1, 1)``, origin at the volume centre), so readers exercise the reorientation to
+RAS. ``phantom`` returns arrays in that on-disk voxel order. The archive layout is
+``OUT/HGG/<case>/<case>_flair.nii.gz``, ``..._seg.nii.gz`` (same for LGG) and
+``OUT/labels.csv`` with columns ``case_id,grade``. Files are gzip level 1 with mtime 0, so
+the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["GRADES", "SynthConfig", "phantom", "phantom_affine", "write_archive"]
+
+GRADES = ("LGG", "HGG")  # label 0, label 1
+LABELS_FILE = "labels.csv"
+_HGG_SHRINK = 0.92  # measured over 200 phantoms: similar top-5 lesion areas for both grades
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Knobs of the phantom benchmark (intensities relative to white matter = 1).
+
+    ``lesion_contrast``: oedema brightness above white matter. ``core_contrast``: how much
+    darker the HGG necrotic core is than its oedema (0 makes the grade invisible).
+    ``irregularity``: lobulation amplitude of HGG borders. ``noise``: Rician sigma.
+    ``bias``: log-amplitude of the bias field. ``texture``: tissue texture amplitude.
+    ``overlap``: fraction of cases that look like the other grade.
+    ``lesion_radius``: (min, max) lesion radius as a fraction of the brain's x half-width.
+    ``core_size``: radius of the HGG core + rim as a fraction of the lesion radius (the
+    necrotic core is 60 % of that).
+    """
+
+    lesion_contrast: float = 0.55
+    core_contrast: float = 0.45
+    irregularity: float = 0.35
+    noise: float = 0.08
+    bias: float = 0.25
+    texture: float = 0.08
+    overlap: float = 0.1
+    lesion_radius: tuple[float, float] = (0.22, 0.42)
+    core_size: float = 0.6
+
+
+def phantom_affine(shape: tuple[int, int, int]) -> np.ndarray:
+    """4x4 affine of a phantom: 1 mm voxels, LPS axis codes, world origin at the centre."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[:3, 3] = [(shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0, -(shape[2] - 1) / 2.0]
+    return affine
+
+
+def _kernel(n_out: int, n_grid: int) -> np.ndarray:
+    """[n_out, n_grid] Gaussian interpolation weights: a smooth field from a coarse grid."""
+    pos = np.linspace(0.0, 1.0, n_out, dtype=np.float32)[:, None]
+    nodes = np.linspace(-0.1, 1.1, n_grid, dtype=np.float32)[None, :]
+    width = 1.2 / max(n_grid - 1, 1)
+    weights = np.exp(-0.5 * ((pos - nodes) / width) ** 2)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _bumps(shape: tuple[int, int, int], per: int, least: int) -> tuple[int, int, int]:
+    """A coarse grid with one node per ``per`` voxels along each axis, at least ``least``."""
+    return (max(least, shape[0] // per), max(least, shape[1] // per),
+            max(least, shape[2] // per))
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int],
+                  grid: tuple[int, int, int]) -> np.ndarray:
+    """float32 field of ``shape`` with unit-ish amplitude and ``grid`` bumps per axis."""
+    coarse = rng.standard_normal(grid).astype(np.float32)
+    kx, ky, kz = (_kernel(n, g) for n, g in zip(shape, grid, strict=True))
+    small = np.tensordot(kx, coarse, axes=(1, 0))  # [X, gy, gz]
+    small = np.tensordot(small, ky, axes=(1, 1)).transpose(0, 2, 1)  # [X, Y, gz]
+    field = np.ascontiguousarray(small) @ kz.T  # [X, Y, Z], one BLAS call
+    spread = float(field[::3, ::3, ::3].std())  # a strided estimate is enough, and cheap
+    return field * np.float32(1.0 / max(spread, 1e-6))
+
+
+def _box(shape: tuple[int, int, int], centre: np.ndarray,
+         half: np.ndarray) -> tuple[slice, slice, slice]:
+    """The index box centre +- half (voxels), clipped to the volume."""
+    lo = np.clip(np.floor(centre - half), 0, shape).astype(int)
+    hi = np.clip(np.ceil(centre + half) + 1, 0, shape).astype(int)
+    return (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+
+
+def _shape_of(box: tuple[slice, slice, slice]) -> tuple[int, int, int]:
+    return (box[0].stop - box[0].start, box[1].stop - box[1].start, box[2].stop - box[2].start)
+
+
+def _origin(box: tuple[slice, slice, slice]) -> np.ndarray:
+    return np.array([b.start for b in box], np.float32)
+
+
+def _grid(shape: tuple[int, int, int], centre: np.ndarray,
+          radii: np.ndarray) -> np.ndarray:
+    """Normalised ellipsoidal radius ||(x - centre) / radii|| (float32, broadcast grid)."""
+    axes = [((np.arange(n, dtype=np.float32) - c) / r) ** 2
+            for n, c, r in zip(shape, centre, radii, strict=True)]
+    return np.sqrt(axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :])
+
+
+def _brain(rng: np.random.Generator, shape: tuple[int, int, int],
+           cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(brain mask bool, FLAIR-like tissue float32, brain centre, brain radii) in voxels."""
+    dims = np.asarray(shape, dtype=np.float32)
+    centre = dims / 2.0 + rng.normal(0.0, 0.015, 3).astype(np.float32) * dims
+    radii = dims * np.array([0.30, 0.37, 0.40], np.float32) * rng.uniform(0.9, 1.05, 3)
+    r = _grid(shape, centre, radii) - 0.05 * _smooth_field(rng, shape, (5, 5, 4))
+    brain = r < 1.0
+    tissue = np.where(r > 0.86, 1.15, 1.0).astype(np.float32)  # cortical ribbon (GM)
+    for side in (-1.0, 1.0):  # ventricles: CSF is dark on FLAIR
+        vc = centre + np.array([side * 0.12, 0.02, 0.05], np.float32) * radii
+        vr = radii * np.array([0.09, 0.32, 0.18], np.float32) * rng.uniform(0.7, 1.3)
+        box = _box(shape, vc, vr)
+        inside = _grid(_shape_of(box), vc - _origin(box), vr) < 1.0
+        tissue[box][inside] = 0.25
+    tissue *= 1.0 + cfg.texture * _smooth_field(rng, shape, _bumps(shape, 12, 3))
+    return brain, tissue, centre, radii
+
+
+def _lesion_centre(rng: np.random.Generator, centre: np.ndarray, radii: np.ndarray,
+                   lesion_r: float) -> np.ndarray:
+    """A centre inside the brain, off the midline, that keeps most of the lesion inside."""
+    for _ in range(100):
+        offset = rng.uniform(-1.0, 1.0, 3) * np.array([0.55, 0.6, 0.5])
+        if abs(offset[0]) > 0.2 and np.linalg.norm(offset) < 0.75 - lesion_r / radii[0] / 2:
+            break
+    return (centre + offset * radii).astype(np.float32)
+
+
+def _lesion(rng: np.random.Generator, shape: tuple[int, int, int], centre: np.ndarray,
+            radii: np.ndarray, looks_hgg: bool,
+            cfg: SynthConfig) -> tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray]:
+    """(box, labels uint8 with BraTS codes 0/1/2/4, FLAIR intensity offset float32), the
+    arrays covering only ``box`` of the volume (the lesion's neighbourhood)."""
+    lesion_r = float(rng.uniform(*cfg.lesion_radius)) * float(radii[0])
+    lc = _lesion_centre(rng, centre, radii, lesion_r)
+    lr = lesion_r * rng.uniform(0.8, 1.2, 3).astype(np.float32)
+    if looks_hgg:  # a lobulated border adds area; shrink so both grades match in size
+        lr *= np.float32(_HGG_SHRINK)
+    box = _box(shape, lc, lr * (1.2 + 2 * cfg.irregularity))
+    shape = _shape_of(box)
+    d = _grid(shape, lc - _origin(box), lr)
+    labels = np.zeros(shape, np.uint8)
+    # Both grades bend their border by the same amount (so sizes match); HGG borders bend at
+    # a fine scale (lobulated, finger-like), LGG borders at a coarse one (smooth).
+    fine = _bumps(shape, 10, 4)
+    scale, amount = (fine, cfg.irregularity) if looks_hgg else ((3, 3, 3), cfg.irregularity / 2)
+    # clipped: a rare extreme of the field would otherwise erase the lesion altogether
+    bend = np.clip(_smooth_field(rng, shape, scale), -2.0, 2.0)
+    d_edema = d - amount * bend
+    if looks_hgg:
+        d_core = d / cfg.core_size - 0.5 * cfg.irregularity * _smooth_field(rng, shape, fine)
+        necro = d_core < 0.6
+        rim = (d_core < 1.0) & ~necro
+        edema = (d_edema < 1.0) & ~necro & ~rim
+        speckle = _smooth_field(rng, shape, _bumps(shape, 6, 4))
+        offset = np.where(edema, cfg.lesion_contrast, 0.0)
+        offset = np.where(rim, 0.7 * cfg.lesion_contrast, offset)
+        core = cfg.lesion_contrast - cfg.core_contrast * (1.0 + 0.35 * speckle)
+        offset = np.where(necro, core, offset)
+        labels[edema], labels[rim], labels[necro] = 2, 4, 1
+    else:
+        lesion = d_edema < 1.0
+        labels[lesion] = 2
+        labels[lesion & (d < 0.35)] = 1  # a non-enhancing core, as bright as the rest
+        # diffuse: brightness fades smoothly across the labelled border
+        offset = cfg.lesion_contrast / (1.0 + np.exp(np.minimum((d_edema - 1.0) / 0.08, 50.0)))
+    return box, labels, offset.astype(np.float32)
+
+
+def phantom(seed: int | np.random.SeedSequence, *, grade: int,
+            shape: tuple[int, int, int] = (240, 240, 155),
+            config: SynthConfig | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """One phantom: (FLAIR int16 [X, Y, Z], seg uint8 [X, Y, Z] in BraTS codes, grade).
+
+    ``grade`` is 0 (LGG) or 1 (HGG). Arrays are in on-disk voxel order (LPS, see
+    ``phantom_affine``); background voxels are exactly 0, brain voxels at least 1.
+    """
+    if grade not in (0, 1):
+        raise ValueError(f"grade must be 0 (LGG) or 1 (HGG), got {grade!r}")
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 sizes >= 8 voxels, got {shape}")
+    cfg = config or SynthConfig()
+    rng = np.random.default_rng(seed)
+    looks_hgg = bool(grade) != bool(rng.random() < cfg.overlap)
+    brain, tissue, centre, radii = _brain(rng, shape, cfg)
+    box, box_labels, offset = _lesion(rng, shape, centre, radii, looks_hgg, cfg)
+    labels = np.zeros(shape, np.uint8)
+    labels[box] = np.where(brain[box], box_labels, 0)
+    tissue[box] += offset
+    signal = tissue * np.exp(cfg.bias * _smooth_field(rng, shape, (3, 3, 3)))
+    n1 = rng.standard_normal(shape, dtype=np.float32)
+    n2 = rng.standard_normal(shape, dtype=np.float32)
+    signal = np.sqrt((signal + cfg.noise * n1) ** 2 + (cfg.noise * n2) ** 2)
+    gain = float(rng.uniform(250.0, 900.0))
+    flair = np.where(brain, np.clip(np.rint(signal * gain), 1, 32767), 0).astype(np.int16)
+    return flair, labels, grade
+
+
+def _nifti_gz(data: np.ndarray, path: Path) -> None:
+    """Write ``data`` as .nii.gz with the phantom affine; deterministic bytes, atomic."""
+    image = nib.Nifti1Image(data, phantom_affine(data.shape))
+    image.header.set_xyzt_units("mm")
+    image.header.set_qform(image.affine, code=1)
+    image.header.set_sform(image.affine, code=1)
+    payload = gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+def write_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: int = 0,
+                  shape: tuple[int, int, int] = (240, 240, 155),
+                  config: SynthConfig | None = None, progress: bool = False) -> Path:
+    """Write ``cases`` phantoms (half LGG, half HGG, order shuffled by ``seed``) in the
+    BraTS 2019 layout under ``out_dir`` plus ``labels.csv``; returns ``out_dir``.
+
+    Case ``i`` depends only on (seed, i), so a larger archive extends a smaller one.
+    """
+    if cases < 1:
+        raise ValueError(f"cases must be >= 1, got {cases}")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    grades = _grades(cases, seed)
+    rows = []
+    iterator = range(cases)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="phantoms", unit="case")
+    for i in iterator:
+        case_id = f"PH{seed:03d}_{i:04d}"
+        flair, seg, grade = phantom(np.random.SeedSequence([seed, i]), grade=grades[i],
+                                    shape=shape, config=config)
+        folder = root / GRADES[grade] / case_id
+        folder.mkdir(parents=True, exist_ok=True)
+        _nifti_gz(flair, folder / f"{case_id}_flair.nii.gz")
+        _nifti_gz(seg, folder / f"{case_id}_seg.nii.gz")
+        rows.append((case_id, GRADES[grade]))
+    with open(root / LABELS_FILE, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["case_id", "grade"])
+        writer.writerows(rows)
+    return root
+
+
+def _grades(cases: int, seed: int) -> list[int]:
+    """Balanced grades for case 0..cases-1: pairs (LGG, HGG) in a seeded order per pair."""
+    grades = []
+    for pair in range((cases + 1) // 2):
+        flip = np.random.default_rng([seed, 1_000_003, pair]).random() < 0.5
+        grades.extend([1, 0] if flip else [0, 1])
+    return grades[:cases]
