@@ -18,6 +18,7 @@ from ubc.data import (
     discover,
     load_case,
     load_cases,
+    load_lesion_free,
     sample_slices,
     split_cases,
     subsample,
@@ -162,3 +163,18 @@ def test_load_cases_and_sample_slices(phantom_archive: Path) -> None:
     assert calib.shape == (9, 1, 64, 64) and calib.dtype == np.float32
     assert np.isfinite(calib).all() and (np.abs(calib).sum(axis=(1, 2, 3)) > 0).all()
     assert np.array_equal(calib, sample_slices(phantom_archive, PREP, 9, seed=1))
+
+
+def test_lesion_free_slices_are_mask_only_rows_of_healthy_brain(phantom_archive: Path) -> None:
+    case = discover(phantom_archive)[0]
+    extra = load_lesion_free(case, PREP, 4)
+    assert extra is not None and extra.label is None and extra.masks is not None
+    assert extra.case_id == f"{case.case_id}#lesion-free" and len(extra.images) == 4
+    seg, flair = load_volume(case.mask), load_volume(case.image)
+    assert (preprocess.lesion_areas(seg.data, seg.spacing)[extra.slice_indices] == 0).all()
+    assert (preprocess.foreground_counts(flair.data)[extra.slice_indices] > 0).all()
+    assert not extra.masks.any() and (np.abs(extra.images).sum(axis=(1, 2, 3)) > 0).all()
+    data = load_cases([case], PREP, lesion_free=4, progress=False)
+    assert len(data) == 5 + 4
+    assert (data.labels[5:] == -1).all() and data.has_mask.all()
+    assert (data.labels[:5] == case.label).all()

@@ -34,6 +34,7 @@ __all__ = ["GRADES", "Case", "CaseSlices", "SliceSet", "discover", "load_case", 
 
 GRADES = ("LGG", "HGG")  # class index 0, 1 (the bundle's class_names)
 UNLABELLED = -1
+LESION_FREE_SUFFIX = "#lesion-free"  # pseudo-case of a patient's lesion-free slices
 _IMAGE_SUFFIXES = ("_flair.nii.gz", "_flair.nii", "-t2f.nii.gz", "-t2f.nii")
 _MASK_SUFFIXES = ("_seg.nii.gz", "_seg.nii", "-seg.nii.gz", "-seg.nii")
 _LABEL_CSVS = ("labels.csv", "name_mapping.csv")
@@ -87,7 +88,9 @@ class SliceSet:
 
     def summary(self) -> dict[str, int]:
         """Counts for meta.json: slices, patients, per class, with masks, unlabelled."""
-        return {"slices": len(self), "patients": int(len(np.unique(self.patient))),
+        patients = {self.case_ids[p].removesuffix(LESION_FREE_SUFFIX)
+                    for p in np.unique(self.patient)}
+        return {"slices": len(self), "patients": len(patients),
                 **{f"slices_{g}": int((self.labels == i).sum()) for i, g in enumerate(GRADES)},
                 "slices_with_mask": int(self.has_mask.sum()),
                 "slices_unlabelled": int((self.labels == UNLABELLED).sum())}
@@ -262,7 +265,8 @@ def load_case(case: Case, preprocessing: Preprocessing, *, top_k: int | None = 5
 
 def load_lesion_free(case: Case, preprocessing: Preprocessing, n: int) -> CaseSlices | None:
     """Up to ``n`` brain slices of ``case`` with an empty lesion mask, evenly spaced along z,
-    as a mask-only pseudo-case (id ``<case>#lesion-free``, no grade). Trained on, they teach
+    as a mask-only pseudo-case (id ``<case>#lesion-free``, no grade; summaries count it as
+    the same patient). Trained on, they teach
     the segmenter that lesion-free brain is not lesion: scoring ranks every slice of a volume
     by predicted lesion area, so it must see such slices too. None without a mask or such
     slices. Slices with under 5% of the fullest slice's brain are not used (skull caps)."""
@@ -279,7 +283,8 @@ def load_lesion_free(case: Case, preprocessing: Preprocessing, n: int) -> CaseSl
     picks = np.linspace(0, len(candidates) - 1, min(n, len(candidates))).round().astype(int)
     chosen = candidates[picks]
     images, masks = _preprocessed(case, volume, seg, chosen, preprocessing)
-    return CaseSlices(f"{case.case_id}#lesion-free", None, images, masks, chosen, areas[chosen])
+    return CaseSlices(case.case_id + LESION_FREE_SUFFIX, None, images, masks, chosen,
+                      areas[chosen])
 
 
 def load_cases(cases: Iterable[Case], preprocessing: Preprocessing, *, top_k: int | None = 5,

@@ -95,8 +95,12 @@ class TrainConfig:
             "paper": TrainConfig(),
             "sweep": TrainConfig(epochs=10, lr_step=1, min_steps=60, plateau_evals=3,
                                  size=(64, 64), target_spacing=(3.0, 3.0), threads=1),
+            # lesion-free rows: held-out phantoms scored by ubc-infer went from 6/16 to 9/16
+            # correct with 6 per case (the segmenter stops marking healthy slices, so the
+            # top-k slices are the lesion's); 3 keeps the demo's training under 5 minutes
             "quick": TrainConfig(epochs=12, batch_size=16, lr_step=1, plateau_evals=1,
-                                 size=(64, 64), target_spacing=(2.0, 2.0)),
+                                 size=(64, 64), target_spacing=(2.0, 2.0),
+                                 lesion_free_per_case=3),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
