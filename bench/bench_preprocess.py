@@ -18,10 +18,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.conftest import record
 from ubc import io, preprocess, preprocess_reference
+from ubc.benchmark.preprocessing import torch_baseline  # one copy, shared with ubc-bench
 from ubc.synth import phantom, phantom_affine
 
 SHAPE = (240, 240, 155)
@@ -43,23 +43,6 @@ def volume() -> io.Volume:
 @pytest.fixture(scope="module")
 def expected(volume) -> np.ndarray:
     return preprocess_reference.slices(volume.data, volume.spacing, size=SIZE)
-
-
-def torch_baseline(volume: np.ndarray, spacing, size=SIZE, target_spacing=(1.0, 1.0)):
-    """What a user would write with torch: z-score over non-zero voxels, bilinear resize to
-    the target spacing, centre crop/pad."""
-    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).permute(2, 0, 1)
-    foreground = t != 0
-    values = t[foreground]
-    t = torch.where(foreground, (t - values.mean()) / values.std(unbiased=False), 0.0)
-    new = [round(n * s / ts) for n, s, ts in zip(t.shape[1:], spacing[:2], target_spacing,
-                                                 strict=True)]
-    t = F.interpolate(t[:, None], size=new, mode="bilinear", align_corners=False)
-    pads = []
-    for have, want in zip(new[::-1], size[::-1], strict=True):
-        before = (want - have) // 2
-        pads += [before, want - have - before]
-    return F.pad(t, pads).numpy()  # negative pads crop
 
 
 def test_numpy_reference(benchmark, figures, volume, expected):

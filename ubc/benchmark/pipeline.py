@@ -1,0 +1,40 @@
+"""End to end: ``ubc-infer``'s pipeline (load, preprocess, batch, infer, aggregate, write,
+overlapped) over an archive of generated phantoms, in volumes per second."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ubc.benchmark.results import PipelineRow
+from ubc.bundle import Bundle
+
+
+def write_volumes(folder: Path, cases: int, shape: tuple[int, int, int], seed: int) -> Path:
+    """A phantom archive (BraTS layout, ``ubc.synth``) of ``cases`` volumes of ``shape``."""
+    from ubc.synth import write_archive
+
+    return write_archive(folder, cases, seed=seed, shape=shape)
+
+
+def measure_pipeline(bundle: Bundle, archive: Path, shape: tuple[int, int, int], *,
+                     backend: str, device: str) -> PipelineRow:
+    """Score every volume of ``archive`` (generated, of ``shape``) with ``score_archive``
+    as ``ubc-infer`` does, into a throw-away results file. The wall time is the pipeline's
+    own (first volume read to last row written; loading the engine is not in it)."""
+    from ubc.engine import load
+    from ubc.scoring import score_archive
+
+    with tempfile.TemporaryDirectory(prefix="ubc-bench-pipeline-") as tmp:
+        with load(bundle, backend=backend, device=device) as engine:
+            summary = score_archive(bundle, archive, Path(tmp) / "scores.csv", engine=engine,
+                                    progress=False)
+    wall = summary.wall_seconds
+    return PipelineRow(cases=summary.scored, failed=summary.failed,
+                       slices=summary.slices_scored, wall_seconds=round(wall, 3),
+                       volumes_per_second=summary.scored / wall if wall > 0 else 0.0,
+                       slices_per_second=summary.slices_per_second,
+                       backend=f"{summary.backend} ({engine.artifact})",
+                       precision=summary.precision, batch_size=summary.batch_size,
+                       volume_shape=shape,
+                       stage_seconds={k: round(v, 3) for k, v in summary.stage_seconds.items()})

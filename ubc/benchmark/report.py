@@ -1,0 +1,236 @@
+"""Rendering a ``ubc-bench`` JSON document (``BenchReport.to_json``): a rich table on the
+terminal, the JSON file, and Markdown for bench/RESULTS.md. Everything reads the JSON form,
+so a saved run renders like a live one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ubc.benchmark.machine import describe
+
+Doc = dict[str, Any]
+
+_ENGINE_COLUMNS = ("backend", "prec", "batch", "slices/s", "vs eager", "best/s", "p50 ms",
+                   "p95 ms", "p99 ms", "spread", "n", "cores", "peak RSS MiB", "|dP(HGG)|",
+                   "Dice", "rel dlogit", "parity")
+_GPU_COLUMN = 13  # "GPU MiB" goes after "peak RSS MiB" on CUDA
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _ms(x: float) -> str:
+    return f"{x:,.2f}" if x < 10 else f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
+
+
+def _parity_cells(parity: dict[str, Any] | None) -> list[str]:
+    if parity is None:
+        return ["-", "-", "-", "not run"]
+    if parity["reference"]:
+        return ["0", "1", "0", "reference"]
+    verdict = "pass" if parity["passed"] else "FAIL"
+    return [f"{parity['max_abs_p_hgg']:.1e}", f"{parity['mask_dice']:.4f}",
+            f"{parity['max_rel_class_logits']:.1e}", verdict]
+
+
+def engine_cells(row: dict[str, Any]) -> list[str]:
+    """The table cells of one engine row (``_ENGINE_COLUMNS``, GPU memory appended on CUDA)."""
+    lat = row["latency"]
+    speedup = "-" if row.get("speedup") is None else f"{row['speedup']:.2f}x"
+    cells = [row["variant"], row["precision"], str(row["batch"]), _num(row["throughput"]),
+             speedup, _num(row["batch"] * 1e3 / lat["min"]), _ms(lat["p50"]), _ms(lat["p95"]),
+             _ms(lat["p99"]),
+             f"{lat['iqr'] / lat['p50']:.1%}" if lat["p50"] else "-", str(lat["n"]),
+             _num(row.get("cores_used"), 1), _num(row["host_peak_mib"], 0),
+             *_parity_cells(row.get("parity"))]
+    if row["device"].startswith("cuda"):
+        cells.insert(_GPU_COLUMN, _num(row.get("device_peak_mib"), 0))
+    return cells
+
+
+def engine_columns(doc: Doc) -> list[str]:
+    columns = list(_ENGINE_COLUMNS)
+    if doc["options"].get("device", "cpu").startswith("cuda"):
+        columns.insert(_GPU_COLUMN, "GPU MiB")
+    return columns
+
+
+def prep_cells(row: dict[str, Any]) -> list[str]:
+    lat = row["latency"]
+    per_second = 1e3 / lat["p50"] if lat["p50"] else 0.0
+    diff, mean = row.get("max_abs_diff"), row.get("mean_abs_diff")
+    return [row["group"], row["name"], _ms(lat["p50"]),
+            f"{lat['iqr'] / lat['p50']:.1%}" if lat["p50"] else "-", str(lat["n"]),
+            f"{per_second:.2f}", f"{per_second * row['slices']:,.0f}",
+            f"{row['ratio']:.2f}x",
+            "-" if diff is None else f"{diff:.1e} / {mean:.1e}"]
+
+
+PREP_COLUMNS = ("stage", "method", "ms/volume", "spread", "n", "volumes/s", "slices/s",
+                "time vs ours", "|d| vs NumPy ref (max / mean)")
+
+
+def fastest(doc: Doc, precision: str | None = None) -> dict[str, Any] | None:
+    """The engine row of highest throughput (at ``precision``, if given) whose parity did
+    not fail; None if none ran."""
+    rows = [r for r in doc["rows"] if not (r.get("parity") and not r["parity"]["passed"])
+            and precision in (None, r["precision"])]
+    return max(rows, key=lambda r: r["throughput"], default=None)
+
+
+def _describe_best(best: dict[str, Any], doc: Doc) -> str:
+    line = f"{best['variant']} {best['precision']} at batch {best['batch']}, " \
+           f"{best['throughput']:.1f} slices/s"
+    if best.get("speedup") is not None:
+        line += f", {best['speedup']:.2f}x eager PyTorch fp32 at the same batch"
+    base = [r for r in doc["rows"] if r["baseline"]]
+    if base:
+        top = max(base, key=lambda r: r["throughput"])
+        if top["batch"] != best["batch"]:
+            line += f"; {best['throughput'] / top['throughput']:.2f}x eager's best " \
+                    f"({top['throughput']:.1f} slices/s at batch {top['batch']})"
+    return line
+
+
+def summary_line(doc: Doc) -> str:
+    """"fastest on cpu: onnxruntime fp32 at batch 32, 14.1 slices/s, 1.85x eager PyTorch
+    fp32 at the same batch", plus the fastest fp32 row when the fastest is not fp32."""
+    best = fastest(doc)
+    if best is None:
+        return "no backend ran (or none passed its parity check)"
+    line = f"fastest on {best['device']}: {_describe_best(best, doc)}"
+    exact = fastest(doc, "fp32")
+    if best["precision"] != "fp32" and exact is not None:
+        line += f"\nfastest at fp32 on {exact['device']}: {_describe_best(exact, doc)}"
+    return line
+
+
+LEGEND = ("slices/s: batch / median latency; best/s: batch / fastest call (what the machine "
+          "does when nothing else runs); spread: IQR / median latency; cores: CPU time / "
+          "wall time of the process while timed (fewer than the runtime's threads: other "
+          "processes took the CPU); parity against eager PyTorch fp32 on the CPU: max "
+          "|dP(HGG)|, mask Dice, rel dlogit = max |d class logit| / max(1, max |reference "
+          "logit|)")
+
+
+def _rounds(options: dict[str, Any]) -> str:
+    rounds = options.get("rounds", 1)
+    return f", in {rounds} interleaved rounds" if rounds > 1 else ""
+
+
+def _header(doc: Doc) -> list[str]:
+    b, o = doc["bundle"], doc["options"]
+    weights = "trained" if b["trained"] else "untrained (random) weights"
+    return [
+        f"ubc-bench {doc['created']}: {b['name']} ({b['arch']}, {b['size'][0]}x{b['size'][1]}"
+        f" px of {b['target_spacing'][0]:g} mm, {weights})",
+        f"machine: {describe(doc['machine'])}",
+        f"timing: {o['warmup']} warm-up + up to {o['iters']} timed calls per batch size "
+        f"(at most {o['max_seconds']:g} s{_rounds(o)}), inputs rotated among buffers, "
+        f"{'a fresh process per backend' if o['isolate'] else 'all in one process'}; "
+        f"parity on {o['parity_source']}",
+    ]
+
+
+def print_report(doc: Doc, console: Any = None) -> None:
+    """The report as rich tables on ``console`` (stdout by default)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a pipe or a file: do not squeeze the tables to 80
+            console = Console(width=200)
+    for line in _header(doc):
+        console.print(line, highlight=False, markup=False)
+    table = Table(title="engines (latency per batch; throughput = batch / median latency)")
+    for column in engine_columns(doc):
+        table.add_column(column, justify="left" if column in ("backend", "prec") else "right")
+    best = fastest(doc)
+    for row in doc["rows"]:
+        style = "bold green" if row is best else "red" if \
+            row.get("parity") and not row["parity"]["passed"] else None
+        table.add_row(*engine_cells(row), style=style)
+    console.print(table)
+    console.print(LEGEND, highlight=False, markup=False, style="dim")
+    console.print(summary_line(doc), highlight=False, markup=False)
+    if doc.get("auto_choice"):
+        console.print(f'ubc.engine.load(backend="auto") picks: {doc["auto_choice"]}',
+                      highlight=False, markup=False)
+    for item in doc["unavailable"]:
+        label = "FAILED" if item["failed"] else "not measured"
+        what = " ".join(x for x in (item["name"], item.get("precision", "")) if x)
+        console.print(f"{label}: {what}: {item['reason']}", highlight=False, markup=False)
+    if doc["preprocessing"]:
+        prep = Table(title="preparing one volume (p50)")
+        for column in PREP_COLUMNS:
+            prep.add_column(column, justify="left" if column in ("stage", "method") else "right")
+        for row in doc["preprocessing"]:
+            prep.add_row(*prep_cells(row), style="bold" if row["ours"] else None)
+        console.print(prep)
+    if doc.get("pipeline"):
+        console.print(pipeline_line(doc["pipeline"]), highlight=False, markup=False)
+    for note in doc["notes"]:
+        console.print(f"note: {note}", highlight=False, markup=False)
+
+
+def pipeline_line(p: dict[str, Any]) -> str:
+    shape = "x".join(map(str, p["volume_shape"]))
+    volumes = "volume" if p["cases"] == 1 else "volumes"
+    return (f"ubc-infer pipeline: {p['cases']} {volumes} of {shape} in {p['wall_seconds']:.1f} s"
+            f" = {p['volumes_per_second']:.3f} volumes/s, {p['slices_per_second']:.1f} "
+            f"slices/s ({p['backend']} {p['precision']}, batch {p['batch_size']}"
+            f"{', ' + str(p['failed']) + ' failed' if p['failed'] else ''})")
+
+
+def write_json(doc: Doc, path: str | os.PathLike[str]) -> Path:
+    """Write the document atomically (a killed run leaves no half file)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def _md_row(cells: Any) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _md_table(columns: Any, rows: list[list[str]]) -> list[str]:
+    return [_md_row(columns), "|" + "---|" * len(columns), *map(_md_row, rows)]
+
+
+def to_markdown(doc: Doc, *, title: str | None = None, plot: str | None = None) -> str:
+    """The report as a Markdown section (header, tables, unavailable, notes)."""
+    m = doc["machine"]
+    cpu = m["cpu"]
+    lines = [f"## {title or 'ubc-bench'}", "", f"- command: `{doc['command']}`",
+             f"- date: {doc['created']} (run took {doc['seconds']:.0f} s)",
+             f"- machine: {describe(m)}; CPU flags {' '.join(cpu['flags']) or '-'}; "
+             f"{m['memory_gib']} GiB",
+             f"- load average at start {m['load_average']}, at end "
+             f"{doc.get('load_average_end', [])}",
+             "- libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v)]
+    lines += [f"- {line}" for line in _header(doc)[0:1] + _header(doc)[2:]]
+    lines += ["", *_md_table(engine_columns(doc), [engine_cells(r) for r in doc["rows"]]), "",
+              f"_{LEGEND}_", ""]
+    lines += [f"**{line}**  " for line in summary_line(doc).splitlines()] + [""]
+    if doc.get("auto_choice"):
+        lines += [f'`ubc.engine.load(backend="auto")` picks: {doc["auto_choice"]}', ""]
+    lines += [f"- {'FAILED' if u['failed'] else 'not measured'}: {u['name']} "
+              f"{u.get('precision', '')}: {u['reason']}".replace("  ", " ")
+              for u in doc["unavailable"]]
+    if doc["preprocessing"]:
+        lines += ["", *_md_table(PREP_COLUMNS, [prep_cells(r) for r in doc["preprocessing"]])]
+    if doc.get("pipeline"):
+        lines += ["", pipeline_line(doc["pipeline"])]
+    if doc["notes"]:
+        lines += [""] + [f"- note: {n}" for n in doc["notes"]]
+    if plot:
+        lines += ["", f"![throughput and latency]({plot})"]
+    return "\n".join(lines) + "\n"

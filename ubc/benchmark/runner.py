@@ -1,0 +1,309 @@
+"""``run_bench``: every runnable backend x precision x batch size of a bundle, the eager
+PyTorch fp32 baseline beside them, parity against it, preprocessing next to its peers and
+the ``ubc-infer`` pipeline end to end; one ``BenchReport``."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ubc.benchmark.cell import PROGRESS_MARK, CellSpec, rows_from_json, run_cell
+from ubc.benchmark.machine import describe, last_level_cache_bytes, load_average, machine_facts
+from ubc.benchmark.plan import BASELINE, BenchOptions, Cell, plan
+from ubc.benchmark.results import BenchReport, EngineRow, PipelineRow, PrepRow, Unavailable
+from ubc.bundle import Bundle
+
+Progress = Callable[[str], None]
+#: spread (IQR / median) above which a row is called noisy in the notes
+NOISY_SPREAD = 0.2
+#: child-process stderr lines kept to explain a crash
+_TAIL = 25
+
+
+def _quiet(message: str) -> None:
+    """The default progress sink: say nothing."""
+
+
+def _bundle_facts(bundle: Bundle) -> dict[str, Any]:
+    p = bundle.preprocessing
+    return {"path": str(bundle.path), "name": bundle.name, "arch": bundle.arch,
+            "size": list(p.size), "target_spacing": list(p.target_spacing), "norm": p.norm,
+            "weights_sha256": bundle.weights_sha256[:16],
+            "trained": "training" in bundle.meta,
+            "artifacts": sorted(bundle.meta["files"])}
+
+
+def _inputs(bundle: Bundle, archive: Path, options: BenchOptions, folder: Path,
+            progress: Progress) -> tuple[Path, str]:
+    """Slices of the archive (timing buffers and parity) and, for parity, the eager fp32
+    CPU outputs on them, saved for the cells; returns (the .npz, where slices came from)."""
+    from ubc.parity import slices_from
+
+    n = options.parity_slices or 32
+    slices, _ = slices_from([archive], bundle.preprocessing, n, seed=options.seed)
+    slices = np.ascontiguousarray(slices, dtype=np.float32)
+    cases = len(list(archive.glob("*/*/*_flair.nii.gz")))
+    source = f"{len(slices)} slices of {cases} generated phantoms (ubc.synth, seed " \
+             f"{options.seed}) through ubc.io + ubc.preprocess"
+    arrays: dict[str, Any] = {"slices": slices}
+    if options.parity_slices:
+        progress(f"reference outputs: eager PyTorch fp32 on the CPU, {len(slices)} slices")
+        arrays["class_logits"], arrays["mask_logits"] = _reference(bundle, slices,
+                                                                   options.threads)
+    path = folder / "inputs.npz"
+    np.savez(path, **arrays)
+    return path, source
+
+
+def _reference(bundle: Bundle, slices: np.ndarray, threads: int | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``ubc.parity.reference_outputs`` with torch's thread count set to ``threads`` for
+    the call (and put back)."""
+    import torch
+
+    from ubc.parity import reference_outputs
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return reference_outputs(bundle, slices)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _spec(cell: Cell, bundle: Bundle, options: BenchOptions, inputs: Path, *,
+          parity: bool) -> CellSpec:
+    return CellSpec(bundle=str(bundle.path), variant=cell.variant.name,
+                    backend=cell.variant.backend, engine_options=cell.engine_options(options),
+                    device=cell.device, precision=cell.precision,
+                    batch_sizes=tuple(options.batch_sizes), warmup=options.warmup,
+                    iters=options.iters, max_seconds=options.max_seconds, inputs=str(inputs),
+                    cache_bytes=last_level_cache_bytes(),
+                    parity=parity and options.parity_slices > 0,
+                    reference=cell.is_reference, baseline=cell.is_baseline,
+                    isolated=options.isolate)
+
+
+def _in_child(spec: CellSpec, folder: Path, progress: Progress) -> list[EngineRow]:
+    """Run the cell in a fresh interpreter; RuntimeError with its last stderr lines if it
+    fails (an exception, a crash of the runtime, the OOM killer)."""
+    name = f"{spec.variant}-{spec.precision}"
+    spec_path, result_path = folder / f"{name}.spec.json", folder / f"{name}.rows.json"
+    spec_path.write_text(json.dumps(spec.to_json()))
+    tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
+    with subprocess.Popen([sys.executable, "-m", "ubc.benchmark.cell", str(spec_path),
+                           str(result_path)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, errors="replace") as child:
+        assert child.stderr is not None
+        for line in child.stderr:
+            if line.startswith(PROGRESS_MARK):
+                progress(line[len(PROGRESS_MARK):].rstrip())
+            elif line.strip():
+                tail.append(line.rstrip())
+    if child.returncode != 0 or not result_path.is_file():
+        how = f"exit status {child.returncode}" if child.returncode >= 0 else \
+            f"killed by signal {-child.returncode}"
+        detail = next((t for t in reversed(tail) if not t.startswith(" ")), "") or how
+        raise RuntimeError(f"{detail} ({how}; last output: {' | '.join(list(tail)[-4:])})")
+    return rows_from_json(json.loads(result_path.read_text()))
+
+
+def _run_cells(cells: list[Cell], bundle: Bundle, options: BenchOptions, inputs: Path,
+               folder: Path, progress: Progress) -> tuple[list[EngineRow], list[Unavailable]]:
+    """Every cell, ``options.rounds`` times in turn (parity in the last round), merged."""
+    each = dataclasses.replace(options, iters=-(-options.iters // options.rounds),
+                               max_seconds=options.max_seconds / options.rounds)
+    done: dict[int, list[list[EngineRow]]] = collections.defaultdict(list)
+    failed: dict[int, Unavailable] = {}
+    for turn in range(options.rounds):
+        if options.rounds > 1:
+            progress(f"round {turn + 1} of {options.rounds}")
+        for i, cell in enumerate(cells):
+            if i in failed:
+                continue
+            spec = _spec(cell, bundle, each, inputs, parity=turn == options.rounds - 1)
+            try:
+                done[i].append(_in_child(spec, folder, progress) if options.isolate
+                               else run_cell(spec, progress))
+            except Exception as exc:  # one runtime failing must not lose the others' figures
+                reason = str(exc) if isinstance(exc, RuntimeError) and options.isolate \
+                    else f"{type(exc).__name__}: {exc}"
+                failed[i] = Unavailable("engine", cell.variant.name, reason,
+                                        device=cell.device, precision=cell.precision,
+                                        failed=True)
+                progress(f"{cell.variant.name} {cell.precision}: FAILED: {reason}")
+    rows = [EngineRow.merged([r[k] for r in done[i]]) if options.rounds > 1 else done[i][0][k]
+            for i in sorted(done) if i not in failed for k in range(len(done[i][0]))]
+    return rows, list(failed.values())
+
+
+def with_speedups(rows: list[EngineRow]) -> list[EngineRow]:
+    """Each row with its throughput over the baseline's at the same batch size."""
+    base = {r.batch: r.throughput for r in rows if r.baseline}
+    return [dataclasses.replace(r, speedup=r.throughput / base[r.batch])
+            if r.batch in base else r for r in rows]
+
+
+def auto_choice(bundle: Bundle, device: str) -> str | None:
+    """The variant ``ubc.engine.load(bundle, backend="auto")`` picks at fp32 (None: none)."""
+    from ubc.engine.artifacts import TORCHSCRIPT, WEIGHTS
+    from ubc.engine.select import choose
+
+    try:
+        choice = choose(bundle, device, "fp32")
+    except Exception:  # no backend can run: the rows and reasons say why
+        return None
+    names = {WEIGHTS: "torch", TORCHSCRIPT: "torchscript"}
+    return names.get(choice.artifact, choice.backend) if choice.backend == "torch" \
+        else choice.backend
+
+
+def _auto_note(rows: list[EngineRow], choice: str | None) -> list[str]:
+    """A note when the measured fastest fp32 variant (at the largest batch) is not the one
+    ``backend="auto"`` picks."""
+    passing = [r for r in rows if r.precision == "fp32" and
+               (r.parity is None or r.parity.passed)]
+    if choice is None or not passing:
+        return []
+    largest = max(r.batch for r in passing)
+    best = max((r for r in passing if r.batch == largest), key=lambda r: r.throughput)
+    measured = {r.variant for r in passing}
+    if best.variant == choice or choice not in measured:
+        return []
+    mine = next(r for r in passing if r.variant == choice and r.batch == largest)
+    if best.throughput < 1.1 * mine.throughput:
+        return []  # within 10 %: not a difference this benchmark can call
+    return [f'ubc.engine.load(backend="auto") picks {choice} ({mine.throughput:.1f} slices/s '
+            f"at batch {largest}), but {best.variant} measured faster here "
+            f"({best.throughput:.1f} slices/s); name it with backend={best.backend!r}"]
+
+
+def _notes(rows: list[EngineRow], failed: list[Unavailable], bundle: Bundle,
+           loads: list[list[float]], cores: int) -> list[str]:
+    notes = []
+    busiest = max((la[0] for la in loads if la), default=0.0)
+    preempted = max((r.preemptions_per_call or 0.0 for r in rows), default=0.0)
+    if busiest > 0.5 * cores:
+        notes.append(f"the machine was busy (1-minute load average up to {busiest:.2f} on "
+                     f"{cores} usable cores; up to {preempted:.0f} preemptions per call): "
+                     "other processes competed for the CPU, so the figures are noisy and "
+                     "multi-threaded runtimes suffer most; rerun on an idle machine to "
+                     "compare runs")
+    if not any(r.baseline for r in rows):
+        notes.append(f"the baseline ({BASELINE} fp32) did not run: no speed-ups are shown")
+    if not bundle.meta.get("training"):
+        notes.append("the bundle's weights are not trained (no training record in "
+                     "meta.json): read parity as the relative class-logit error (rel)")
+    noisy = sorted({f"{r.label} b{r.batch}" for r in rows
+                    if r.latency.n > 1 and r.latency.spread > NOISY_SPREAD})
+    if noisy:
+        notes.append(f"spread (IQR/median) above {NOISY_SPREAD:.0%}: {', '.join(noisy)}")
+    split = sorted({f"{r.label} b{r.batch} ({r.calls_per_batch} calls)" for r in rows
+                    if r.calls_per_batch > 1})
+    if split:
+        notes.append(f"batches larger than the engine's max_batch ran split: {', '.join(split)}")
+    bad = sorted({r.label for r in rows if r.parity is not None and not r.parity.passed})
+    if bad:
+        notes.append(f"PARITY FAILED: {', '.join(bad)} (see the parity columns)")
+    notes += [f"{f.name} {f.precision} failed: {f.reason}" for f in failed]
+    return notes
+
+
+def _end_to_end(bundle: Bundle, device: str, options: BenchOptions, archive: Path,
+                shape: tuple[int, int, int], progress: Progress
+                ) -> tuple[list[PrepRow], list[Unavailable], PipelineRow | None]:
+    from ubc.benchmark.pipeline import measure_pipeline
+    from ubc.benchmark.preprocessing import measure_preprocessing
+
+    prep: list[PrepRow] = []
+    missing: list[Unavailable] = []
+    if options.preprocessing:
+        volume = Path(options.volume) if options.volume else \
+            sorted(archive.glob("*/*/*_flair.nii.gz"))[0]
+        prep, missing = measure_preprocessing(volume, bundle.preprocessing,
+                                              iters=min(options.iters, 10),
+                                              max_seconds=min(options.max_seconds, 10.0),
+                                              progress=progress)
+        if not options.peer:
+            prep = [r for r in prep if "MONAI" not in r.name]
+            missing = [m for m in missing if "MONAI" not in m.name]
+    pipeline = None
+    if options.pipeline_cases:
+        progress(f"ubc-infer pipeline: {options.pipeline_cases} volumes of {shape}")
+        try:
+            pipeline = measure_pipeline(bundle, archive, shape,
+                                        backend=options.pipeline_backend, device=device)
+        except Exception as exc:  # reported, like a backend that fails
+            missing.append(Unavailable("pipeline", "ubc-infer pipeline",
+                                       f"{type(exc).__name__}: {exc}", failed=True))
+    return prep, missing, pipeline
+
+
+def run_bench(bundle: Bundle | str | os.PathLike[str], options: BenchOptions | None = None,
+              *, command: str = "", progress: Progress | None = None) -> BenchReport:
+    """Benchmark ``bundle`` (see ``BenchOptions``); ``progress`` receives one line per step."""
+    from ubc.benchmark.machine import usable_cores
+    from ubc.benchmark.pipeline import write_volumes
+    from ubc.benchmark.preprocessing import volume_shape_for
+    from ubc.engine.devices import resolve_device
+
+    options = options or BenchOptions()
+    progress = progress or _quiet
+    started = time.perf_counter()
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    device = resolve_device(options.device)
+    facts = machine_facts()
+    progress(f"machine: {describe(facts)}")
+    cells, unavailable = plan(bundle, device, options)
+    shape = options.volume_shape or volume_shape_for(bundle.preprocessing)
+    with tempfile.TemporaryDirectory(prefix="ubc-bench-") as tmp:
+        folder = Path(tmp)
+        progress(f"generating {max(options.pipeline_cases, 4)} phantom volumes of {shape}")
+        archive = write_volumes(folder / "archive", max(options.pipeline_cases, 4), shape,
+                                options.seed)
+        inputs, source = _inputs(bundle, archive, options, folder, progress)
+        rows, failed = _run_cells(cells, bundle, options, inputs, folder, progress)
+        if options.pipeline_cases:
+            _keep_cases(archive, options.pipeline_cases)
+        prep, missing, pipeline = _end_to_end(bundle, device, options, archive, shape,
+                                              progress)
+    rows = with_speedups(rows)
+    loads = [facts["load_average"], *[list(r.load_average) for r in rows], load_average()]
+    choice = auto_choice(bundle, device)
+    notes = _notes(rows, failed, bundle, loads, usable_cores()) + _auto_note(rows, choice)
+    return BenchReport(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=command, bundle=_bundle_facts(bundle),
+        options={**_plain_options(options), "device": device, "parity_source": source},
+        machine=facts, rows=tuple(rows), unavailable=tuple(unavailable + failed + missing),
+        preprocessing=tuple(prep), pipeline=pipeline, notes=tuple(notes),
+        seconds=round(time.perf_counter() - started, 1),
+        load_average_end=tuple(load_average()), auto_choice=choice)
+
+
+def _keep_cases(archive: Path, cases: int) -> None:
+    """Drop the volumes beyond the first ``cases`` (generated only for parity slices)."""
+    import shutil
+
+    folders = sorted(p.parent for p in archive.glob("*/*/*_flair.nii.gz"))
+    for folder in folders[cases:]:
+        shutil.rmtree(folder)
+
+
+def _plain_options(options: BenchOptions) -> dict[str, Any]:
+    entry = dataclasses.asdict(options)
+    entry.pop("device")
+    return entry
