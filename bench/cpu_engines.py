@@ -49,26 +49,13 @@ def parity_slices(preprocessing: Any) -> tuple[np.ndarray, str]:
 
 def make_bundle(path: Path, size: int, slices: np.ndarray) -> Any:
     """The calibrated random bundle (weights only), created once."""
-    import torch
-
-    from ubc.bundle import Bundle, Preprocessing, create_bundle
-    from ubc.model import build_model
+    from ubc.benchmark.bundles import calibrated_random_bundle
+    from ubc.bundle import Bundle, Preprocessing
 
     if (path / "meta.json").is_file():
         return Bundle(path)
-    torch.manual_seed(0)
-    model = build_model("ubc-resnet34")
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        for part in np.array_split(slices, 8):
-            model(torch.from_numpy(np.ascontiguousarray(part)))
-    return create_bundle(path, arch="ubc-resnet34", state_dict=model.eval().state_dict(),
-                         preprocessing=Preprocessing(size=(size, size)),
-                         weights_note="random, batch-norm statistics from the parity slices")
+    return calibrated_random_bundle(path, preprocessing=Preprocessing(size=(size, size)),
+                                    slices=slices, formats=())
 
 
 def export_missing(bundle: Any, slices: np.ndarray, aoti: bool, max_batch: int

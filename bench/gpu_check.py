@@ -17,7 +17,10 @@ travel) nor tensorrt (its PyPI libs cannot be fetched on any machine we have). O
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
         --implementation cp --platform manylinux2014_x86_64 -d .whl \\
-        segmentation-models-pytorch==0.6.0 nibabel==5.4.2
+        segmentation-models-pytorch==0.6.0 nibabel==5.4.2 timm huggingface-hub safetensors
+
+(segmentation-models-pytorch imports timm, huggingface_hub and safetensors at import time;
+whether the GPU image has their own dependencies, httpx among them, is not yet verified.)
 
 then one device call (carry [".whl"], timeout about 540 s):
 
@@ -91,25 +94,13 @@ def phantom_slices_fallback(size: int) -> np.ndarray:
 
 
 def make_bundle(path: Path, slices: np.ndarray) -> Any:
-    import torch
+    from ubc.benchmark.bundles import calibrated_random_bundle
+    from ubc.bundle import Preprocessing
 
-    from ubc.bundle import Preprocessing, create_bundle
-    from ubc.model import build_model
-
-    torch.manual_seed(0)
-    model = build_model("ubc-resnet34")
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        for part in np.array_split(slices, 4):
-            model(torch.from_numpy(np.ascontiguousarray(part)))
     size = slices.shape[-2:]
-    return create_bundle(path, arch="ubc-resnet34", state_dict=model.eval().state_dict(),
-                         preprocessing=Preprocessing(size=(int(size[0]), int(size[1]))),
-                         weights_note="random, batch-norm statistics from phantom slices")
+    return calibrated_random_bundle(
+        path, preprocessing=Preprocessing(size=(int(size[0]), int(size[1]))), slices=slices,
+        formats=())
 
 
 def throughput(engine: Any, slices: np.ndarray, batch: int, seconds: float) -> float:
