@@ -226,6 +226,8 @@ GOOD = np.arange(1, 8 * 8 * 3 + 1, dtype=np.float32).reshape(8, 8, 3)
     (GOOD, {"spacing": (1.0, 0.0, 1.0)}, ValueError, "spacing must be finite and positive"),
     (GOOD, {"spacing": (1.0, np.nan, 1.0)}, ValueError, "spacing must be finite and positive"),
     (GOOD, {"target_spacing": (-1.0, 1.0)}, ValueError, "target_spacing"),
+    (GOOD, {"spacing": (1.0, 1.0)}, ValueError, r"spacing \(x, y, z\) in mm must have 3"),
+    (GOOD, {"target_spacing": (1.0,)}, ValueError, "target_spacing .* must have 2"),
     (GOOD, {"size": (225, 224)}, ValueError, r"multiple of 32.*use \(224, 224\)"),
     (GOOD, {"size": (16, 32)}, ValueError, "out of range"),
     (GOOD, {"size": (65536, 32)}, ValueError, "out of range"),

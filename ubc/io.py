@@ -9,6 +9,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +23,7 @@ try:  # igzip (ISA-L) inflates .nii.gz twice as fast as zlib (bench/bench_prepro
     from isal import igzip as _gzip
     from isal import isal_zlib
 
-    _GZIP_ERRORS += (isal_zlib.error,)
+    _GZIP_ERRORS += (cast("type[Exception]", isal_zlib.error),)
 except ImportError:  # pragma: no cover - isal has wheels for every platform we ship to
     _gzip = gzip
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ubc import _native
+import ubc._native as _native
 
 __all__ = ["NORMS", "slices", "mask_slices", "lesion_areas", "to_original", "foreground_counts"]
 
@@ -48,6 +48,14 @@ def _checked_volume(volume: np.ndarray) -> np.ndarray:
     return volume
 
 
+def _entries(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
+    """``values`` as a tuple of ``n`` numbers; ValueError naming ``what`` otherwise."""
+    entries = tuple(np.asarray(values, dtype=np.float64).reshape(-1))
+    if len(entries) != n:
+        raise ValueError(f"{what} must have {n} entries, got {values!r}")
+    return entries
+
+
 def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     if out is None:
         return np.empty(shape, dtype=dtype)
@@ -67,7 +75,8 @@ def slices(volume: np.ndarray, spacing: Sequence[float], *, size: Sequence[int] 
     volume = _checked_volume(volume)
     indices = _indices(slice_indices, volume.shape[2])
     result = _output(out, (len(indices), 1, int(size[0]), int(size[1])), np.float32)
-    _native.slices(volume, tuple(spacing), tuple(size), tuple(target_spacing), norm, indices,
+    _native.slices(volume, _entries(spacing, 3, "spacing (x, y, z) in mm"), tuple(size),
+                   _entries(target_spacing, 2, "target_spacing (H, W) in mm"), norm, indices,
                    threads, result)
     return result
 
@@ -81,7 +90,8 @@ def mask_slices(labels: np.ndarray, spacing: Sequence[float], *,
     labels = _checked_volume(labels)
     indices = _indices(slice_indices, labels.shape[2])
     result = _output(out, (len(indices), 1, int(size[0]), int(size[1])), np.uint8)
-    _native.mask_slices(labels, tuple(spacing), tuple(size), tuple(target_spacing), indices,
+    _native.mask_slices(labels, _entries(spacing, 3, "spacing (x, y, z) in mm"), tuple(size),
+                        _entries(target_spacing, 2, "target_spacing (H, W) in mm"), indices,
                         threads, result)
     return result
 
@@ -93,7 +103,8 @@ def lesion_areas(labels: np.ndarray, spacing: Sequence[float], *,
     labels = _checked_volume(labels)
     indices = _indices(slice_indices, labels.shape[2])
     result = np.empty(len(indices), dtype=np.float64)
-    _native.lesion_areas(labels, tuple(spacing), indices, threads, result)
+    _native.lesion_areas(labels, _entries(spacing, 3, "spacing (x, y, z) in mm"), indices,
+                         threads, result)
     return result
 
 
@@ -125,6 +136,8 @@ def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequ
     if len(indices) != values.shape[0]:
         raise ValueError(f"{values.shape[0]} slices given for {len(indices)} slice indices")
     result = np.zeros(shape, dtype=np.float32, order="F")
-    _native.to_original(np.ascontiguousarray(values, dtype=np.float32), tuple(spacing),
-                        tuple(target_spacing), indices, threads, result)
+    _native.to_original(np.ascontiguousarray(values, dtype=np.float32),
+                        _entries(spacing, 3, "spacing (x, y, z) in mm"),
+                        _entries(target_spacing, 2, "target_spacing (H, W) in mm"), indices,
+                        threads, result)
     return result

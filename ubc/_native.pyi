@@ -1,0 +1,19 @@
+# Type stub of the compiled module (csrc/bindings/module.cpp); see ubc.preprocess for docs.
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+def slices(volume: np.ndarray, spacing: Sequence[float], size: Sequence[int],
+           target_spacing: Sequence[float], norm: str, indices: npt.NDArray[np.int64],
+           threads: int, out: npt.NDArray[np.float32]) -> None: ...
+def mask_slices(labels: np.ndarray, spacing: Sequence[float], size: Sequence[int],
+                target_spacing: Sequence[float], indices: npt.NDArray[np.int64],
+                threads: int, out: npt.NDArray[np.uint8]) -> None: ...
+def lesion_areas(labels: np.ndarray, spacing: Sequence[float],
+                 indices: npt.NDArray[np.int64], threads: int,
+                 out: npt.NDArray[np.float64]) -> None: ...
+def foreground_counts(volume: np.ndarray, threads: int, out: npt.NDArray[np.int64]) -> None: ...
+def to_original(values: npt.NDArray[np.float32], spacing: Sequence[float],
+                target_spacing: Sequence[float], indices: npt.NDArray[np.int64],
+                threads: int, out: npt.NDArray[np.float32]) -> None: ...
