@@ -64,6 +64,22 @@ ENGINE_SIZE = (64, 64)
 ENGINE_SPACING = (2.0, 2.0)  # mm: a (128, 128, 48) phantom's brain fills the 64 x 64 slice
 
 
+def copy_bundle(src: Path, tmp_path: Path) -> Path:
+    """A private copy of a (session-scoped) bundle directory, free to corrupt or rewrite."""
+    import shutil
+
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """``one_torch_thread`` around one test (``pytestmark = usefixtures(...)``)."""
+    with one_torch_thread():
+        yield
+
+
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """torch on one intra-op thread for a while: on the shared 2-core machine, 2 OpenMP

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_torch_thread
+from conftest import copy_bundle, one_torch_thread
 
 from ubc.bundle import Bundle
 from ubc.engine import BACKENDS, load
@@ -29,10 +27,7 @@ CPU_BACKENDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _has_gpu() -> bool:
@@ -40,11 +35,6 @@ def _has_gpu() -> bool:
 
     return cuda_device_count() > 0
 
-
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / src.name
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _flip_byte(path: Path) -> None:
@@ -122,7 +112,7 @@ def test_auto_on_weights_only_bundle_is_eager_torch(engine_bundle: Path) -> None
 
 def test_corrupted_artifact_is_refused_and_auto_falls_back(exported_bundle: Path,
                                                            tmp_path: Path) -> None:
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     _flip_byte(path / "model.onnx")
     with pytest.raises(BundleError, match="sha256 .* does not match"):
         load(path, backend="onnxruntime", device="cpu")
@@ -141,7 +131,7 @@ def test_corrupted_artifact_is_refused_and_auto_falls_back(exported_bundle: Path
 def test_artifact_from_other_weights_is_refused(exported_bundle: Path, tmp_path: Path) -> None:
     import torch
 
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     bundle = Bundle(path)
     state = bundle.load_state_dict()
     state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
@@ -156,7 +146,7 @@ def test_failed_parity_record_is_skipped_and_required_parity(exported_bundle: Pa
                                                              tmp_path: Path) -> None:
     from ubc.engine.select import parity_key
 
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     bundle = Bundle(path)
     sha = bundle.meta["files"]["model.onnx"]
     records = {parity_key(b, "cpu", "fp32", "model.onnx"): {
@@ -243,7 +233,7 @@ def test_tensorrt_plan_for_other_gpu_is_refused_with_rebuild_command(
     from ubc.engine import tensorrt_backend
     from ubc.engine.artifacts import GpuInfo, plan_name, with_artifact
 
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     bundle = Bundle(path)
     l4 = GpuInfo("NVIDIA L4", 8, 9)
     name = plan_name(l4, "10.8.0.43", "fp16")
@@ -290,7 +280,7 @@ def test_tensorrt_fp16_round_trip(exported_bundle: Path, engine_slices: np.ndarr
     from ubc.export.tensorrt import TensorRTOptions, to_tensorrt
     from ubc.parity import compare
 
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     to_tensorrt(Bundle(path), options=TensorRTOptions(precision="fp16", max_batch=16,
                                                       opt_batch=8))
     result = compare(path, "tensorrt", engine_slices, device="cuda", precision="fp16")

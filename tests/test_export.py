@@ -5,29 +5,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_torch_thread
+from conftest import copy_bundle
 
 from ubc.bundle import Bundle, sha256_of
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / src.name
-    shutil.copytree(src, dst)
-    return dst
 
 
 def test_every_file_is_recorded_with_its_sha256(exported_bundle: Path) -> None:
@@ -86,7 +75,7 @@ def test_killed_export_leaves_the_bundle_as_it_was(exported_bundle: Path, tmp_pa
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from ubc.export import onnx as onnx_export
 
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
     def dies_half_way(model: object, x: object, out: Path, opset: int) -> None:
@@ -153,7 +142,7 @@ def test_cli_check_prints_table_and_records_parity(exported_bundle: Path, tmp_pa
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from ubc.cli.export import main
 
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     slices = tmp_path / "slices.npy"
     np.save(slices, engine_slices)
     assert main([str(path), "--check", "--device", "cpu", "--slices-from", str(slices)]) == 0
@@ -187,7 +176,7 @@ def test_aoti_package_round_trip(exported_bundle: Path, tmp_path: Path,
     from ubc.export.aoti import to_aoti
     from ubc.parity import compare
 
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     result = to_aoti(Bundle(path), device="cpu", max_batch=8)
     assert result.name.startswith("model.cpu-") and result.name.endswith(".pt2")
     parity = compare(path, "aoti", engine_slices, device="cpu", threads=1)

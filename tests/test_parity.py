@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_torch_thread
+from conftest import copy_bundle
 
 from ubc.bundle import Bundle, Preprocessing
 from ubc.engine import load
@@ -26,17 +24,8 @@ from ubc.parity import (
     volume_slices,
 )
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / src.name
-    shutil.copytree(src, dst)
-    return dst
 
 
 def test_measure_figures() -> None:
@@ -84,7 +73,7 @@ def test_bn_calibrated_bundle_has_trained_scale_logits(exported_bundle: Path,
 
 def test_compare_passes_and_is_recorded(exported_bundle: Path, tmp_path: Path,
                                         engine_slices: np.ndarray) -> None:
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     result = compare(path, "onnxruntime", engine_slices, threads=1, source="phantoms")
     assert isinstance(result, ParityResult) and result.passed, result.failures
     assert result.slices == 64 and result.artifact == "model.onnx"
@@ -100,7 +89,7 @@ def test_compare_passes_and_is_recorded(exported_bundle: Path, tmp_path: Path,
 def test_failing_parity_is_reported_recorded_and_avoided(exported_bundle: Path,
                                                          tmp_path: Path,
                                                          engine_slices: np.ndarray) -> None:
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     cls, mask = reference_outputs(Bundle(path), engine_slices)
     wrong = (cls + 0.5, -mask)  # as if the export had gone wrong
     result = compare(path, "onnxruntime", engine_slices, reference=wrong, threads=1)
@@ -125,7 +114,7 @@ def test_compare_needs_enough_slices_of_the_right_size(exported_bundle: Path,
 
 def test_check_bundle_runs_what_this_machine_can(exported_bundle: Path, tmp_path: Path,
                                                  engine_slices: np.ndarray) -> None:
-    path = _copy(exported_bundle, tmp_path)
+    path = copy_bundle(exported_bundle, tmp_path)
     results = check_bundle(Bundle(path), engine_slices, device="cpu", record=False)
     ran = {r.backend for r in results if isinstance(r, ParityResult)}
     skipped = {r.backend: r.reason for r in results if isinstance(r, Skipped)}
@@ -140,7 +129,7 @@ def test_check_bundle_runs_what_this_machine_can(exported_bundle: Path, tmp_path
 def test_parity_on_real_volumes(real_volume_paths: dict[str, Path],
                                 exported_bundle: Path, tmp_path: Path) -> None:
     """The real BraTS and TCGA FLAIR volumes through ubc.io + ubc.preprocess."""
-    bundle = Bundle(_copy(exported_bundle, tmp_path))
+    bundle = Bundle(copy_bundle(exported_bundle, tmp_path))
     slices = volume_slices([real_volume_paths["brats_flair"], real_volume_paths["tcga_flair"]],
                            Preprocessing(size=(64, 64), target_spacing=(4.0, 4.0)), 64)
     assert slices.shape == (64, 1, 64, 64) and np.isfinite(slices).all()
