@@ -60,11 +60,10 @@ def _read_image(path: Path) -> nib.Nifti1Image:
         raw = _gzip.decompress(raw)
     if len(raw) < 348:
         raise ValueError(f"{len(raw)} bytes is too short for a NIfTI header")
-    header_size = int.from_bytes(raw[:4], "little")
-    if header_size not in (348, 540) and int.from_bytes(raw[:4], "big") not in (348, 540):
+    header_sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    if not header_sizes & {348, 540}:
         raise ValueError("not a NIfTI file (bad header size field)")
-    image_class = nib.Nifti2Image if 540 in (header_size, int.from_bytes(raw[:4], "big")) \
-        else nib.Nifti1Image
+    image_class = nib.Nifti2Image if 540 in header_sizes else nib.Nifti1Image
     return image_class.from_bytes(raw)
 
 
