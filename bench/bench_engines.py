@@ -30,7 +30,7 @@ from ubc.benchmark.machine import last_level_cache_bytes
 from ubc.benchmark.plan import VARIANTS, BenchOptions, Cell, plan
 from ubc.benchmark.timing import buffer_count, rotating_inputs
 from ubc.bundle import Bundle, Preprocessing
-from ubc.engine.devices import resolve_device
+from ubc.devices import resolve_device
 
 SIZE = int(os.environ.get("UBC_BENCH_SIZE", "224"))
 BATCHES = tuple(int(b) for b in os.environ.get("UBC_BENCH_BATCHES", "1,8,32").split(","))

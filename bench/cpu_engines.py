@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ubc.bundle import Bundle, Preprocessing
     from ubc.engine import load
-    from ubc.engine.select import backend_class
+    from ubc.engine.registry import backend_class
     from ubc.parity import compare, reference_outputs
 
     torch.set_num_threads(args.threads)

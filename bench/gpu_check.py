@@ -158,12 +158,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from ubc.bundle import Bundle
     from ubc.engine import cuda_memory, load
-    from ubc.engine.devices import cuda_device_count, gpu_info
+    from ubc.devices import cuda_device_count, gpu_info
     from ubc.parity import compare, phantom_slices, reference_outputs
 
     device = args.device
     if device == "cpu":  # a smoke test of this script on a machine without a GPU
-        from ubc.engine.artifacts import GpuInfo
+        from ubc.artifacts import GpuInfo
 
         def gpu_info(index: int) -> GpuInfo:  # noqa: F811 - stands in for the GPU query
             return GpuInfo("CPU (smoke test)", 0, 0)

@@ -7,10 +7,12 @@ import gzip
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 
+from ubc.bundle import Preprocessing
 from ubc.engine.base import Engine
 
 #: Tiny model geometry: 32 x 32 pixels of 2 mm cover a (64, 64, 24) phantom of 1 mm voxels.
@@ -91,7 +93,8 @@ class FakeEngine(Engine):
 
     def __init__(self, size: tuple[int, int] = TINY_SIZE, *, max_batch: int = 8,
                  threshold: float = 1.0, delay: float = 0.0, fail_on: int | None = None):
-        super().__init__({"preprocessing": {"size": list(size)}}, device="cpu",
+        header = SimpleNamespace(meta={}, preprocessing=Preprocessing(size=size))
+        super().__init__(header, device="cpu",  # type: ignore[arg-type]
                          precision="fp32", max_batch=max_batch)
         self.threshold = threshold
         self.delay = delay

@@ -22,10 +22,10 @@ from ubc.data import (
     sample_slices,
     split_cases,
     subsample,
-    top_slices,
 )
 from ubc.errors import UBCInputError
 from ubc.io import load_volume
+from ubc.scoring.aggregate import top_slices
 
 PREP = Preprocessing(size=(64, 64), target_spacing=(1.0, 1.0))
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _has_gpu() -> bool:
-    from ubc.engine.devices import cuda_device_count
+    from ubc.devices import cuda_device_count
 
     return cuda_device_count() > 0
 
@@ -144,7 +144,7 @@ def test_artifact_from_other_weights_is_refused(exported_bundle: Path, tmp_path:
 
 def test_failed_parity_record_is_skipped_and_required_parity(exported_bundle: Path,
                                                              tmp_path: Path) -> None:
-    from ubc.engine.select import parity_key
+    from ubc.engine.registry import parity_key
 
     path = copy_bundle(exported_bundle, tmp_path)
     bundle = Bundle(path)
@@ -213,7 +213,7 @@ def test_cuda_memory_reports_missing_gpu_clearly() -> None:
 
 
 def test_plan_mismatch_names_both_machines() -> None:
-    from ubc.engine.artifacts import GpuInfo, parse_plan_name, plan_name
+    from ubc.artifacts import GpuInfo, parse_plan_name, plan_name
     from ubc.engine.tensorrt_backend import plan_mismatch
 
     h100 = GpuInfo("NVIDIA H100 80GB HBM3", 9, 0)
@@ -230,8 +230,8 @@ def test_plan_mismatch_names_both_machines() -> None:
 
 def test_tensorrt_plan_for_other_gpu_is_refused_with_rebuild_command(
         exported_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ubc.artifacts import GpuInfo, plan_name, with_artifact
     from ubc.engine import tensorrt_backend
-    from ubc.engine.artifacts import GpuInfo, plan_name, with_artifact
 
     path = copy_bundle(exported_bundle, tmp_path)
     bundle = Bundle(path)
@@ -292,7 +292,7 @@ def test_tensorrt_fp16_round_trip(exported_bundle: Path, engine_slices: np.ndarr
 
 
 def test_device_strings() -> None:
-    from ubc.engine.devices import parse_device, resolve_device
+    from ubc.devices import parse_device, resolve_device
 
     assert parse_device("cpu") == ("cpu", 0) and parse_device("cuda:1") == ("cuda", 1)
     for bad in ("gpu", "cuda:x", "cpu:0", "CUDA"):

@@ -74,7 +74,8 @@ def test_bn_calibrated_bundle_has_trained_scale_logits(exported_bundle: Path,
 def test_compare_passes_and_is_recorded(exported_bundle: Path, tmp_path: Path,
                                         engine_slices: np.ndarray) -> None:
     path = copy_bundle(exported_bundle, tmp_path)
-    result = compare(path, "onnxruntime", engine_slices, threads=1, source="phantoms")
+    result = compare(path, "onnxruntime", engine_slices, threads=1, source="phantoms",
+                     record=True)
     assert isinstance(result, ParityResult) and result.passed, result.failures
     assert result.slices == 64 and result.artifact == "model.onnx"
     assert result.max_rel_class_logits <= TOLERANCES["fp32"].class_logits
@@ -92,7 +93,8 @@ def test_failing_parity_is_reported_recorded_and_avoided(exported_bundle: Path,
     path = copy_bundle(exported_bundle, tmp_path)
     cls, mask = reference_outputs(Bundle(path), engine_slices)
     wrong = (cls + 0.5, -mask)  # as if the export had gone wrong
-    result = compare(path, "onnxruntime", engine_slices, reference=wrong, threads=1)
+    result = compare(path, "onnxruntime", engine_slices, reference=wrong, threads=1,
+                     record=True)
     assert not result.passed
     assert any("class logits off" in f for f in result.failures)
     assert any("mask Dice" in f for f in result.failures)
@@ -149,7 +151,7 @@ def test_round_trip_train_export_load_parity(tmp_path: Path, engine_slices: np.n
     bundle = train(archive, tmp_path / "trained.ubc", config, progress=False).bundle
     assert bundle.preprocessing.size == (64, 64) and bundle.meta.get("training")
     export(bundle, ("torchscript", "onnx"), example=engine_slices[:2])
-    results = check_bundle(bundle, engine_slices, device="cpu", source="phantoms")
+    results = check_bundle(bundle, engine_slices, device="cpu", source="phantoms", record=True)
     ran = [r for r in results if isinstance(r, ParityResult)]
     assert {r.backend for r in ran} >= {"torch", "onnxruntime"}
     for r in ran:  # trained logits are a few units: the absolute fp32 bound applies as is

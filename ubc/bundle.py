@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ubc.atomic import atomic_write
 from ubc.errors import BundleError
 
 META_FILE = "meta.json"
@@ -52,19 +52,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class Bundle:
     """An opened bundle directory; ``meta`` is the parsed meta.json."""
 
@@ -94,7 +81,9 @@ class Bundle:
 
     @property
     def name(self) -> str:
-        return str(self.meta.get("name", self.path.stem))
+        """The bundle's folder name without ``.ubc``: a bundle built in a temporary folder
+        and moved into place is named by where it lives."""
+        return self.path.resolve().name.removesuffix(".ubc")
 
     @property
     def class_names(self) -> list[str]:
@@ -134,7 +123,7 @@ class Bundle:
                    **meta_entries: Any) -> Path:
         """Write artifact ``name`` with ``write(tmp_path)``, record its sha256, atomically."""
         path = self.path / name
-        _atomic_write(path, write)
+        atomic_write(path, write)
         self.meta["files"][name] = sha256_of(path)
         self.update_meta(**meta_entries)
         return path
@@ -142,7 +131,7 @@ class Bundle:
     def update_meta(self, **entries: Any) -> None:
         self.meta.update(entries)
         text = json.dumps(self.meta, indent=2, sort_keys=True)
-        _atomic_write(self.path / META_FILE, lambda tmp: tmp.write_text(text))
+        atomic_write(self.path / META_FILE, lambda tmp: tmp.write_text(text))
 
     def load_state_dict(self) -> dict[str, Any]:
         import torch
@@ -166,12 +155,13 @@ def create_bundle(path: str | os.PathLike[str], *, arch: str, state_dict: dict[s
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)  # a service account other than the trainer's reads it
     meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "name": root.stem, "arch": arch,
+        "format_version": FORMAT_VERSION, "arch": arch,
         "preprocessing": preprocessing.to_json(), "class_names": list(class_names),
         "top_k": top_k, "files": {}, **meta_entries,
     }
-    _atomic_write(root / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    atomic_write(root / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     bundle = Bundle(root)
     bundle.write_file(WEIGHTS_FILE, lambda tmp: torch.save(state_dict, tmp))
     return bundle

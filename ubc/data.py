@@ -1,13 +1,9 @@
 """Training and evaluation data: archives of FLAIR volumes with lesion masks and grades.
 
-Readers (``discover``):
-- BraTS 2019 layout: ``ROOT/HGG/<case>/<case>_flair.nii.gz`` (+ ``_seg``), same for LGG;
-  the grade is the folder.
-- BraTS 2020/2021/2023 layout: ``ROOT/<case>/<case>_flair.nii.gz`` (2023: ``-t2f``,
-  ``-seg``); the grade comes from a CSV (``labels=``, or ``labels.csv`` /
-  ``name_mapping.csv`` in ROOT) with a case column and a ``grade`` column (HGG/LGG).
-- A CSV manifest ``case_id,image,mask,label`` (``mask`` and ``label`` may be empty; relative
-  paths are relative to the CSV).
+Cases come from ``ubc.scoring.discover_cases``, the discovery scoring uses too: BraTS 2019
+(``ROOT/HGG/<case>/<case>_flair.nii.gz`` + ``_seg``; the grade is the folder), BraTS
+2020/2021/2023 (``ROOT/<case>/<case>_flair.nii.gz`` or ``-t2f``, grades from a CSV), or a CSV
+manifest ``case_id,image,mask,label``.
 
 Every case is read by ``ubc.io.load_volume`` and preprocessed by ``ubc.preprocess``, the
 code that scoring runs: there is no train/serve skew. The paper's protocol picks, per case,
@@ -16,38 +12,24 @@ the ``top_k`` axial slices with the largest lesion area (ground-truth mask).
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ubc.bundle import Preprocessing
 from ubc.errors import UBCInputError
+from ubc.scoring.aggregate import top_slices
+from ubc.scoring.discover import GRADES, Case, discover_cases
 
 __all__ = ["GRADES", "Case", "CaseSlices", "SliceSet", "discover", "load_case", "load_cases",
            "load_lesion_free",
-           "split_cases", "subsample", "sample_slices", "top_slices"]
+           "split_cases", "subsample", "sample_slices"]
 
-GRADES = ("LGG", "HGG")  # class index 0, 1 (the bundle's class_names)
 UNLABELLED = -1
 LESION_FREE_SUFFIX = "#lesion-free"  # pseudo-case of a patient's lesion-free slices
-_IMAGE_SUFFIXES = ("_flair.nii.gz", "_flair.nii", "-t2f.nii.gz", "-t2f.nii")
-_MASK_SUFFIXES = ("_seg.nii.gz", "_seg.nii", "-seg.nii.gz", "-seg.nii")
-_LABEL_CSVS = ("labels.csv", "name_mapping.csv")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One patient: FLAIR path, optional lesion-mask path, grade 0 (LGG) / 1 (HGG) / None."""
-
-    case_id: str
-    image: Path
-    mask: Path | None = None
-    label: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,110 +78,15 @@ class SliceSet:
                 "slices_unlabelled": int((self.labels == UNLABELLED).sum())}
 
 
-def _grade(value: str, where: str) -> int | None:
-    text = value.strip().upper()
-    if text in ("", "NA", "NAN", "NONE", "UNKNOWN", "?"):
-        return None
-    if text in ("LGG", "0"):
-        return 0
-    if text in ("HGG", "GBM", "1"):
-        return 1
-    raise UBCInputError(f"{where}: grade {value!r} is neither LGG/0 nor HGG/1 (or empty)")
-
-
-def _find(folder: Path, suffixes: Sequence[str]) -> Path | None:
-    for suffix in suffixes:
-        hits = sorted(folder.glob(f"*{suffix}"))
-        if hits:
-            return hits[0]
-    return None
-
-
-def _case_from_folder(folder: Path, label: int | None) -> Case | None:
-    image = _find(folder, _IMAGE_SUFFIXES)
-    if image is None:
-        return None
-    return Case(folder.name, image, _find(folder, _MASK_SUFFIXES), label)
-
-
-def _read_grades(path: Path) -> dict[str, int | None]:
-    """case id -> grade from a CSV with a grade column and any case-id column(s)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not any(k.strip().lower() == "grade" for k in rows[0]):
-        raise UBCInputError(f"{path}: needs a 'grade' column (HGG/LGG) and a case id column")
-    grades: dict[str, int | None] = {}
-    for n, row in enumerate(rows, start=2):
-        grade_key = next(k for k in row if k.strip().lower() == "grade")
-        grade = _grade(row[grade_key] or "", f"{path} line {n}")
-        for key, value in row.items():  # name_mapping.csv has one id column per BraTS year
-            if key != grade_key and value:
-                grades[value.strip()] = grade
-    return grades
-
-
-def _read_manifest(path: Path) -> list[Case]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"case_id", "image"} - set(reader.fieldnames or ())
-        if missing:
-            raise UBCInputError(f"{path}: manifest needs columns case_id,image[,mask,label]; "
-                                f"missing {', '.join(sorted(missing))}")
-        rows = list(reader)
-    cases = []
-    for n, row in enumerate(rows, start=2):
-        mask = (row.get("mask") or "").strip()
-        cases.append(Case(row["case_id"].strip(), path.parent / row["image"].strip(),
-                          path.parent / mask if mask else None,
-                          _grade(row.get("label") or "", f"{path} line {n}")))
-    return cases
-
-
 def discover(path: str | os.PathLike[str], *, labels: str | os.PathLike[str] | None = None
              ) -> list[Case]:
-    """Cases of an archive (BraTS 2019 / 2020+ layout, or a CSV manifest), sorted by id.
-
-    ``labels`` is a grade CSV for layouts without HGG/LGG folders. Raises UBCInputError
-    naming the path when nothing usable is found.
-    """
-    root = Path(path)
-    if root.is_file() and root.suffix.lower() == ".csv":
-        cases = _read_manifest(root)
-    elif root.is_dir():
-        cases = _discover_folder(root, Path(labels) if labels else None)
-    else:
-        raise UBCInputError(f"{root}: not a folder or a .csv manifest")
+    """The cases of a training archive, sorted by id: ``ubc.scoring.discover_cases`` (the
+    one discovery, grades included) with the training precondition that there are some."""
+    cases = discover_cases(path, labels=labels)
     if not cases:
-        raise UBCInputError(f"{root}: no cases found (expected HGG/<case>/<case>_flair.nii.gz, "
+        raise UBCInputError(f"{path}: no cases found (expected HGG/<case>/<case>_flair.nii.gz, "
                             "<case>/<case>_flair.nii.gz with a grade CSV, or a manifest CSV)")
-    ids = [c.case_id for c in cases]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise UBCInputError(f"{root}: duplicate case ids {', '.join(duplicates[:5])}")
     return sorted(cases, key=lambda c: c.case_id)
-
-
-def _discover_folder(root: Path, labels: Path | None) -> list[Case]:
-    graded = [g for g in GRADES if (root / g).is_dir()]
-    if graded:
-        return [case for g in graded for folder in sorted((root / g).iterdir())
-                if folder.is_dir()
-                and (case := _case_from_folder(folder, GRADES.index(g))) is not None]
-    if labels is None:
-        labels = next((root / n for n in _LABEL_CSVS if (root / n).is_file()), None)
-    grades = _read_grades(labels) if labels else {}
-    cases = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        case = _case_from_folder(folder, grades.get(folder.name))
-        if case is not None:
-            cases.append(case)
-    return cases
-
-
-def top_slices(areas_mm2: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest non-zero areas, largest first (ties: lower index first)."""
-    order = np.lexsort((np.arange(len(areas_mm2)), -np.asarray(areas_mm2)))
-    return order[:k][np.asarray(areas_mm2)[order[:k]] > 0]
 
 
 def _read(case: Case) -> tuple[Any, Any]:

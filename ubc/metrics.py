@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Metrics", "wilson_interval", "roc_auc", "dice_scores", "evaluate_predictions"]
+__all__ = ["Metrics", "wilson_interval", "roc_auc", "dice", "dice_scores", "evaluate_predictions"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,13 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     avg = first + (counts + 1) / 2.0
     ranks[order] = np.repeat(avg, counts)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks over all their pixels (1.0 when both are empty)."""
+    inter = float(np.logical_and(a, b).sum())
+    total = float(np.count_nonzero(a)) + float(np.count_nonzero(b))
+    return 1.0 if total == 0 else 2.0 * inter / total
 
 
 def dice_scores(pred: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from ubc.artifacts import parity_key
 from ubc.bundle import Bundle, Preprocessing
-from ubc.engine.select import parity_key
+from ubc.metrics import dice
+from ubc.scoring.aggregate import p_hgg_of
 
 MIN_SLICES = 64
 
@@ -76,20 +78,6 @@ class ParityResult:
         return entry
 
 
-def _softmax_p1(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e[:, 1] / e.sum(axis=1)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks over all their pixels (1.0 when both are empty)."""
-    inter = float(np.logical_and(a, b).sum())
-    total = float(a.sum()) + float(b.sum())
-    return 1.0 if total == 0 else 2.0 * inter / total
-
-
 def measure(reference: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]
             ) -> dict[str, float]:
     """The parity figures of ``got`` against ``reference`` (class logits, mask logits)."""
@@ -102,7 +90,7 @@ def measure(reference: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.
     return {
         "max_abs_class_logits": abs_cls,
         "max_rel_class_logits": abs_cls / max(1.0, float(np.abs(ref_cls).max())),
-        "max_abs_p_hgg": float(np.abs(_softmax_p1(cls) - _softmax_p1(ref_cls)).max()),
+        "max_abs_p_hgg": float(np.abs(p_hgg_of(cls) - p_hgg_of(ref_cls)).max()),
         "max_abs_mask_logits": float(np.abs(mask - ref_mask).max()),
         "mask_dice": dice(mask > 0, ref_mask > 0),
         "class_flip_share": float((cls.argmax(1) != ref_cls.argmax(1)).mean()),
@@ -145,12 +133,13 @@ def _checked_slices(bundle: Bundle, slices: np.ndarray, *, minimum: int) -> np.n
 
 def compare(bundle: Bundle | str | os.PathLike[str], backend: str, slices: np.ndarray, *,
             device: str = "cpu", precision: str = "fp32",
-            reference: tuple[np.ndarray, np.ndarray] | None = None, record: bool = True,
+            reference: tuple[np.ndarray, np.ndarray] | None = None, record: bool = False,
             min_slices: int = MIN_SLICES, source: str = "", **options: Any) -> ParityResult:
     """Run ``backend`` (see ``ubc.engine.BACKENDS``) on ``slices`` (float32 [N, 1, H, W],
     preprocessed, N >= ``min_slices``) and compare with eager PyTorch fp32 (``reference``,
-    computed when not given). ``record`` writes the result into meta.json under
-    ``parity[<backend>:<device>:<precision>:<artifact>]``; ``options`` go to the engine."""
+    computed when not given); ``options`` go to the engine. Measures only: ``record=True``
+    (or ``record_parity``) writes the result into meta.json, so a read-only deployed bundle
+    can be measured."""
     from ubc.engine import load
 
     if not isinstance(bundle, Bundle):
@@ -172,10 +161,16 @@ def compare(bundle: Bundle | str | os.PathLike[str], backend: str, slices: np.nd
                           slices=len(slices), tolerance=tol, passed=not failures,
                           failures=failures, source=source, **figures)
     if record:
-        entries = dict(bundle.meta.get("parity", {}))
-        entries[result.key] = result.to_json()
-        bundle.update_meta(parity=entries)
+        record_parity(bundle, [result])
     return result
+
+
+def record_parity(bundle: Bundle, results: Sequence[ParityResult | Skipped]) -> None:
+    """Write ``results`` into meta.json under ``parity[<backend>:<device>:<precision>:
+    <artifact>]`` (where ``ubc.engine.load`` reads them); skipped ones are not recorded."""
+    entries = dict(bundle.meta.get("parity", {}))
+    entries.update({r.key: r.to_json() for r in results if isinstance(r, ParityResult)})
+    bundle.update_meta(parity=entries)
 
 
 def phantom_slices(preprocessing: Preprocessing, n: int = MIN_SLICES, *, seed: int = 0,
@@ -222,44 +217,25 @@ class Skipped:
     reason: str
 
 
-def _candidates(bundle: Bundle, device: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(backend, precision, options) to check on ``device``: every runtime at fp32 (eager
-    included on CUDA), and on CUDA also torch fp16 and each TensorRT plan precision the
-    bundle holds."""
-    from ubc.engine.artifacts import artifacts_of, parse_plan_name
-    from ubc.engine.select import CPU_ORDER, CUDA_ORDER
-
-    order = CUDA_ORDER if device.startswith("cuda") else CPU_ORDER
-    found: list[tuple[str, str, dict[str, Any]]] = []
-    for backend, options in order:
-        eager = backend == "torch" and options.get("artifact") == "eager"
-        if backend == "tensorrt":
-            plans = sorted({(parse_plan_name(n) or {}).get("precision", "")
-                            for n in artifacts_of(bundle.meta)} - {""})
-            found += [(backend, p, {}) for p in plans or ["fp16"]]
-            continue
-        if not (eager and device == "cpu"):  # eager fp32 on the CPU is the reference itself
-            found.append((backend, "fp32", options))
-        if device.startswith("cuda") and backend == "torch":
-            found.append((backend, "fp16", options))
-    return found
-
-
 def check_bundle(bundle: Bundle, slices: np.ndarray, *, device: str = "cpu",
-                 source: str = "", record: bool = True) -> list[ParityResult | Skipped]:
-    """``compare`` every backend this machine can run on the bundle's artifacts (see
-    ``_candidates``) against one eager reference; the others are returned as ``Skipped``."""
-    from ubc.engine.select import backend_class
+                 source: str = "", record: bool = False) -> list[ParityResult | Skipped]:
+    """``compare`` every variant and precision ``ubc.engine.registry.parity_candidates``
+    lists for ``device`` against one eager reference; those that cannot run here are
+    returned as ``Skipped``. ``record`` writes the results into meta.json."""
+    from ubc.engine.registry import parity_candidates
 
     reference = reference_outputs(bundle, slices)
     results: list[ParityResult | Skipped] = []
-    for backend, precision, options in _candidates(bundle, device):
-        reason = backend_class(backend).unavailable(bundle, device, precision, **options)
+    for variant, precision in parity_candidates(bundle, device):
+        reason = variant.engine_class.unavailable(bundle, device, precision, **variant.options)
         if reason is not None:
-            results.append(Skipped(backend, device, precision, reason))
+            results.append(Skipped(variant.backend, device, precision, reason))
             continue
-        results.append(compare(bundle, backend, slices, device=device, precision=precision,
-                               reference=reference, record=record, source=source, **options))
+        results.append(compare(bundle, variant.backend, slices, device=device,
+                               precision=precision, reference=reference, source=source,
+                               **variant.options))
+    if record:
+        record_parity(bundle, results)
     return results
 
 

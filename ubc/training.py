@@ -24,6 +24,7 @@ from ubc.data import GRADES, SliceSet
 from ubc.losses import ubc_loss
 from ubc.metrics import Metrics, evaluate_predictions
 from ubc.model import build_model, inference_state_dict
+from ubc.scoring.aggregate import p_hgg_of
 
 __all__ = ["TrainConfig", "EpochLog", "FitResult", "TrainResult", "fit", "predict",
            "evaluate", "train", "resolve_device", "set_threads"]
@@ -145,10 +146,11 @@ class TrainResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The torch device of ``ubc.devices.resolve_device(device)`` ("auto": cuda when a GPU
+    is usable, else cpu)."""
+    from ubc import devices
+
+    return torch.device(devices.resolve_device(device))
 
 
 def set_threads(threads: int) -> int:
@@ -206,7 +208,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, *, device: torch.device 
     probs, masks = [], []
     for i in range(0, len(images), batch_size):
         class_logits, mask_logits = model(torch.from_numpy(images[i:i + batch_size]).to(device))
-        probs.append(torch.softmax(class_logits.float(), 1)[:, 1].cpu().numpy())
+        probs.append(p_hgg_of(class_logits.float().cpu().numpy(), GRADES.index("HGG")))
         if mask_logits is not None:
             masks.append(torch.sigmoid(mask_logits.float()).cpu().numpy())
     model.train(was_training)

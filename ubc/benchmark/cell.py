@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ubc.atomic import atomic_write_text
 from ubc.benchmark import memory
 from ubc.benchmark.machine import load_average
 from ubc.benchmark.results import EngineRow, Parity
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = run_cell(spec, progress)
     doc = [dataclasses.asdict(row) for row in rows]
-    tmp = Path(args[1] + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, args[1])
+    atomic_write_text(args[1], json.dumps(doc))
     return 0
 
 

@@ -91,7 +91,7 @@ def driver_version() -> str | None:
 
 def gpu_facts() -> list[dict[str, Any]]:
     """Name, compute capability and memory of each usable CUDA GPU (empty without one)."""
-    from ubc.engine.devices import cuda_device_count, gpu_info
+    from ubc.devices import cuda_device_count, gpu_info
 
     gpus = []
     for index in range(cuda_device_count()):

@@ -58,7 +58,7 @@ class DeviceMemory:
     """Peak device memory (MiB) of one CUDA device over a window (see the module doc)."""
 
     def __init__(self, device: str) -> None:
-        from ubc.engine.devices import parse_device
+        from ubc.devices import parse_device
 
         self.index = parse_device(device)[1]
         self._torch = None

@@ -147,7 +147,7 @@ def _cpu_has_bf16() -> bool:
 
 
 def _plan_precisions(bundle: Bundle) -> list[str]:
-    from ubc.engine.artifacts import artifacts_of, parse_plan_name
+    from ubc.artifacts import artifacts_of, parse_plan_name
 
     found = {(parse_plan_name(n) or {}).get("precision") for n in artifacts_of(bundle.meta)}
     return sorted(p for p in found if p) or ["fp16"]

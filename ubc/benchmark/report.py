@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ubc.atomic import atomic_write_text
 from ubc.benchmark.machine import describe
 
 Doc = dict[str, Any]
@@ -191,10 +192,7 @@ def write_json(doc: Doc, path: str | os.PathLike[str]) -> Path:
     """Write the document atomically (a killed run leaves no half file)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
 
 
 def _md_row(cells: Any) -> str:

@@ -159,8 +159,8 @@ def with_speedups(rows: list[EngineRow]) -> list[EngineRow]:
 
 def auto_choice(bundle: Bundle, device: str) -> str | None:
     """The variant ``ubc.engine.load(bundle, backend="auto")`` picks at fp32 (None: none)."""
-    from ubc.engine.artifacts import TORCHSCRIPT, WEIGHTS
-    from ubc.engine.select import choose
+    from ubc.artifacts import TORCHSCRIPT, WEIGHTS
+    from ubc.engine.registry import choose
 
     try:
         choice = choose(bundle, device, "fp32")
@@ -258,7 +258,7 @@ def run_bench(bundle: Bundle | str | os.PathLike[str], options: BenchOptions | N
     from ubc.benchmark.machine import usable_cores
     from ubc.benchmark.pipeline import write_volumes
     from ubc.benchmark.preprocessing import volume_shape_for
-    from ubc.engine.devices import resolve_device
+    from ubc.devices import resolve_device
 
     options = options or BenchOptions()
     progress = progress or _quiet

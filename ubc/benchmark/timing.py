@@ -113,8 +113,8 @@ class CudaRuntimeClock(Clock):
     deployment has no torch)."""
 
     def __init__(self, device: str) -> None:
+        from ubc.devices import parse_device
         from ubc.engine import cuda_memory
-        from ubc.engine.devices import parse_device
 
         cuda_memory.set_device(parse_device(device)[1])
         self._check = cuda_memory.check

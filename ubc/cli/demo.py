@@ -141,6 +141,7 @@ def _mask_figures(row: Any, masks: Path) -> tuple[float, float]:
     """(true lesion mL, Dice of the written mask against the phantom's labels)."""
     import nibabel as nib
 
+    from ubc.metrics import dice
     from ubc.scoring import safe_name
 
     seg_path = Path(row.path).with_name(Path(row.path).name.replace("_flair", "_seg"))
@@ -151,9 +152,7 @@ def _mask_figures(row: Any, masks: Path) -> tuple[float, float]:
     if not mask_path.is_file():
         return true_ml, float("nan")
     mask: Any = nib.load(mask_path)
-    predicted = np.asarray(mask.dataobj) > 0
-    total = truth.sum() + predicted.sum()
-    return true_ml, float(2 * (truth & predicted).sum() / total) if total else 1.0
+    return true_ml, dice(truth, np.asarray(mask.dataobj) > 0)
 
 
 def report(archive: Path, out_dir: Path) -> float:

@@ -80,10 +80,9 @@ def _formats(args: argparse.Namespace) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ubc.artifacts import ONNX, stale_reason
     from ubc.bundle import Bundle
-    from ubc.engine.artifacts import ONNX
-    from ubc.engine.devices import resolve_device
-    from ubc.engine.select import stale_reason
+    from ubc.devices import resolve_device
     from ubc.export import exporter
     from ubc.parity import MIN_SLICES, check_bundle, format_table, slices_from
 
@@ -123,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.check or slices is None:
         return EXIT_OK
     print(f"checking against eager PyTorch fp32 on {source} ...", flush=True)
-    results = check_bundle(bundle, slices, device=device, source=source)
+    results = check_bundle(bundle, slices, device=device, source=source, record=True)
     print(format_table(results))
     failed = [r for r in results if getattr(r, "passed", True) is False]
     return EXIT_PARITY if failed else EXIT_OK

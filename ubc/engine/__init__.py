@@ -12,17 +12,17 @@ import logging
 import os
 from typing import Any
 
+from ubc.artifacts import PRECISIONS, stale_reason
 from ubc.bundle import Bundle
+from ubc.devices import resolve_device
 from ubc.engine.base import Engine
-from ubc.engine.devices import resolve_device
-from ubc.engine.select import BACKENDS, Choice, backend_class, choose, stale_reason
+from ubc.engine.registry import BACKENDS, VARIANTS, Choice, Variant, backend_class, choose
 from ubc.errors import BundleError
 
-__all__ = ["BACKENDS", "Choice", "Engine", "backend_class", "load"]
+__all__ = ["BACKENDS", "VARIANTS", "Choice", "Engine", "Variant", "backend_class", "load"]
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _AUTO_OPTIONS = ("max_batch", "threads")
 
 
@@ -54,19 +54,16 @@ def load(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", device:
         stale = stale_reason(bundle, cls.artifact_for(bundle, device, precision, **options))
         if stale is not None:
             raise BundleError(f"{bundle.path}: {stale}")
-        factory: Any = cls  # backends take the Bundle; the base class takes its meta
-        engine: Engine = factory(bundle, device=device, precision=precision, **options)
-        return engine
+        return cls(bundle, device=device, precision=precision, **options)
     unknown = sorted(set(options) - set(_AUTO_OPTIONS))
     if unknown:
         raise ValueError(f"option(s) {', '.join(unknown)} belong to one backend; name it "
                          f"(backend='torch', ...) or pass only {', '.join(_AUTO_OPTIONS)}")
     choice = choose(bundle, device, precision, require_parity=require_parity)
     kwargs = {**choice.options, **options}
-    if choice.backend == "tensorrt":
-        kwargs.pop("threads", None)  # TensorRT has no host thread pool to size
-    factory = backend_class(choice.backend)
-    engine = factory(bundle, device=device, precision=precision, **kwargs)
+    if not VARIANTS[choice.variant].threads:
+        kwargs.pop("threads", None)  # e.g. TensorRT: no host thread pool to size
+    engine = backend_class(choice.backend)(bundle, device=device, precision=precision, **kwargs)
     engine.selection = choice
     log.info("ubc.engine.load: %s", choice.describe())
     return engine

@@ -14,35 +14,18 @@ from typing import Any
 
 import numpy as np
 
+from ubc.artifacts import aoti_name, artifacts_of, rebuild_hint
 from ubc.bundle import Bundle
-from ubc.engine.artifacts import aoti_name, artifacts_of, rebuild_hint
+from ubc.devices import (
+    cpu_isa,
+    gpu_info,
+    isa_compatible,
+    isa_rank,
+    parse_device,
+    strict_fp32,
+    torch_series,
+)
 from ubc.engine.base import Engine
-from ubc.engine.devices import gpu_info, parse_device, strict_fp32
-
-# x86 vector sets, each a superset of the ones before it.
-_X86_ISA_RANK = {"none": 0, "avx2": 1, "avx512": 2, "amx": 3}
-
-
-def cpu_isa() -> str:
-    """The vector instruction set Inductor compiles for on this CPU: avx2, avx512, amx, ..."""
-    from torch._inductor import cpu_vec_isa
-
-    isa = cpu_vec_isa.pick_vec_isa()
-    if not isa:
-        return "none"
-    return type(isa).__name__.lower().removeprefix("vec")
-
-
-def torch_series(version: str) -> str:
-    """``2.14.1+cu130`` -> ``2.14``: AOTInductor packages are tied to a PyTorch release."""
-    return ".".join(version.split("+")[0].split(".")[:2])
-
-
-def isa_compatible(built: str, here: str) -> bool:
-    if built == here:
-        return True
-    return built in _X86_ISA_RANK and here in _X86_ISA_RANK and \
-        _X86_ISA_RANK[here] >= _X86_ISA_RANK[built]
 
 
 def _find_cpu_package(bundle: Bundle) -> str | None:
@@ -51,7 +34,7 @@ def _find_cpu_package(bundle: Bundle) -> str | None:
     fitting = [(name, entry.get("isa", "")) for name, entry in artifacts_of(bundle.meta).items()
                if entry.get("format") == "aoti" and entry.get("device") == "cpu"
                and isa_compatible(str(entry.get("isa", "")), here)]
-    fitting.sort(key=lambda item: _X86_ISA_RANK.get(item[1], -1), reverse=True)
+    fitting.sort(key=lambda item: isa_rank(item[1]), reverse=True)
     return fitting[0][0] if fitting else None
 
 
@@ -60,6 +43,9 @@ class AotiEngine(Engine):
     was exported with, recorded in meta.json)."""
 
     backend = "aoti"
+    devices = ("cpu", "cuda")
+    precisions = {"cpu": ("fp32",), "cuda": ("fp32",)}
+    artifact_kinds = ("aoti",)
 
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
@@ -72,9 +58,10 @@ class AotiEngine(Engine):
     def unavailable(cls, bundle: Bundle, device: str, precision: str,
                     **options: Any) -> str | None:
         if importlib.util.find_spec("torch") is None:
-            return "torch is not installed (pip install torch)"
-        if precision != "fp32":
-            return f"packages are compiled for fp32, not {precision}"
+            return "torch is not installed (pip install ubc[train])"
+        reason = cls.unsupported(device, precision)
+        if reason is not None:
+            return reason
         name = cls.artifact_for(bundle, device, precision)
         entry = artifacts_of(bundle.meta).get(name)
         if not bundle.has(name) or entry is None:
@@ -104,7 +91,7 @@ class AotiEngine(Engine):
         if not 1 <= max_batch <= limit:
             raise ValueError(f"max_batch must be within 1..{limit}, the batch range {name} was "
                              f"exported with (re-export with a larger --max-batch)")
-        super().__init__(bundle.meta, device=device, precision=precision, max_batch=max_batch)
+        super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.artifact = name

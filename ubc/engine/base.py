@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +16,19 @@ if TYPE_CHECKING:
 class Engine(ABC):
     """``infer(float32 [B, 1, H, W]) -> (class_logits [B, 2], mask_logits [B, 1, H, W])``.
 
-    Subclasses implement ``_run`` for one batch of at most ``max_batch`` slices; ``infer``
-    checks the input and splits larger batches.
+    Subclasses declare what they can do (``devices``, ``precisions`` per device kind,
+    ``artifact_kinds``: the table ``ubc.engine.registry`` derives its orders from), implement
+    ``_run`` for one batch of at most ``max_batch`` slices; ``infer`` checks the input and
+    splits larger batches.
     """
 
     backend: str = "?"
+    #: device kinds this backend runs on
+    devices: tuple[str, ...] = ()
+    #: device kind -> the precisions it offers there
+    precisions: Mapping[str, tuple[str, ...]] = {}
+    #: kinds of bundle artifact it runs: eager, torchscript, onnx, aoti, plan
+    artifact_kinds: tuple[str, ...] = ()
     #: the bundle file this engine runs (``weights.pt``, ``model.onnx``, a plan, ...)
     artifact: str = ""
     #: how ``ubc.engine.load`` chose this engine (set by ``load``; None when named)
@@ -31,22 +40,33 @@ class Engine(ABC):
         raise NotImplementedError
 
     @classmethod
+    def unsupported(cls, device: str, precision: str) -> str | None:
+        """Why ``device`` or ``precision`` is outside what the class declares, or None."""
+        kind = device.partition(":")[0]
+        if kind not in cls.devices:
+            return f"this backend runs on {' or '.join(cls.devices)} (device={cls.devices[0]!r})"
+        offered = cls.precisions.get(kind, ())
+        if precision not in offered:
+            return f"{precision} is not offered on {kind} ({', '.join(offered)})"
+        return None
+
+    @classmethod
     def unavailable(cls, bundle: Bundle, device: str, precision: str,
                     **options: Any) -> str | None:
         """Why this backend cannot run the bundle here (missing package, artifact, device,
         precision), or None when it can. Cheap: imports nothing heavy, verifies no hash."""
-        return None
+        return cls.unsupported(device, precision)
 
-    def __init__(self, meta: dict[str, Any], *, device: str, precision: str,
+    def __init__(self, bundle: Bundle, *, device: str, precision: str,
                  max_batch: int) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.meta = meta
+        self.bundle = bundle
+        self.meta = bundle.meta
         self.device = device
         self.precision = precision
         self.max_batch = max_batch
-        size = meta["preprocessing"]["size"]
-        self.input_size = (int(size[0]), int(size[1]))
+        self.input_size = bundle.preprocessing.size
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Class logits float32 [B, 2] and mask logits float32 [B, 1, H, W] for a batch."""

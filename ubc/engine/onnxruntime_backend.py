@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES
 from ubc.bundle import Bundle
-from ubc.engine.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES
 from ubc.engine.base import Engine
 
 INSTALL_HINT = "pip install onnxruntime"
@@ -25,6 +25,9 @@ class OnnxRuntimeEngine(Engine):
     """
 
     backend = "onnxruntime"
+    devices = ("cpu",)
+    precisions = {"cpu": ("fp32",)}
+    artifact_kinds = ("onnx",)
 
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
@@ -35,10 +38,9 @@ class OnnxRuntimeEngine(Engine):
                     **options: Any) -> str | None:
         if importlib.util.find_spec("onnxruntime") is None:
             return f"onnxruntime is not installed ({INSTALL_HINT})"
-        if device != "cpu":
-            return "this backend runs on the CPU (device='cpu')"
-        if precision != "fp32":
-            return f"{precision} is not offered on the CPU (fp32 only)"
+        reason = cls.unsupported(device, precision)
+        if reason is not None:
+            return reason
         if not bundle.has(ONNX):
             return f"the bundle has no {ONNX} (make it with `ubc-export {bundle.path} --onnx`)"
         return None
@@ -50,7 +52,7 @@ class OnnxRuntimeEngine(Engine):
             raise ValueError(f"{bundle.path}: onnxruntime backend: {reason}")
         import onnxruntime as ort
 
-        super().__init__(bundle.meta, device=device, precision=precision, max_batch=max_batch)
+        super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
         self.artifact = ONNX
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or len(os.sched_getaffinity(0)))

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ubc.artifacts import ONNX, OUTPUT_NAMES
 from ubc.bundle import Bundle
-from ubc.engine.artifacts import ONNX, OUTPUT_NAMES
 from ubc.engine.base import Engine
 
 INSTALL_HINT = "pip install ubc[openvino]"
@@ -27,6 +27,9 @@ class OpenVinoEngine(Engine):
     """
 
     backend = "openvino"
+    devices = ("cpu",)
+    precisions = {"cpu": ("fp32", "bf16")}
+    artifact_kinds = ("onnx",)
 
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
@@ -37,10 +40,9 @@ class OpenVinoEngine(Engine):
                     **options: Any) -> str | None:
         if importlib.util.find_spec("openvino") is None:
             return f"openvino is not installed ({INSTALL_HINT})"
-        if device != "cpu":
-            return "this backend runs on the CPU (device='cpu')"
-        if precision not in _HINTS:
-            return f"{precision} is not offered (fp32, or bf16 where the CPU has it)"
+        reason = cls.unsupported(device, precision)
+        if reason is not None:
+            return reason
         if not bundle.has(ONNX):
             return f"the bundle has no {ONNX} (make it with `ubc-export {bundle.path} --onnx`)"
         return None
@@ -55,7 +57,7 @@ class OpenVinoEngine(Engine):
             raise ValueError(f"hint must be 'LATENCY' or 'THROUGHPUT', got {hint!r}")
         import openvino as ov
 
-        super().__init__(bundle.meta, device=device, precision=precision, max_batch=max_batch)
+        super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
         self.artifact = ONNX
         core = ov.Core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU",

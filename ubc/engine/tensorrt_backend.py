@@ -14,23 +14,23 @@ from typing import Any
 
 import numpy as np
 
-from ubc.bundle import Bundle
-from ubc.engine import cuda_memory
-from ubc.engine.artifacts import (
+from ubc.artifacts import (
     INPUT_NAME,
     OUTPUT_NAMES,
+    PLAN_PRECISIONS,
     GpuInfo,
     artifacts_of,
     parse_plan_name,
     plan_name,
     rebuild_hint,
 )
+from ubc.bundle import Bundle
+from ubc.devices import gpu_info, parse_device
+from ubc.engine import cuda_memory
 from ubc.engine.base import Engine
-from ubc.engine.devices import gpu_info, parse_device
 from ubc.errors import BundleError
 
 INSTALL_HINT = "pip install ubc[tensorrt]"
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def tensorrt_version() -> str | None:
@@ -60,6 +60,9 @@ class TensorRTEngine(Engine):
     plan; ``max_batch`` defaults to the plan's profile maximum and may not exceed it."""
 
     backend = "tensorrt"
+    devices = ("cuda",)
+    precisions = {"cuda": PLAN_PRECISIONS}
+    artifact_kinds = ("plan",)
 
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
@@ -73,10 +76,9 @@ class TensorRTEngine(Engine):
             return f"tensorrt is not installed ({INSTALL_HINT})"
         if importlib.util.find_spec("cuda") is None:
             return f"cuda-bindings is not installed ({INSTALL_HINT})"
-        if not device.startswith("cuda"):
-            return "TensorRT runs on a CUDA GPU (device='cuda')"
-        if precision not in PRECISIONS:
-            return f"precision {precision!r} is not offered (fp32, fp16, int8)"
+        reason = cls.unsupported(device, precision)
+        if reason is not None:
+            return reason
         name = cls.artifact_for(bundle, device, precision)
         if bundle.has(name):
             return None
@@ -114,7 +116,7 @@ class TensorRTEngine(Engine):
         if not 1 <= max_batch <= limit:
             raise ValueError(f"max_batch must be within 1..{limit}, the profile of {name}; "
                              "rebuild the plan with a larger --max-batch")
-        super().__init__(bundle.meta, device=device, precision=precision, max_batch=max_batch)
+        super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
         self.artifact = name
         self._runtime, self._engine = runtime, engine
         self._check_io(engine, name)

@@ -14,28 +14,25 @@ from typing import Any
 
 import numpy as np
 
+from ubc.artifacts import TORCHSCRIPT, WEIGHTS
 from ubc.bundle import Bundle
-from ubc.engine.artifacts import TORCHSCRIPT, WEIGHTS
+from ubc.devices import parse_device, strict_fp32
 from ubc.engine.base import Engine
-from ubc.engine.devices import parse_device, strict_fp32
 
 log = logging.getLogger(__name__)
 
 ARTIFACTS = ("auto", "torchscript", "eager")
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def _check_options(device_kind: str, precision: str, artifact: str, half_weights: bool,
+def _check_options(device: str, precision: str, artifact: str, half_weights: bool,
                    cuda_graphs: bool | Iterable[int]) -> None:
     if artifact not in ARTIFACTS:
         raise ValueError(f"artifact must be one of {ARTIFACTS}, got {artifact!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"the torch backend runs {', '.join(PRECISIONS)}, not {precision!r}; "
-                         "INT8 needs the tensorrt backend")
-    if device_kind == "cpu" and precision != "fp32":
-        raise ValueError(f"precision {precision!r} on the CPU is slower than fp32 here; "
-                         "use precision='fp32' (fp16/bf16 are for device='cuda')")
-    if device_kind == "cpu" and cuda_graphs:
+    reason = TorchEngine.unsupported(device, precision)
+    if reason is not None:
+        raise ValueError(f"the torch backend: {reason}; fp16/bf16 are for device='cuda' "
+                         "(slower than fp32 on the CPU here), INT8 needs TensorRT")
+    if device.startswith("cpu") and cuda_graphs:
         raise ValueError("cuda_graphs needs device='cuda'")
     if half_weights and precision == "fp32":
         raise ValueError("half_weights needs precision='fp16' or 'bf16'")
@@ -51,6 +48,9 @@ class TorchEngine(Engine):
     """
 
     backend = "torch"
+    devices = ("cpu", "cuda")
+    precisions = {"cpu": ("fp32",), "cuda": ("fp32", "fp16", "bf16")}
+    artifact_kinds = ("torchscript", "eager")
 
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, *,
@@ -63,17 +63,16 @@ class TorchEngine(Engine):
     def unavailable(cls, bundle: Bundle, device: str, precision: str, *,
                     artifact: str = "auto", **options: Any) -> str | None:
         if importlib.util.find_spec("torch") is None:
-            return "torch is not installed (pip install torch)"
-        if device == "cpu" and precision != "fp32":
-            return f"{precision} on the CPU is not offered (fp32 only)"
-        if precision not in PRECISIONS:
-            return f"precision {precision!r} is not offered (fp32, fp16, bf16)"
+            return "torch is not installed (pip install ubc[train])"
+        reason = cls.unsupported(device, precision)
+        if reason is not None:
+            return reason
         name = cls.artifact_for(bundle, device, precision, artifact=artifact)
         if not bundle.has(name):
             return f"the bundle has no {name} (make it with `ubc-export {bundle.path} " \
                    "--torchscript`)"
         if name == WEIGHTS and importlib.util.find_spec("segmentation_models_pytorch") is None:
-            return "eager weights need segmentation-models-pytorch (pip install ubc)"
+            return "eager weights need segmentation-models-pytorch (pip install ubc[train])"
         return None
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
@@ -83,13 +82,13 @@ class TorchEngine(Engine):
         import torch
 
         kind, index = parse_device(device)
-        _check_options(kind, precision, artifact, half_weights, cuda_graphs)
+        _check_options(device, precision, artifact, half_weights, cuda_graphs)
         if artifact == "auto":
             artifact = "torchscript" if bundle.has(TORCHSCRIPT) else "eager"
         if artifact == "torchscript" and half_weights:
             raise ValueError("half_weights needs artifact='eager' (TorchScript weights are "
                              "frozen constants); use autocast (the default) instead")
-        super().__init__(bundle.meta, device=device, precision=precision, max_batch=max_batch)
+        super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
         if threads is not None:
             torch.set_num_threads(int(threads))
         if kind == "cuda" and precision == "fp32":

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ubc.artifacts import aoti_name, with_artifact
 from ubc.bundle import Bundle
-from ubc.engine.artifacts import aoti_name, with_artifact
-from ubc.engine.devices import gpu_info, parse_device, resolve_device, strict_fp32
+from ubc.devices import gpu_info, parse_device, resolve_device, strict_fp32
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
 
 DEFAULT_MAX_BATCH = 64
@@ -33,7 +33,7 @@ def to_aoti(bundle: Bundle, *, device: str = "cpu", max_batch: int = DEFAULT_MAX
     import torch
     import torch._inductor
 
-    from ubc.engine.aoti_backend import cpu_isa
+    from ubc.devices import cpu_isa
 
     check_arch(bundle)
     if max_batch < 2:

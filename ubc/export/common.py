@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ubc.artifacts import WEIGHTS
 from ubc.bundle import Bundle
-from ubc.engine.artifacts import WEIGHTS
 
 SERVED_ARCHS = ("ubc-resnet34",)
 

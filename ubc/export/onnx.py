@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES, with_artifact
 from ubc.bundle import Bundle
-from ubc.engine.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES, with_artifact
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
 
 OPSET = 18  # torch 2.14's dynamo exporter writes 18 natively (its torchlib opset)

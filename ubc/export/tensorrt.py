@@ -4,7 +4,7 @@ Explicit batch; one optimisation profile (min 1, opt and max from the arguments)
 INT8 with an entropy calibrator fed by preprocessed slices (its cache is kept in the bundle
 as ``calib.int8.cache`` and reused when no new slices are given); a timing cache per GPU and
 TensorRT version kept in the bundle. The plan is stored under a name carrying the GPU
-model, compute capability, TensorRT version and precision (``ubc.engine.artifacts``).
+model, compute capability, TensorRT version and precision (``ubc.artifacts``).
 
 TensorRT 11 removed the weak-typing flags (BuilderFlag.FP16/INT8) and the INT8 calibrators;
 with it only fp32 plans are built here, and fp16/int8 ask for TensorRT 10 (see
@@ -20,23 +20,23 @@ from typing import Any
 
 import numpy as np
 
-from ubc.bundle import Bundle
-from ubc.engine.artifacts import (
+from ubc.artifacts import (
     CALIB_CACHE,
     INPUT_NAME,
     ONNX,
+    PLAN_PRECISIONS,
     GpuInfo,
     artifacts_of,
     plan_name,
+    stale_reason,
     timing_cache_name,
     with_artifact,
 )
-from ubc.engine.devices import gpu_info, parse_device, resolve_device
-from ubc.engine.select import stale_reason
+from ubc.bundle import Bundle
+from ubc.devices import gpu_info, parse_device, resolve_device
 from ubc.export.common import ExportResult, artifact_entry, check_arch
 
 INSTALL_HINT = "pip install ubc[tensorrt]"
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class TensorRTOptions:
     device: str = "cuda"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+        if self.precision not in PLAN_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PLAN_PRECISIONS)}, "
                              f"got {self.precision!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")

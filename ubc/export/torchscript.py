@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
+from ubc.artifacts import TORCHSCRIPT, with_artifact
 from ubc.bundle import Bundle
-from ubc.engine.artifacts import TORCHSCRIPT, with_artifact
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
 
 META_EXTRA_FILE = "ubc_meta.json"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["DEFAULT_MIN_LESION_ML", "Verdict", "CaseAccumulator", "background_as_no_lesion",
-           "slice_scores", "decide"]
+           "p_hgg_of", "slice_scores", "top_slices", "decide"]
 
 #: 0.1 mL = 100 voxels of 1 mm3: a lesion smaller than that is noise for this model.
 DEFAULT_MIN_LESION_ML = 0.1
@@ -49,13 +49,27 @@ def background_as_no_lesion(mask_logits: np.ndarray, images: np.ndarray) -> np.n
     return np.where(np.asarray(images) != 0, logits, np.float32(-60.0))
 
 
+def p_hgg_of(class_logits: np.ndarray, hgg_index: int = 1) -> np.ndarray:
+    """P(HGG) float64 [B]: the softmax of class logits [B, C] at ``hgg_index``."""
+    logits = np.asarray(class_logits, dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted[:, hgg_index] / shifted.sum(axis=1)
+
+
+def top_slices(areas_mm2: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest non-zero areas, largest first (ties: lower index first):
+    the slices a case's verdict reads, by predicted area at scoring and by the true lesion
+    area in the paper's training protocol."""
+    areas = np.asarray(areas_mm2)
+    order = np.argsort(-areas, kind="stable")[:k]
+    return order[areas[order] > 0]
+
+
 def slice_scores(class_logits: np.ndarray, mask_logits: np.ndarray, *, hgg_index: int,
                  pixel_area_mm2: float) -> tuple[np.ndarray, np.ndarray]:
     """``(p_hgg [B], area_mm2 [B])`` of a batch of engine outputs (float64)."""
-    logits = np.asarray(class_logits, dtype=np.float64)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p_hgg = shifted[:, hgg_index] / shifted.sum(axis=1)
-    pixels = np.count_nonzero(np.asarray(mask_logits).reshape(len(logits), -1) > 0, axis=1)
+    p_hgg = p_hgg_of(class_logits, hgg_index)
+    pixels = np.count_nonzero(np.asarray(mask_logits).reshape(len(p_hgg), -1) > 0, axis=1)
     return p_hgg, pixels * float(pixel_area_mm2)
 
 
@@ -70,8 +84,7 @@ def decide(p_hgg: np.ndarray, area_mm2: np.ndarray, slice_indices: np.ndarray, *
     volume_ml = float(area_mm2.sum()) * float(slice_thickness_mm) / 1000.0
     if volume_ml < min_lesion_ml or not (area_mm2 > 0).any():
         return Verdict(True, None, None, volume_ml, ())
-    order = np.argsort(-area_mm2, kind="stable")[:top_k]
-    order = order[area_mm2[order] > 0]
+    order = top_slices(area_mm2, top_k)
     p = float(p_hgg[order].mean())
     other = 1 - hgg_index if len(class_names) == 2 else hgg_index
     predicted = class_names[hgg_index] if p >= 0.5 else class_names[other]

@@ -1,12 +1,17 @@
 """Find the cases of an archive: a folder tree (BraTS layout recognised), a text file with one
 path per line, a CSV manifest ``case_id,image[,mask,...]``, or a single NIfTI file.
 
+One ``Case`` model and one discovery for training and scoring (``ubc.data`` reads these).
+
 Case ids:
 - BraTS layout (``<case>/<case>_flair.nii.gz``): the case folder's name; the sibling
   ``<case>_seg.nii.gz``, when present, is recorded as the case's mask.
 - otherwise: the file's path relative to the archive root (for a list: to the listed files'
   common folder), without the ``.nii``/``.nii.gz`` extension.
 - a manifest: its ``case_id`` column.
+Grades (training and evaluation only; scoring ignores them): a ``HGG``/``LGG`` folder above
+the file (BraTS 2019), a grade CSV (``labels=``, or ``labels.csv`` / ``name_mapping.csv`` in
+the archive root: a ``grade`` column and any case-id columns), or a manifest's ``label``.
 Output files derived from a case id go through ``safe_name``, which can never leave the
 output folder whatever the id holds (``../../etc/x`` included).
 """
@@ -25,7 +30,8 @@ from pathlib import Path
 
 from ubc.errors import UBCInputError
 
-__all__ = ["DEFAULT_PATTERN", "Case", "case_id_for", "discover_cases", "safe_name", "safe_path"]
+__all__ = ["DEFAULT_PATTERN", "GRADES", "Case", "case_id_for", "discover_cases", "parse_grade",
+           "safe_name", "safe_path"]
 
 #: FLAIR-like file names (BraTS 2019 ``_flair``, BraTS 2023 ``-t2f``, TCGA ``_fla_``);
 #: ``|`` separates alternatives. Matched case-insensitively against the file name (or, when
@@ -33,17 +39,34 @@ __all__ = ["DEFAULT_PATTERN", "Case", "case_id_for", "discover_cases", "safe_nam
 DEFAULT_PATTERN = "*flair*.nii*|*t2f*.nii*|*_fla_*.nii*"
 _BRATS_NAMES = (("_flair", "_seg"), ("-t2f", "-seg"))  # (image, mask) suffixes per edition
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+GRADES = ("LGG", "HGG")  # class index 0, 1 (the bundle's class_names)
+_LABEL_CSVS = ("labels.csv", "name_mapping.csv")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 120
 
 
 @dataclass(frozen=True)
 class Case:
-    """One volume to score: its id, its image file and, when known, its lesion mask file."""
+    """One volume: its id, its image file and, when known, its lesion mask file and its
+    grade (0 = LGG, 1 = HGG, None = unknown)."""
 
     case_id: str
     image: Path
     mask: Path | None = None
+    label: int | None = None
+
+
+def parse_grade(value: str, where: str) -> int | None:
+    """``LGG``/``0`` -> 0, ``HGG``/``GBM``/``1`` -> 1, empty or unknown -> None;
+    UBCInputError naming ``where`` for anything else."""
+    text = value.strip().upper()
+    if text in ("", "NA", "NAN", "NONE", "UNKNOWN", "?"):
+        return None
+    if text in ("LGG", "0"):
+        return 0
+    if text in ("HGG", "GBM", "1"):
+        return 1
+    raise UBCInputError(f"{where}: grade {value!r} is neither LGG/0 nor HGG/1 (or empty)")
 
 
 def strip_nifti_suffix(name: str) -> str:
@@ -109,19 +132,50 @@ def case_id_for(path: str | os.PathLike[str]) -> str:
     return brats[0] if brats else strip_nifti_suffix(path.name)
 
 
-def _cases_from_files(files: Iterable[Path], root: Path) -> list[Case]:
-    """Cases for image files under ``root``; BraTS ids where unique, relative paths else."""
+def _folder_grade(relative: str) -> int | None:
+    """The grade of a BraTS 2019 path ``HGG/<case>/...`` (any HGG/LGG folder above it)."""
+    folders = [part.upper() for part in relative.split("/")[:-1]]
+    hits = [GRADES.index(f) for f in folders if f in GRADES]
+    return hits[-1] if hits else None
+
+
+def _cases_from_files(files: Iterable[Path], root: Path,
+                      grades: dict[str, int | None] | None = None) -> list[Case]:
+    """Cases for image files under ``root``; BraTS ids where unique, relative paths else.
+    Grades come from ``grades`` (case id -> grade) or else from an HGG/LGG folder."""
     entries = []
     for path in files:
         relative = strip_nifti_suffix(path.relative_to(root).as_posix())
         brats = _brats_case(path)
         entries.append((brats[0] if brats else relative, relative, path,
                         brats[1] if brats else None))
-    seen: dict[str, int] = {}
-    for case_id, *_ in entries:
-        seen[case_id] = seen.get(case_id, 0) + 1
-    return [Case(case_id if seen[case_id] == 1 else relative, path, mask)
-            for case_id, relative, path, mask in entries]
+    seen = Counter(case_id for case_id, *_ in entries)
+    cases = []
+    for case_id, relative, path, mask in entries:
+        label = grades.get(case_id) if grades else _folder_grade(relative)
+        cases.append(Case(case_id if seen[case_id] == 1 else relative, path, mask, label))
+    return cases
+
+
+def _read_grades(path: Path) -> dict[str, int | None]:
+    """case id -> grade from a CSV with a ``grade`` column and any case-id column(s)."""
+    rows = list(csv.DictReader(_read_text(path).splitlines()))
+    if not rows or not any((k or "").strip().lower() == "grade" for k in rows[0]):
+        raise UBCInputError(f"{path}: needs a 'grade' column (HGG/LGG) and a case id column")
+    grade_key = next(k for k in rows[0] if (k or "").strip().lower() == "grade")
+    grades: dict[str, int | None] = {}
+    for n, row in enumerate(rows, start=2):
+        grade = parse_grade(row[grade_key] or "", f"{path} line {n}")
+        for key, value in row.items():  # name_mapping.csv has one id column per BraTS year
+            if key != grade_key and value:
+                grades[value.strip()] = grade
+    return grades
+
+
+def _grades_for(root: Path, labels: Path | None) -> dict[str, int | None] | None:
+    if labels is None:
+        labels = next((root / n for n in _LABEL_CSVS if (root / n).is_file()), None)
+    return _read_grades(labels) if labels is not None else None
 
 
 def _walk(root: Path, pattern: str) -> list[Path]:
@@ -166,10 +220,10 @@ def _from_manifest(path: Path) -> list[Case]:
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not row["case_id"] or not row["image"]:
             raise UBCInputError(f"{path}:{line}: empty case_id or image")
-        image = Path(row["image"])
-        mask = Path(row["mask"]) if row.get("mask") else None
-        cases.append(Case(row["case_id"], image if image.is_absolute() else path.parent / image,
-                          None if mask is None or mask.is_absolute() else path.parent / mask))
+        image, mask = Path(row["image"]), Path(row["mask"]) if row.get("mask") else None
+        cases.append(Case(row["case_id"], path.parent / image,  # an absolute path stays as is
+                          None if mask is None else path.parent / mask,
+                          parse_grade(row.get("label", ""), f"{path} line {line}")))
     return cases
 
 
@@ -190,11 +244,13 @@ def _check_unique(cases: list[Case], source: Path) -> None:
 
 
 def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None,
-                   limit: int | None = None) -> list[Case]:
+                   limit: int | None = None, labels: str | os.PathLike[str] | None = None
+                   ) -> list[Case]:
     """The cases of ``source``, in a stable order (sorted paths, or the list's own order).
 
     ``pattern`` (default ``DEFAULT_PATTERN``) selects image files in a folder tree; files of
     a list or manifest are taken as given (a missing one becomes an error row when scored).
+    ``labels``: a grade CSV for a folder tree (see the module docstring).
     Raises ``UBCInputError`` when ``source`` is missing or unreadable, or ids repeat.
     """
     path = Path(source)
@@ -203,7 +259,8 @@ def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
             raise UBCInputError(f"{path}: folder not readable (permission denied)")
-        cases = _cases_from_files(_walk(path, pattern or DEFAULT_PATTERN), path)
+        grades = _grades_for(path, Path(labels) if labels else None)
+        cases = _cases_from_files(_walk(path, pattern or DEFAULT_PATTERN), path, grades)
     elif path.is_file():
         if is_nifti_name(path.name):
             cases = [Case(case_id_for(path), path)]

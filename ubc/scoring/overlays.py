@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ubc.atomic import atomic_write
 from ubc.scoring.aggregate import Verdict
 
 __all__ = ["write_overlay"]
@@ -87,11 +88,4 @@ def write_overlay(path: str | os.PathLike[str], *, case_id: str, images: np.ndar
         draw.text((x0, y0), f"z={int(slice_indices[position])}  {area_mm2[position]:.0f} mm2",
                   fill=(230, 230, 230))
         draw.text((x0, y0 + 12), f"P(HGG)={p_hgg[position]:.2f}", fill=(230, 230, 230))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    try:
-        picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

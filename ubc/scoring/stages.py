@@ -29,7 +29,8 @@ from ubc.scoring.aggregate import (
 from ubc.scoring.discover import Case, safe_path
 from ubc.scoring.result import ERROR, NO_LESION, OK, CaseResult
 
-__all__ = ["RunContext", "CaseWork", "load_case", "prepare_case", "accumulate", "finish_case"]
+__all__ = ["RunContext", "CaseWork", "load_case", "prepare_case", "accumulate", "finish_case",
+           "original_grid_mask"]
 
 
 @dataclass(frozen=True)
@@ -156,17 +157,25 @@ def accumulate(work: CaseWork, start: int, class_logits: np.ndarray, mask_logits
     work.accumulator.add(start, p_hgg, area, lesion_logits, images)
 
 
-def _write_mask(work: CaseWork, context: RunContext, path: Path) -> None:
+def original_grid_mask(work: CaseWork, context: RunContext) -> np.ndarray:
+    """The predicted lesion mask, uint8 [X, Y, Z] on the volume's canonical RAS grid
+    (``work.volume.to_original_orientation`` maps it to the file's own axes). Needs the
+    case's mask probabilities (``keep_masks``) and its header (``work.volume``)."""
     from ubc import preprocess
 
-    assert work.volume is not None and work.accumulator is not None
-    assert work.accumulator.mask_prob is not None
+    if work.volume is None or work.accumulator is None or work.accumulator.mask_prob is None:
+        raise RuntimeError(f"{work.case.case_id}: no mask probabilities were kept")
     volume = work.volume
     prob = preprocess.to_original(
         work.accumulator.mask_prob.astype(np.float32), volume.data.shape, volume.spacing,
         target_spacing=context.preprocessing.target_spacing, slice_indices=work.indices,
         threads=context.preprocess_threads)
-    save_mask((prob > 0.5).astype(np.uint8), volume, path)
+    return (prob > 0.5).astype(np.uint8)
+
+
+def _write_mask(work: CaseWork, context: RunContext, path: Path) -> None:
+    assert work.volume is not None
+    save_mask(original_grid_mask(work, context), work.volume, path)
 
 
 def _write_overlay(work: CaseWork, verdict: Verdict, path: Path) -> None:

@@ -20,38 +20,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ubc.atomic import atomic_write_bytes
 from ubc.errors import UBCInputError
 from ubc.scoring.result import COLUMNS, CaseResult
 
 __all__ = ["FORMATS", "ResultsFile", "open_results", "read_results"]
 
 FORMATS = (".csv", ".jsonl", ".parquet")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some filesystems refuse directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ResultsFile(ABC):
@@ -131,14 +106,14 @@ class _LineFile(ResultsFile):
 
     def start(self, keep: list[CaseResult] | None = None) -> None:
         if keep is not None:
-            _atomic_write_bytes(self.path, self.header + b"".join(map(self.encode, keep)))
+            atomic_write_bytes(self.path, self.header + b"".join(map(self.encode, keep)))
         else:
             if self._complete_bytes is None:
                 self.read()
             if self.path.exists() and self.path.stat().st_size != self._complete_bytes:
                 os.truncate(self.path, self._complete_bytes or 0)  # drop the torn last line
             if not self.path.exists() or self.path.stat().st_size == 0:
-                _atomic_write_bytes(self.path, self.header)
+                atomic_write_bytes(self.path, self.header)
         self._file = open(self.path, "ab")
 
     def append(self, result: CaseResult) -> None:
@@ -239,7 +214,7 @@ class ParquetResults(ResultsFile):
         table = pa.Table.from_pylist([r.to_row() for r in rows], schema=_schema(pa))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        _atomic_write_bytes(self.path, sink.getvalue().to_pybytes())
+        atomic_write_bytes(self.path, sink.getvalue().to_pybytes())
 
     def start(self, keep: list[CaseResult] | None = None) -> None:
         if keep is not None:

@@ -1,12 +1,13 @@
-"""Which devices this machine has, without importing torch when it is not installed (a
-TensorRT-only deployment has only tensorrt + cuda-bindings + numpy)."""
+"""What this machine offers: devices (without importing torch when it is not installed: a
+TensorRT-only deployment has only tensorrt + cuda-bindings + numpy), the GPU's name and
+compute capability, and the CPU's vector instruction set (for AOTInductor packages)."""
 
 from __future__ import annotations
 
 import importlib.util
 from functools import lru_cache
 
-from ubc.engine.artifacts import GpuInfo
+from ubc.artifacts import GpuInfo
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -81,3 +82,35 @@ def gpu_info(index: int = 0) -> GpuInfo:
 
     major, minor = torch.cuda.get_device_capability(index)
     return GpuInfo(name=torch.cuda.get_device_name(index), major=major, minor=minor)
+
+
+# x86 vector sets, each a superset of the ones before it.
+_X86_ISA_RANK = {"none": 0, "avx2": 1, "avx512": 2, "amx": 3}
+
+
+def cpu_isa() -> str:
+    """The vector instruction set Inductor compiles for on this CPU: avx2, avx512, amx, ..."""
+    from torch._inductor import cpu_vec_isa
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    if not isa:
+        return "none"
+    return type(isa).__name__.lower().removeprefix("vec")
+
+
+def torch_series(version: str) -> str:
+    """``2.14.1+cu130`` -> ``2.14``: AOTInductor packages are tied to a PyTorch release."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def isa_rank(isa: str) -> int:
+    """Position of an x86 vector set in ``_X86_ISA_RANK`` (-1 when unknown)."""
+    return _X86_ISA_RANK.get(isa, -1)
+
+
+def isa_compatible(built: str, here: str) -> bool:
+    """Whether machine code built for vector set ``built`` runs on a CPU with ``here``."""
+    if built == here:
+        return True
+    return built in _X86_ISA_RANK and here in _X86_ISA_RANK and \
+        _X86_ISA_RANK[here] >= _X86_ISA_RANK[built]

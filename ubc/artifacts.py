@@ -1,5 +1,6 @@
 """Names and descriptions of the artifacts a bundle holds, shared by ``ubc.export`` (which
-writes them) and ``ubc.engine`` (which picks and loads them).
+writes them) and ``ubc.engine`` (which picks and loads them): file names, plan naming,
+staleness against the weights, and the keys of parity records.
 
 Every exported file has an entry in ``meta["artifacts"]`` (format, device, precision, the
 versions it was built with) beside its sha256 in ``meta["files"]``. Machine-specific
@@ -17,18 +18,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ubc.bundle import Bundle
 
 WEIGHTS = "weights.pt"
 TORCHSCRIPT = "model.ts"
 ONNX = "model.onnx"
 CALIB_CACHE = "calib.int8.cache"
 
+#: every precision an engine may offer; each backend class declares its own subset
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: the precisions TensorRT plans are built at
+PLAN_PRECISIONS = ("fp32", "fp16", "int8")
+
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("class_logits", "mask_logits")
 
 _PLAN = re.compile(r"^model\.(?P<gpu>[a-z0-9-]+)\.sm(?P<cc>\d+)\.trt(?P<trt>[0-9.]+)"
-                   r"\.(?P<precision>fp32|fp16|int8)\.plan$")
+                   r"\.(?P<precision>" + "|".join(PLAN_PRECISIONS) + r")\.plan$")
 
 
 @dataclass(frozen=True)
@@ -100,3 +109,18 @@ def rebuild_hint(bundle_path: object, name: str) -> str:
     if name == TORCHSCRIPT:
         return f"ubc-export {bundle_path} --torchscript"
     return f"ubc-export {bundle_path}"
+
+
+def parity_key(backend: str, device: str, precision: str, artifact: str) -> str:
+    """Key of a parity record in ``meta["parity"]``, e.g. ``onnxruntime:cpu:fp32:model.onnx``."""
+    return f"{backend}:{device.partition(':')[0]}:{precision}:{artifact}"
+
+
+def stale_reason(bundle: Bundle, artifact: str) -> str | None:
+    """Why ``artifact`` no longer matches the bundle's weights (None when it does)."""
+    entry = artifacts_of(bundle.meta).get(artifact, {})
+    made_from = entry.get("weights_sha256")
+    if made_from is not None and made_from != bundle.meta["files"].get(WEIGHTS):
+        return (f"{artifact} was exported from other weights than the bundle's weights.pt; "
+                f"rebuild it: `{rebuild_hint(bundle.path, artifact)}`")
+    return None
