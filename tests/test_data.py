@@ -15,8 +15,8 @@ from ubc.bundle import Preprocessing
 from ubc.data import (
     Case,
     SliceSet,
+    case_slices,
     discover,
-    load_case,
     load_cases,
     load_lesion_free,
     sample_slices,
@@ -72,7 +72,7 @@ def test_manifest_with_missing_masks_and_labels(phantom_archive: Path,
     assert got["b"].label == 0 and got["b"].mask is None
     assert got["c"].label is None
     # the mask-less case gets the slices with the most brain
-    loaded = load_case(got["b"], PREP, top_k=3)
+    loaded = case_slices(got["b"], PREP, top_k=3)
     assert loaded.masks is None and loaded.images.shape == (3, 1, 64, 64)
     counts = preprocess.foreground_counts(load_volume(cases[1].image).data)
     assert set(loaded.slice_indices) == set(np.argsort(-counts, kind="stable")[:3])
@@ -87,12 +87,12 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(UBCInputError, match="no cases found"):
         discover(tmp_path / "empty")
     with pytest.raises(UBCInputError, match="missing"):
-        load_case(Case("x", tmp_path / "missing.nii.gz"), PREP)
+        case_slices(Case("x", tmp_path / "missing.nii.gz"), PREP)
 
 
 def test_load_case_takes_the_largest_lesion_slices(phantom_archive: Path) -> None:
     case = discover(phantom_archive)[0]
-    loaded = load_case(case, PREP)
+    loaded = case_slices(case, PREP)
     seg = load_volume(case.mask)
     areas = (seg.data > 0).sum(axis=(0, 1)).astype(float)  # 1 mm voxels: mm2
     assert loaded.images.shape == loaded.masks.shape == (5, 1, 64, 64)

@@ -16,7 +16,7 @@ from ubc.data import SliceSet
 from ubc.errors import BundleError
 from ubc.losses import classification_loss, soft_dice, soft_dice_loss, ubc_loss
 from ubc.metrics import dice_scores, evaluate_predictions, roc_auc, wilson_interval
-from ubc.model import build_model
+from ubc.model import build_model, model_from_bundle
 from ubc.training import TrainConfig, fit, predict
 
 
@@ -189,13 +189,13 @@ def test_cli_bundle_meta_and_files(cli_bundle: Path) -> None:
 
 
 def test_bundle_round_trip_gives_identical_outputs(cli_bundle: Path) -> None:
-    from ubc.data import discover, load_case
+    from ubc.data import case_slices, discover
 
     bundle = Bundle(cli_bundle)
     case = discover(Path(bundle.meta["training"]["data"]))[0]
-    slices = load_case(case, bundle.preprocessing).images
-    model = bundle.build_model()
-    again = Bundle(cli_bundle).build_model()
+    slices = case_slices(case, bundle.preprocessing).images
+    model = model_from_bundle(bundle)
+    again = model_from_bundle(Bundle(cli_bundle))
     p1, m1 = predict(model, slices)
     p2, m2 = predict(again, slices)
     assert np.array_equal(p1, p2) and np.array_equal(m1, m2)
@@ -212,7 +212,7 @@ def test_tampered_weights_are_refused(cli_bundle: Path, tmp_path: Path) -> None:
     raw[len(raw) // 2] ^= 0xFF
     (copy / "weights.pt").write_bytes(bytes(raw))
     with pytest.raises(BundleError, match="sha256"):
-        Bundle(copy).build_model()
+        model_from_bundle(Bundle(copy))
 
 
 def test_cli_reports_bad_arguments(phantom_archive: Path, tmp_path: Path,

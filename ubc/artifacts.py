@@ -111,6 +111,34 @@ def rebuild_hint(bundle_path: object, name: str) -> str:
     return f"ubc-export {bundle_path}"
 
 
+#: bundle settings every ONNX export embeds in its metadata (``metadata_props``)
+ONNX_METADATA = ("preprocessing", "class_names")
+
+
+def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The ``ubc.*`` metadata an exported ONNX carries for a bundle's meta.json."""
+    import json
+
+    return {f"ubc.{key}": json.dumps(meta[key], sort_keys=True) for key in ONNX_METADATA}
+
+
+def onnx_metadata_mismatch(meta: dict[str, Any], embedded: dict[str, str]) -> str | None:
+    """Why the metadata ``embedded`` in a bundle's ONNX disagrees with its meta.json (an ONNX
+    copied in from another bundle, or a meta.json edited by hand), or None."""
+    import json
+
+    for key, expected in onnx_metadata(meta).items():
+        if key not in embedded:
+            return f"it carries no {key!r} metadata"
+        try:
+            same = json.loads(embedded[key]) == json.loads(expected)
+        except ValueError:
+            same = False
+        if not same:
+            return f"its {key} {embedded[key]} differs from meta.json's {expected}"
+    return None
+
+
 def parity_key(backend: str, device: str, precision: str, artifact: str) -> str:
     """Key of a parity record in ``meta["parity"]``, e.g. ``onnxruntime:cpu:fp32:model.onnx``."""
     return f"{backend}:{device.partition(':')[0]}:{precision}:{artifact}"

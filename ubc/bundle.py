@@ -138,14 +138,6 @@ class Bundle:
 
         return torch.load(self.file(WEIGHTS_FILE), map_location="cpu", weights_only=True)
 
-    def build_model(self) -> Any:
-        """The eager PyTorch model with the bundle's weights, in eval mode on the CPU."""
-        from ubc.model import build_model
-
-        model = build_model(self.arch)
-        model.load_state_dict(self.load_state_dict())
-        return model.eval()
-
 
 def create_bundle(path: str | os.PathLike[str], *, arch: str, state_dict: dict[str, Any],
                   preprocessing: Preprocessing, class_names: tuple[str, ...] = ("LGG", "HGG"),

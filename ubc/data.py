@@ -24,7 +24,7 @@ from ubc.errors import UBCInputError
 from ubc.scoring.aggregate import top_slices
 from ubc.scoring.discover import GRADES, Case, discover_cases
 
-__all__ = ["GRADES", "Case", "CaseSlices", "SliceSet", "discover", "load_case", "load_cases",
+__all__ = ["GRADES", "Case", "CaseSlices", "SliceSet", "case_slices", "discover", "load_cases",
            "load_lesion_free",
            "split_cases", "subsample", "sample_slices"]
 
@@ -139,7 +139,7 @@ def _preprocessed(case: Case, volume: Any, seg: Any, chosen: np.ndarray,
     return images, masks
 
 
-def load_case(case: Case, preprocessing: Preprocessing, *, top_k: int | None = 5
+def case_slices(case: Case, preprocessing: Preprocessing, *, top_k: int | None = 5
               ) -> CaseSlices:
     """Load and preprocess one case: the ``top_k`` slices with the largest lesion area
     (``top_k=None``: every axial slice). A case without a mask gets the ``top_k`` slices with
@@ -176,13 +176,13 @@ def load_lesion_free(case: Case, preprocessing: Preprocessing, n: int) -> CaseSl
 
 def load_cases(cases: Iterable[Case], preprocessing: Preprocessing, *, top_k: int | None = 5,
                lesion_free: int = 0, progress: bool = True) -> SliceSet:
-    """``load_case`` for every case, stacked into one ``SliceSet``; with ``lesion_free`` > 0
+    """``case_slices`` for every case, stacked into one ``SliceSet``; with ``lesion_free`` > 0
     also ``load_lesion_free`` pseudo-cases (mask-only rows)."""
     from tqdm import tqdm
 
     loaded: list[CaseSlices] = []
     for case in tqdm(list(cases), desc="loading", unit="case", disable=not progress):
-        loaded.append(load_case(case, preprocessing, top_k=top_k))
+        loaded.append(case_slices(case, preprocessing, top_k=top_k))
         negatives = load_lesion_free(case, preprocessing, lesion_free) if lesion_free else None
         if negatives is not None:
             loaded.append(negatives)

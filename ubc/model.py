@@ -6,9 +6,14 @@ evaluation branch on the architecture in one place only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ubc.bundle import Bundle
 
 ARCHITECTURES = ("ubc-resnet34", "resnet34")
 NUM_CLASSES = 2
@@ -82,6 +87,13 @@ def build_model(arch: str = "ubc-resnet34", *, deep_supervision: bool = False) -
     if arch == "resnet34":
         return ResNet34Classifier()
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def model_from_bundle(bundle: Bundle) -> nn.Module:
+    """The eager PyTorch model with a bundle's weights, in eval mode on the CPU."""
+    model = build_model(bundle.arch)
+    model.load_state_dict(bundle.load_state_dict())
+    return model.eval()
 
 
 def inference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

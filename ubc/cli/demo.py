@@ -121,15 +121,18 @@ def _metrics_line(metrics: dict[str, Any] | None) -> str:
 
 
 def run_infer(bundle: Path, archive: Path, out_dir: Path, backend: str) -> int:
-    """Run ``ubc-infer`` (in this process) on the held-out archive; its exit code."""
-    from ubc.cli import infer
+    """Score the held-out archive with ``ubc.score_archive`` (what ``ubc-infer`` runs);
+    returns ubc-infer's exit code for that run (1 when a case failed)."""
+    from ubc.scoring import score_archive
 
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run each time (no resume here)
-    args = ["--model", str(bundle), "--input", str(archive), "--out",
-            str(out_dir / "results.csv"), "--masks", str(out_dir / "masks"), "--overlays",
-            str(out_dir / "overlays"), "--backend", backend]
-    print("   $ ubc-infer " + " ".join(shlex.quote(a) for a in args), flush=True)
-    return infer.main(args)
+    print(f"   the same as: ubc-infer --model {shlex.quote(str(bundle))} --input "
+          f"{shlex.quote(str(archive))} --out {shlex.quote(str(out_dir / 'results.csv'))} "
+          f"--masks ... --overlays ... --backend {backend}", flush=True)
+    summary = score_archive(bundle, archive, out_dir / "results.csv", masks=out_dir / "masks",
+                            overlays=out_dir / "overlays", backend=backend, progress=True)
+    print(summary.format())
+    return 1 if summary.failed else 0
 
 
 def _truth(archive: Path) -> dict[str, str]:

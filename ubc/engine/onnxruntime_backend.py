@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES
+from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES, onnx_metadata_mismatch
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
+from ubc.errors import BundleError
 
 INSTALL_HINT = "pip install onnxruntime"
 
@@ -72,6 +73,11 @@ class OnnxRuntimeEngine(Engine):
             raise ValueError(f"{path}: expected input {INPUT_NAME!r} and outputs "
                              f"{list(OUTPUT_NAMES)}, found {inputs} -> {outputs}; re-export it "
                              f"with `ubc-export {bundle.path} --onnx`")
+        mismatch = onnx_metadata_mismatch(bundle.meta,
+                                          self._session.get_modelmeta().custom_metadata_map)
+        if mismatch is not None:
+            raise BundleError(f"{path}: {mismatch}; re-export it with "
+                              f"`ubc-export {bundle.path} --onnx`")
         self.threads = options.intra_op_num_threads
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

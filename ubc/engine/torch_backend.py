@@ -38,6 +38,41 @@ def _check_options(device: str, precision: str, artifact: str, half_weights: boo
         raise ValueError("half_weights needs precision='fp16' or 'bf16'")
 
 
+def optimizes_for_inference(autocast: bool) -> bool:
+    """Whether a TorchScript model goes through ``torch.jit.optimize_for_inference``: not
+    when it runs under autocast. On CUDA the pass fuses conv + relu into
+    ``aten::cudnn_convolution_relu`` / ``cudnn_convolution_add_relu``, which autocast's fp16
+    and bf16 lists do not cover: the convolutions would run in fp32 under an fp16 label."""
+    return not autocast
+
+
+class HostStaging:
+    """Copies batches to ``device`` through one pinned host buffer of ``max_batch`` slices
+    (page-locked memory: the copy is one DMA instead of a bounce through a staging page);
+    on the CPU batches are wrapped, not copied. Shared by the torch and AOTInductor engines,
+    so that their figures compare like with like."""
+
+    def __init__(self, torch: Any, device: Any, max_batch: int, size: tuple[int, int]) -> None:
+        self._torch = torch
+        self._device = device
+        self.pinned = (torch.empty((max_batch, 1, *size), dtype=torch.float32).pin_memory()
+                       if device.type == "cuda" else None)
+
+    def to_device(self, batch: np.ndarray) -> Any:
+        """``batch`` (float32 [B <= max_batch, 1, H, W]) as a float32 tensor on the device.
+        The copy is asynchronous: the caller's device-to-host copy of the outputs orders
+        it before the buffer is written again."""
+        x = self._torch.from_numpy(batch)
+        if self.pinned is None:
+            return x
+        staged = self.pinned[:len(batch)]
+        staged.copy_(x)
+        return staged.to(self._device, non_blocking=True)
+
+    def close(self) -> None:
+        self.pinned = None
+
+
 class TorchEngine(Engine):
     """Eager or TorchScript model; see the module docstring for the CUDA options.
 
@@ -51,6 +86,9 @@ class TorchEngine(Engine):
     devices = ("cpu", "cuda")
     precisions = {"cpu": ("fp32",), "cuda": ("fp32", "fp16", "bf16")}
     artifact_kinds = ("torchscript", "eager")
+    #: whether the TorchScript model went through optimize_for_inference (never under
+    #: autocast; see ``optimizes_for_inference``)
+    optimized: bool = False
 
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, *,
@@ -110,21 +148,26 @@ class TorchEngine(Engine):
             None if cuda_graphs is True else {int(n) for n in cuda_graphs or ()})
         self._use_graphs = bool(cuda_graphs)
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
-        self._pinned = (torch.empty((max_batch, 1, *self.input_size), dtype=torch.float32)
-                        .pin_memory() if kind == "cuda" else None)
+        self._staging = HostStaging(torch, self._device, max_batch, self.input_size)
 
     def _load(self, bundle: Bundle, artifact: str, half_weights: bool) -> Any:
         torch = self._torch
         if artifact == "torchscript":
             model = torch.jit.load(str(bundle.file(TORCHSCRIPT)), map_location=self._device)
-            try:
-                # Optimised here, not at export: on the CPU the pass swaps in MKLDNN
-                # constants, and a module holding them cannot be saved and loaded again.
-                model = torch.jit.optimize_for_inference(model)
-            except RuntimeError as exc:  # pragma: no cover - depends on torch build
-                log.warning("optimize_for_inference failed (%s); running the frozen graph", exc)
+            self.optimized = optimizes_for_inference(self._autocast)
+            if self.optimized:
+                try:
+                    # Optimised here, not at export: on the CPU the pass swaps in MKLDNN
+                    # constants, and a module holding them cannot be saved and loaded again.
+                    model = torch.jit.optimize_for_inference(model)
+                except RuntimeError as exc:  # pragma: no cover - depends on torch build
+                    log.warning("optimize_for_inference failed (%s); running the frozen "
+                                "graph", exc)
+                    self.optimized = False
         else:
-            model = bundle.build_model()
+            from ubc.model import model_from_bundle
+
+            model = model_from_bundle(bundle)
             if half_weights:
                 model = model.to(self._dtype)
         model = model.to(self._device)
@@ -144,12 +187,7 @@ class TorchEngine(Engine):
 
     def _to_device(self, batch: np.ndarray) -> Any:
         torch = self._torch
-        x = torch.from_numpy(batch)
-        if self._pinned is not None:
-            staged = self._pinned[:len(batch)]
-            staged.copy_(x)
-            x = staged.to(self._device, non_blocking=True)
-        x = x.to(self._input_dtype)
+        x = self._staging.to_device(batch).to(self._input_dtype)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -189,6 +227,6 @@ class TorchEngine(Engine):
     def _release(self) -> None:
         self._graphs.clear()
         self._model = None
-        self._pinned = None
+        self._staging.close()
         if self._device.type == "cuda":
             self._torch.cuda.empty_cache()

@@ -20,6 +20,7 @@ from ubc.artifacts import aoti_name, with_artifact
 from ubc.bundle import Bundle
 from ubc.devices import gpu_info, parse_device, resolve_device, strict_fp32
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
+from ubc.model import model_from_bundle
 
 DEFAULT_MAX_BATCH = 64
 
@@ -45,7 +46,7 @@ def to_aoti(bundle: Bundle, *, device: str = "cpu", max_batch: int = DEFAULT_MAX
     if kind == "cuda":
         strict_fp32(torch)  # Inductor reads the TF32 switches when it generates kernels
     target = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
-    model = bundle.build_model().to(target)
+    model = model_from_bundle(bundle).to(target)
     x = torch.from_numpy(example_batch(bundle, example, batch=2)).to(target)
     if len(x) < 2:  # torch.export specialises a batch of 1 to a constant
         x = x.repeat(2, 1, 1, 1)

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES, with_artifact
+from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES, onnx_metadata, with_artifact
 from ubc.bundle import Bundle
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
+from ubc.model import model_from_bundle
 
 OPSET = 18  # torch 2.14's dynamo exporter writes 18 natively (its torchlib opset)
 MAX_DYNAMIC_BATCH = 4096
@@ -32,17 +33,13 @@ def _export(model: Any, x: Any, path: Path, opset: int) -> None:
 
 def _finish(path: Path, bundle: Bundle) -> None:
     """Validate, name the batch axis ``batch`` everywhere and embed the bundle's metadata."""
-    import json
-
     import onnx
 
     model = onnx.load(str(path))
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     del model.metadata_props[:]
-    for key, value in {"ubc.name": bundle.name, "ubc.arch": bundle.arch,
-                       "ubc.preprocessing": json.dumps(bundle.meta["preprocessing"]),
-                       "ubc.class_names": json.dumps(bundle.class_names)}.items():
+    for key, value in {"ubc.arch": bundle.arch, **onnx_metadata(bundle.meta)}.items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
@@ -58,7 +55,7 @@ def to_onnx(bundle: Bundle, *, example: np.ndarray | None = None,
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (LayerNorm-era ops, TensorRT 10), got {opset}")
     start = time.perf_counter()
-    model = bundle.build_model()
+    model = model_from_bundle(bundle)
     x = torch.from_numpy(example_batch(bundle, example))
 
     def write(tmp: Path) -> None:

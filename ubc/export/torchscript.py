@@ -17,6 +17,7 @@ import numpy as np
 from ubc.artifacts import TORCHSCRIPT, with_artifact
 from ubc.bundle import Bundle
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
+from ubc.model import model_from_bundle
 
 META_EXTRA_FILE = "ubc_meta.json"
 
@@ -29,7 +30,7 @@ def to_torchscript(bundle: Bundle, *, example: np.ndarray | None = None) -> Expo
 
     check_arch(bundle)
     start = time.perf_counter()
-    model = bundle.build_model()
+    model = model_from_bundle(bundle)
     x = torch.from_numpy(example_batch(bundle, example))
     with torch.no_grad():
         traced = torch.jit.trace(model, (x,), check_trace=False)
