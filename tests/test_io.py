@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -149,3 +150,52 @@ def test_real_volumes_load_in_canonical_orientation(real_volume_paths):
         assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
         assert nib.aff2axcodes(volume.original_affine) == ("L", "P", "S")
         assert volume.data.dtype in (np.int16, np.uint8)
+
+
+SEED_CORPUS = Path(__file__).parent / "fuzz" / "corpus" / "nifti"
+
+
+NOT_SCALAR = ("complex64.nii", "complex128.nii", "rgb24.nii")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SEED_CORPUS.iterdir()
+                                        if p.name not in NOT_SCALAR))
+def test_every_nifti_dtype_and_layout_loads_as_nibabel_reads_it(name):
+    # The bounded reader (issue 9) builds voxels itself; nibabel's reading is the reference.
+    path = SEED_CORPUS / name
+    image = nib.load(path)
+    proxy = image.dataobj
+    scaled = not (proxy.slope == 1 and proxy.inter == 0)
+    expected = image.get_fdata(dtype=np.float32) if scaled else np.asanyarray(proxy)
+    if expected.ndim == 4:
+        expected = expected[..., 0]
+    volume = load_volume(path, volume_index=0)
+    assert volume.data.dtype == expected.dtype
+    np.testing.assert_array_equal(volume.to_original_orientation(volume.data), expected)
+    np.testing.assert_array_equal(volume.original_affine, image.affine)
+    assert sorted(volume.spacing) == pytest.approx(sorted(image.header.get_zooms()[:3]))
+
+
+@pytest.mark.parametrize("name", NOT_SCALAR)
+def test_complex_and_rgb_files_are_refused_by_name(name):
+    # No scalar intensity: downstream casts would drop the imaginary part or fail on tuples.
+    with pytest.raises(UBCInputError, match=rf"{name}: header datatype \d+ .* not a scalar"):
+        load_volume(SEED_CORPUS / name)
+
+
+def test_bytes_in_memory_load_as_the_file_does(tmp_path):
+    from ubc.io import load_volume_bytes
+
+    path = tmp_path / "scan.nii.gz"
+    data = (np.arange(8 * 9 * 10, dtype=np.int16).reshape(8, 9, 10) % 97)
+    nib.save(nib.Nifti1Image(data, np.diag([-1.0, 1.0, 2.0, 1.0])), path)
+    raw = path.read_bytes()
+    for payload in (raw, gzip.decompress(raw)):  # .nii.gz and .nii, told apart by content
+        volume, expected = load_volume_bytes(payload, name="upload-7"), load_volume(path)
+        assert np.array_equal(volume.data, expected.data) and volume.path is None
+        assert np.allclose(volume.affine, expected.affine)
+        assert volume.spacing == expected.spacing
+    with pytest.raises(UBCInputError, match="^upload-7: corrupt or truncated gzip"):
+        load_volume_bytes(raw[:200], name="upload-7")
+    with pytest.raises(UBCInputError, match="^<upload>: .*truncated"):
+        load_volume_bytes(gzip.decompress(raw)[:400])

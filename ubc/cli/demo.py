@@ -126,11 +126,12 @@ def run_infer(bundle: Path, archive: Path, out_dir: Path, backend: str) -> int:
     from ubc.scoring import score_archive
 
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run each time (no resume here)
-    print(f"   the same as: ubc-infer --model {shlex.quote(str(bundle))} --input "
-          f"{shlex.quote(str(archive))} --out {shlex.quote(str(out_dir / 'results.csv'))} "
-          f"--masks ... --overlays ... --backend {backend}", flush=True)
-    summary = score_archive(bundle, archive, out_dir / "results.csv", masks=out_dir / "masks",
-                            overlays=out_dir / "overlays", backend=backend, progress=True)
+    masks, overlays, out = out_dir / "masks", out_dir / "overlays", out_dir / "results.csv"
+    command = ["--model", bundle, "--input", archive, "--out", out, "--masks", masks,
+               "--overlays", overlays, "--backend", backend]
+    print("   $ ubc-infer " + " ".join(shlex.quote(str(a)) for a in command), flush=True)
+    summary = score_archive(bundle, archive, out, masks=masks, overlays=overlays,
+                            backend=backend, progress=True)
     print(summary.format())
     return 1 if summary.failed else 0
 

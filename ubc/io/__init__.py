@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
-from ubc.io.nifti import GZIP_BACKEND, MAX_VOXELS, Volume, load_volume, save_mask
+from ubc.io.nifti import (
+    GZIP_BACKEND,
+    MAX_VOXELS,
+    Volume,
+    load_volume,
+    load_volume_bytes,
+    save_mask,
+)
 
-__all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "load_volume", "save_mask"]
+__all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "load_volume", "load_volume_bytes",
+           "save_mask"]

@@ -1,33 +1,52 @@
 """NIfTI in and out: volumes reoriented to canonical RAS, masks written back in the input's
-own grid, orientation and affine."""
+own grid, orientation and affine.
+
+Hostile files are refused before anything large is allocated (issue 9): the header's shape,
+datatype, bitpix, vox_offset, pixdim and affine are checked first, the voxel count is capped
+(``MAX_VOXELS``), a plain file must hold the bytes its header declares, and a .nii.gz is
+inflated in bounded chunks, never more than the declared size plus
+``ubc.io.bounded.GZIP_MARGIN``.
+"""
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
+import io
+import math
 import os
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import cast
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+from nibabel.volumeutils import apply_read_scaling
 
+from ubc.atomic import atomic_write
 from ubc.errors import UBCInputError
+from ubc.io.bounded import GZIP_BACKEND, GZIP_ERRORS, Reader, open_reader, read_exactly
 
-_gzip: ModuleType
-_GZIP_ERRORS: tuple[type[Exception], ...] = (EOFError, zlib.error, gzip.BadGzipFile)
-try:  # igzip (ISA-L) inflates .nii.gz twice as fast as zlib (bench/bench_preprocess.py)
-    from isal import igzip as _gzip
-    from isal import isal_zlib
+__all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "load_volume", "load_volume_bytes",
+           "save_mask"]
 
-    _GZIP_ERRORS += (cast("type[Exception]", isal_zlib.error),)
-except ImportError:  # pragma: no cover - isal has wheels for every platform we ship to
-    _gzip = gzip
+MAX_VOXELS = 1024 ** 3
+"""Default cap on the voxels a header may declare (all volumes of a 4-D file together).
+2^30 admits every real MRI (a 0.25 mm 7 T whole head, 800 x 1000 x 800 = 6.4e8; a 300-volume
+diffusion series, 140 x 140 x 90 x 300 = 5.3e8), is the native preprocessing's own limit per
+volume, and refuses the 1.7e10 voxels that a 384-byte hostile file declared. A file can make
+the loader hold at most the cap times its bytes per voxel (+ 12 bytes per voxel when the
+header scales intensities: nibabel's float64 step and the float32 result), so a service that
+takes uploads should pass a smaller ``max_voxels`` (512^3 covers clinical scans)."""
 
-GZIP_BACKEND = _gzip.__name__
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+"""Largest vox_offset accepted: the header plus its extensions (CIFTI XML is a few MB)."""
+
+PIXDIM_RANGE = (1e-6, 1e6)
+"""Accepted voxel sizes (pixdim[1..3], absolute): 10 um stored in metres to 10 mm stored in
+micrometres, with room to spare; outside it (0, denormals, 1e30) resampling is meaningless."""
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 
@@ -54,25 +73,171 @@ class Volume:
         return orientations.apply_orientation(array, back)
 
 
-def _read_image(path: Path) -> nib.Nifti1Image:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = _gzip.decompress(raw)
+def _read_header(reader: Reader) -> nib.Nifti1Header:
+    """The fixed part of the header (348 or 540 bytes), unchecked, byte order detected."""
+    raw = read_exactly(reader, 348)
     if len(raw) < 348:
         raise ValueError(f"{len(raw)} bytes is too short for a NIfTI header")
-    header_sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
-    if not header_sizes & {348, 540}:
+    # Byte order from sizeof_hdr alone (nibabel guesses it from dim[0], which may be hostile).
+    little, big = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")
+    if little in (348, 540):
+        endian, size = "<", little
+    elif big in (348, 540):
+        endian, size = ">", big
+    else:
         raise ValueError("not a NIfTI file (bad header size field)")
-    image_class = nib.Nifti2Image if 540 in header_sizes else nib.Nifti1Image
-    return image_class.from_bytes(raw)
+    if size == 540:
+        raw += read_exactly(reader, 540 - 348)
+        if len(raw) < 540:
+            raise ValueError(f"{len(raw)} bytes is too short for a NIfTI-2 header")
+        return nib.Nifti2Header(raw, endianness=endian, check=False)
+    return nib.Nifti1Header(raw, endianness=endian, check=False)
 
 
-def _voxels(image: nib.Nifti1Image) -> np.ndarray:
-    proxy = image.dataobj
-    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+@dataclass(frozen=True)
+class _Layout:
+    """Where the voxels are and what they are, as the header declares them."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _declared_layout(header: nib.Nifti1Header, path: Path, max_voxels: int) -> _Layout:
+    """Shape, dtype and data offset from the raw header fields, refused when absurd."""
+    dim = [int(d) for d in header["dim"]]
+    if not 1 <= dim[0] <= 7:
+        raise UBCInputError(f"{path}: header dim[0] = {dim[0]}; NIfTI allows 1 to 7 axes")
+    shape = tuple(dim[1:dim[0] + 1])
+    if min(shape) < 0:
+        raise UBCInputError(f"{path}: header declares a negative size, shape {shape}")
+    voxels = math.prod(shape)
+    if voxels > max_voxels:
+        raise UBCInputError(f"{path}: header declares shape {shape} = {voxels:,} voxels, "
+                            f"more than the cap of {max_voxels:,} (max_voxels)")
+    code = int(header["datatype"])
+    try:
+        dtype = header.get_data_dtype()
+    except (KeyError, nib.spatialimages.HeaderDataError) as exc:
+        raise UBCInputError(f"{path}: header datatype code {code} is not a NIfTI data type") \
+            from exc
+    if dtype.kind not in "iuf" or dtype.fields:  # complex, RGB: no scalar intensity to score
+        raise UBCInputError(f"{path}: header datatype {code} ({dtype}) is not a scalar real "
+                            f"image; integer and float volumes are read")
+    bitpix = int(header["bitpix"])
+    if bitpix != 8 * dtype.itemsize:
+        raise UBCInputError(f"{path}: header bitpix {bitpix} does not match datatype {code} "
+                            f"({dtype.name}, {8 * dtype.itemsize} bits)")
+    return _Layout(shape, dtype, _data_offset(header, path))
+
+
+def _data_offset(header: nib.Nifti1Header, path: Path) -> int:
+    vox_offset = float(header["vox_offset"])
+    minimum = int(header["sizeof_hdr"]) + 4  # the header and its 4-byte extension flag
+    if not (math.isfinite(vox_offset) and minimum <= vox_offset <= MAX_HEADER_BYTES):
+        raise UBCInputError(f"{path}: header vox_offset {vox_offset:g} is outside "
+                            f"{minimum} .. {MAX_HEADER_BYTES:,} bytes")
+    return int(vox_offset)
+
+
+def _check_pixdim(header: nib.Nifti1Header, path: Path, axes: int) -> None:
+    """Voxel sizes that are zero (nibabel would silently make them 1), not finite, or
+    outside ``PIXDIM_RANGE`` are refused; a negative size is made positive, as nibabel does."""
+    low, high = PIXDIM_RANGE
+    for axis in range(1, min(axes, 3) + 1):
+        value = float(header["pixdim"][axis])
+        if not low <= abs(value) <= high:  # False for NaN too
+            raise UBCInputError(f"{path}: header pixdim[{axis}] = {value:g} is not a voxel "
+                                f"size: it must be finite, between {low:g} and {high:g}")
+
+
+def _affine_field(header: nib.Nifti1Header) -> str:
+    """The header fields ``get_best_affine`` builds the affine from."""
+    if header["sform_code"] != 0:
+        return "sform (srow_x, srow_y, srow_z)"
+    if header["qform_code"] != 0:
+        return "qform (quatern_b/c/d, qoffset_x/y/z, pixdim)"
+    return "pixdim"
+
+
+def _checked_affine(header: nib.Nifti1Header, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(affine float64 [4, 4], its orientation [3, 2]); refused when not finite or singular
+    (nibabel and numpy would raise OrientationError / LinAlgError later)."""
+    affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    field = _affine_field(header)
+    if not np.isfinite(affine).all():
+        raise UBCInputError(f"{path}: the affine from the header's {field} is not finite: "
+                            f"{affine[:3].tolist()}")
+    det = float(np.linalg.det(affine[:3, :3]))
+    ornt = orientations.io_orientation(affine) if math.isfinite(det) and det != 0 else None
+    if ornt is None or np.isnan(ornt).any():
+        raise UBCInputError(f"{path}: the affine from the header's {field} is singular "
+                            f"(zero spacing or collinear axes): {affine[:3].tolist()}")
+    return affine, ornt
+
+
+@dataclass(frozen=True)
+class _Image:
+    header: nib.Nifti1Header
+    data: np.ndarray  # the file's own axes and dtype, unscaled
+    affine: np.ndarray
+    ornt: np.ndarray
+
+
+def _read_image(file: io.BufferedIOBase, size: int, path: Path, max_voxels: int) -> _Image:
+    """Header checked field by field, then exactly the declared voxels, read into one
+    buffer (np.empty: pages are only touched as the bytes arrive). ``size``: the file's
+    bytes; ``path`` names it in errors."""
+    reader, compressed = open_reader(file)
+    fixed = _read_header(reader)
+    layout = _declared_layout(fixed, path, max_voxels)
+    if not compressed and size < layout.offset + layout.nbytes:
+        raise UBCInputError(f"{path}: truncated: header declares {layout.nbytes:,} bytes "
+                            f"of voxels at offset {layout.offset}, the file has {size:,}")
+    _check_pixdim(fixed, path, len(layout.shape))
+    raw = fixed.binaryblock + read_exactly(reader, layout.offset - len(fixed.binaryblock))
+    header = type(fixed).from_fileobj(io.BytesIO(raw), fixed.endianness, check=False)
+    header.check_fix()  # nibabel's own checks (magic, ...): raises on errors
+    affine, ornt = _checked_affine(header, path)
+    data = _allocate(layout.nbytes, path)
+    got = reader.readinto(data.data)
+    if got < layout.nbytes:
+        raise UBCInputError(f"{path}: truncated: header declares {layout.nbytes:,} bytes "
+                            f"of voxels, the file holds {got:,}")
+    reader.finish(path, layout.offset + layout.nbytes)
+    array = np.ndarray(layout.shape, dtype=layout.dtype, buffer=data, order="F")
+    return _Image(header, array, affine, ornt)
+
+
+def _allocate(nbytes: int, path: Path) -> np.ndarray:
+    try:
+        return np.empty(nbytes, dtype=np.uint8)
+    except MemoryError as exc:
+        raise UBCInputError(f"{path}: not enough memory for the {nbytes:,} bytes of voxels "
+                            f"its header declares") from exc
+
+
+def _voxels(image: _Image, path: Path) -> np.ndarray:
+    """On-disk dtype when the header does not scale (no float64 blow-up), else float32 as
+    nibabel's ``get_fdata(dtype=np.float32)`` computes it."""
+    slope, inter = image.header.get_slope_inter()
+    slope = 1.0 if slope is None else slope
+    inter = 0.0 if inter is None else inter
     if slope == 1 and inter == 0:
-        return np.asanyarray(image.dataobj)  # on-disk dtype, no float64 blow-up
-    return np.asarray(image.get_fdata(dtype=np.float32))
+        return image.data
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, by name
+        scaled = np.asarray(apply_read_scaling(image.data, slope, inter), dtype=np.float32)
+    kind = image.data.dtype.kind
+    bound = np.iinfo(image.data.dtype) if kind in "iu" else None
+    if (bound is None or max(-bound.min, bound.max) * abs(slope) + abs(inter) > _FLOAT32_MAX) \
+            and (np.isinf(scaled) & np.isfinite(image.data)).any():
+        raise UBCInputError(f"{path}: header scl_slope {slope:g} and scl_inter {inter:g} "
+                            f"scale voxels beyond the float32 range")
+    return scaled
 
 
 def _as_3d(data: np.ndarray, volume_index: int | None) -> np.ndarray:
@@ -92,38 +257,76 @@ def _as_3d(data: np.ndarray, volume_index: int | None) -> np.ndarray:
     return data
 
 
-def load_volume(path: str | os.PathLike[str], volume_index: int | None = None) -> Volume:
-    """Read a .nii or .nii.gz file as a canonical (RAS) ``Volume``.
+def _canonical(image: _Image, data: np.ndarray, path: Path) -> Volume:
+    """The file's 3-D voxels reoriented (views, no copy) to RAS, with spacing per RAS axis."""
+    canonical = orientations.apply_orientation(data, image.ornt)
+    affine = image.affine @ orientations.inv_ornt_aff(image.ornt, data.shape)
+    zooms = image.header.get_zooms()[:3]
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(image.ornt):
+        spacing[int(target)] = float(zooms[axis])
+    return Volume(data=canonical, spacing=(spacing[0], spacing[1], spacing[2]), affine=affine,
+                  original_affine=image.affine,
+                  original_shape=(data.shape[0], data.shape[1], data.shape[2]), path=path)
 
-    Any failure (missing file, corrupt or truncated gzip, not NIfTI, several volumes without
-    ``volume_index``, empty) raises ``UBCInputError`` naming the file and the cause.
-    """
-    path = Path(path)
+
+def _checked_cap(max_voxels: int) -> None:
+    if isinstance(max_voxels, bool) or not isinstance(max_voxels, int) or max_voxels < 1:
+        raise ValueError(f"max_voxels must be a positive int, got {max_voxels!r}")
+
+
+def _load(read: Callable[[], _Image], path: Path, volume_index: int | None) -> Volume:
+    """``read()``'s image as a canonical Volume; every failure a UBCInputError naming path."""
     try:
-        image = _read_image(path)
-        data = _as_3d(_voxels(image), volume_index)
+        image = read()
+        return _canonical(image, _as_3d(_voxels(image, path), volume_index), path)
     except UBCInputError:
         raise
     except FileNotFoundError as exc:
         raise UBCInputError(f"{path}: file not found") from exc
     except PermissionError as exc:
         raise UBCInputError(f"{path}: permission denied") from exc
-    except _GZIP_ERRORS as exc:
+    except IsADirectoryError as exc:
+        raise UBCInputError(f"{path}: is a directory, not a file") from exc
+    except GZIP_ERRORS as exc:
         raise UBCInputError(f"{path}: corrupt or truncated gzip ({exc})") from exc
     except Exception as exc:  # nibabel raises many types on malformed headers
         raise UBCInputError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") \
             from exc
-    original_affine = image.affine.astype(np.float64)
-    ornt = orientations.io_orientation(original_affine)
-    canonical = orientations.apply_orientation(data, ornt)
-    affine = original_affine @ orientations.inv_ornt_aff(ornt, data.shape)
-    zooms = image.header.get_zooms()[:3]
-    spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _flip) in enumerate(ornt):
-        spacing[int(target)] = float(zooms[axis])
-    return Volume(data=canonical, spacing=(spacing[0], spacing[1], spacing[2]), affine=affine,
-                  original_affine=original_affine,
-                  original_shape=(data.shape[0], data.shape[1], data.shape[2]), path=path)
+
+
+def load_volume(path: str | os.PathLike[str], volume_index: int | None = None, *,
+                max_voxels: int = MAX_VOXELS) -> Volume:
+    """Read a .nii or .nii.gz file as a canonical (RAS) ``Volume``.
+
+    Any failure (missing file, corrupt or truncated gzip, not NIfTI, a complex or RGB
+    datatype, a header whose shape, datatype, bitpix, vox_offset, pixdim, scaling or affine
+    is absurd, more than ``max_voxels`` voxels declared (all volumes of a 4-D file
+    together), several volumes without ``volume_index``, empty) raises ``UBCInputError``
+    naming the file and the cause, before memory is allocated for voxels the file does not
+    hold.
+    """
+    _checked_cap(max_voxels)
+    path = Path(path)
+
+    def read() -> _Image:
+        with open(path, "rb") as file:
+            return _read_image(file, os.fstat(file.fileno()).st_size, path, max_voxels)
+
+    return _load(read, path, volume_index)
+
+
+def load_volume_bytes(data: bytes | bytearray | memoryview, *, name: str = "<upload>",
+                      volume_index: int | None = None, max_voxels: int = MAX_VOXELS) -> Volume:
+    """``load_volume`` for the bytes of a .nii or .nii.gz file held in memory (an upload):
+    gzip is recognised by content, errors name ``name``; the Volume has no ``path``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    _checked_cap(max_voxels)
+    label = Path(name)
+    volume = _load(lambda: _read_image(io.BytesIO(data), len(data), label, max_voxels),
+                   label, volume_index)
+    return dataclasses.replace(volume, path=None)
 
 
 def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike[str]) -> Path:
@@ -135,11 +338,4 @@ def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike[str]) ->
     data = np.asarray(volume.to_original_orientation(mask), dtype=dtype)
     image = nib.Nifti1Image(data, volume.original_affine)
     image.header.set_xyzt_units("mm")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}" + "".join(path.suffixes))
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: nib.save(image, tmp))
