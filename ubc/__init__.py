@@ -7,13 +7,14 @@ from typing import Any
 
 from ubc.errors import BundleError, UBCError, UBCInputError
 
-__all__ = ["BundleError", "UBCError", "UBCInputError", "Scorer", "score_archive", "__version__"]
+__all__ = ["BundleError", "UBCError", "UBCInputError", "Scorer", "Predictor", "Prediction",
+           "Overloaded", "score_archive", "__version__"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     # The scoring entry points pull in torch-free but heavy modules; import them on first use.
-    if name in ("Scorer", "score_archive"):
+    if name in ("Scorer", "Predictor", "Prediction", "Overloaded", "score_archive"):
         from ubc import scoring
 
         return getattr(scoring, name)

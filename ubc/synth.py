@@ -20,6 +20,14 @@ RAS. ``phantom`` returns arrays in that on-disk voxel order. The archive layout 
 ``OUT/HGG/<case>/<case>_flair.nii.gz``, ``..._seg.nii.gz`` (same for LGG) and
 ``OUT/labels.csv`` with columns ``case_id,grade``. Files are gzip level 1 with mtime 0, so
 the same seed gives the same bytes.
+
+``write_dicom_archive`` writes the same phantoms (same seed, same voxels) as DICOM: one study
+per case in ``OUT/<case>/``, a FLAIR series (``1_FLAIR/``, files without extension) and a
+decoy T1 series (``2_T1/``) on the same grid. Case ``i`` is stored as a standard axial LPS
+stack (``i % 3 == 0``, instances numbered from the top), an oblique stack (``1``: rotated
+12 degrees about x and 5 about y) or one Enhanced MR multi-frame instance (``2``).
+``labels.csv`` has ``case_id`` = StudyInstanceUID (the default DICOM case id), ``grade``
+and ``patient_id``. UIDs derive from (seed, case), so the same seed gives the same studies.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["GRADES", "SynthConfig", "phantom", "phantom_affine", "write_archive"]
+__all__ = ["GRADES", "SynthConfig", "phantom", "phantom_affine", "write_archive",
+           "write_dicom_archive", "dicom_affine"]
 
 GRADES = ("LGG", "HGG")  # label 0, label 1
 LABELS_FILE = "labels.csv"
@@ -276,3 +285,75 @@ def _grades(cases: int, seed: int) -> list[int]:
         flip = np.random.default_rng([seed, 1_000_003, pair]).random() < 0.5
         grades.extend([1, 0] if flip else [0, 1])
     return grades[:cases]
+
+
+def dicom_affine(shape: tuple[int, int, int], case: int) -> np.ndarray:
+    """The affine (voxel -> RAS mm) of case ``case`` of ``write_dicom_archive``: the phantom
+    affine, rotated about the volume centre for the oblique cases (``case % 3 == 1``)."""
+    affine = phantom_affine(shape)
+    if case % 3 != 1:
+        return affine
+    ax, ay = np.radians(12.0), np.radians(5.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rotated = np.eye(4)
+    rotated[:3, :3] = rx @ ry @ affine[:3, :3]
+    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + affine[:3, 3]
+    rotated[:3, 3] = centre - rotated[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return rotated
+
+
+def _t1_decoy(flair: np.ndarray) -> np.ndarray:
+    """A T1-looking series on the same grid: the FLAIR contrast inverted inside the brain."""
+    brain = flair > 0
+    top = int(flair.max()) + 1
+    return np.where(brain, (top - flair.astype(np.int32)) // 2 + 1, 0).astype(np.int16)
+
+
+def write_dicom_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: int = 0,
+                        shape: tuple[int, int, int] = (240, 240, 155),
+                        config: SynthConfig | None = None, progress: bool = False) -> Path:
+    """Write ``cases`` phantoms as DICOM studies (see the module docstring) under
+    ``out_dir``; returns ``out_dir``. Needs the ``[dicom]`` extra (pydicom)."""
+    from pydicom.uid import generate_uid
+
+    from ubc.io.dicom_write import SeriesSpec, write_series
+
+    if cases < 1:
+        raise ValueError(f"cases must be >= 1, got {cases}")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    grades = _grades(cases, seed)
+    rows = []
+    iterator = range(cases)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="phantoms", unit="study")
+    for i in iterator:
+        name = f"PH{seed:03d}_{i:04d}"
+        flair, _seg, grade = phantom(np.random.SeedSequence([seed, i]), grade=grades[i],
+                                     shape=shape, config=config)
+
+        def uid(*what: str, case: int = i) -> str:
+            return str(generate_uid(entropy_srcs=["ubc-synth", str(seed), str(case), *what]))
+
+        study, frame = uid("study"), uid("frame")
+        affine = dicom_affine(flair.shape, i)
+        top_down = list(range(flair.shape[2]))[::-1]
+        write_series(flair, affine, root / name / "1_FLAIR",
+                     SeriesSpec(study, uid("flair"), frame, description="AX T2 FLAIR",
+                                series_number=1, patient_id=name),
+                     multiframe=i % 3 == 2, names="IM{:04d}", order=top_down)
+        write_series(_t1_decoy(flair), affine, root / name / "2_T1",
+                     SeriesSpec(study, uid("t1"), frame, description="AX T1 SE",
+                                series_number=2, patient_id=name, scanning_sequence="SE",
+                                inversion_time_ms=None, echo_time_ms=12.0,
+                                repetition_time_ms=500.0),
+                     multiframe=i % 3 == 2)
+        rows.append((study, GRADES[grade], name))
+    with open(root / LABELS_FILE, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["case_id", "grade", "patient_id"])
+        writer.writerows(rows)
+    return root

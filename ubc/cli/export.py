@@ -8,8 +8,14 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ubc.errors import UBCError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ubc.bundle import Bundle, Preprocessing
 
 EXIT_OK, EXIT_PARITY, EXIT_USAGE = 0, 1, 2
 
@@ -26,8 +32,16 @@ OpenVINO, AOTInductor; CUDA: TorchScript fp32/fp16, AOTInductor, TensorRT) with 
 PyTorch fp32 on >= 64 preprocessed slices (--slices-from, else synthetic phantoms read back
 through ubc.io and ubc.preprocess), prints the table and records it in meta.json.
 
-exit codes: 0 done (and every check passed), 1 a parity check failed, 2 usage error or
-unusable bundle.
+--cpu writes every CPU artifact this machine can run (TorchScript, ONNX, INT8 ONNX Runtime
+QDQ and INT8 OpenVINO IR calibrated on --calib, else on the bundle's training archive when
+it still exists, else on phantoms; bf16 needs no file and is checked where the CPU has it
+natively), checks each one's slices (--slices-from) and cases (6 phantoms + --held-out),
+times the passing ones at the scoring batch size, records it all in meta.json under this
+CPU's class, and says what backend='auto' now picks. A bf16 or INT8 artifact below its
+gate is recorded as such and never picked by auto.
+
+exit codes: 0 done (and every check passed, CPU bf16/INT8 gates aside), 1 a parity check
+failed, 2 usage error or unusable bundle.
 """
 
 
@@ -45,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="AOTInductor package for --device (compiles for minutes)")
     formats.add_argument("--tensorrt", action="store_true",
                          help="TensorRT plan for this GPU (exports the ONNX first if needed)")
+    formats.add_argument("--cpu", action="store_true",
+                         help="every CPU artifact this machine can run (TorchScript, ONNX, "
+                         "INT8 for ONNX Runtime and OpenVINO calibrated on --calib; bf16 "
+                         "where native), each gated by parity on --slices-from and the "
+                         "--held-out cases and timed; all recorded in meta.json")
+    p.add_argument("--held-out", nargs="+", action="append", metavar="DATA",
+                   help="with --cpu: cases (an archive folder or NIfTI volumes) whose status "
+                   "and class must not change, beside 6 synthetic phantoms; repeat for "
+                   "several sets")
+    p.add_argument("--timing-seconds", type=float, default=3.0, metavar="S",
+                   help="with --cpu: timing per artifact (default 3 s)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
                    help="TensorRT plan precision (default fp16)")
     p.add_argument("--max-batch", type=int, default=32, metavar="N",
@@ -65,30 +90,89 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parity slices: an archive folder, NIfTI volumes or a .npy")
     p.add_argument("--check-slices", type=int, default=64, metavar="N",
                    help="number of parity slices (>= 64, default 64)")
+    p.add_argument("--triton", metavar="REPO_DIR",
+                   help="also write a Triton model repository there (the ONNX model, "
+                   "exported first if needed, and any TensorRT plans, each with its "
+                   "config.pbtxt; max_batch_size from --max-batch)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return p
 
 
 def _formats(args: argparse.Namespace) -> list[str]:
     chosen = [f for f in ("torchscript", "onnx", "aoti", "tensorrt") if getattr(args, f)]
-    if not chosen and not args.check:
+    if not chosen and not args.check and not getattr(args, "triton", None):
         args.check = True
         return ["torchscript", "onnx"]
     return chosen
 
 
+def _run_cpu(args: argparse.Namespace) -> int:
+    """``--cpu``: ``ubc.export.cpu.export_cpu`` with the calibration, parity and held-out
+    data of the arguments (defaults: the bundle's training archive when it still exists,
+    else phantoms; phantoms of other seeds for parity and the case gates)."""
+    import tempfile
+    from pathlib import Path
+
+    from ubc.bundle import Bundle
+    from ubc.export.cpu import export_cpu
+    from ubc.parity import MIN_SLICES, case_volumes, fatal_failures, format_table, slices_from
+
+    bundle = Bundle(args.bundle)
+    prep = bundle.preprocessing
+    trained_on = str(bundle.meta.get("training", {}).get("data") or "")
+    calib_paths = args.calib or ([trained_on] if trained_on and Path(trained_on).is_dir()
+                                 else [])
+    calib, calib_source = slices_from(calib_paths, prep, args.calib_slices, seed=1)
+    print(f"INT8 calibration on {calib_source}", flush=True)
+    slices, source = slices_from(args.slices_from or [], prep,
+                                 max(MIN_SLICES, args.check_slices), seed=0)
+    with tempfile.TemporaryDirectory(prefix="ubc-held-out-") as tmp:
+        sets = [[_phantom_archive(Path(tmp), prep)], *(args.held_out or [])]
+        held_out = [(" ".join(Path(p).name for p in paths), case_volumes(paths))
+                    for paths in sets]
+        report = export_cpu(bundle, calib=calib, slices=slices, source=source,
+                            held_out=held_out, seconds=args.timing_seconds,
+                            say=lambda line: print(line, flush=True))
+    print(format_table(report.parity))
+    chosen = _auto_choice(bundle)
+    print(f"backend='auto' on this CPU ({report.cpu_class}) now picks {chosen}")
+    return EXIT_PARITY if fatal_failures(report.parity) else EXIT_OK
+
+
+def _phantom_archive(folder: Path, prep: Preprocessing) -> str:
+    """6 synthetic phantoms (seed 2: neither the calibration's nor the parity's) whose
+    field of view fits the bundle's (1 mm voxels, 48 axial slices)."""
+    from ubc.synth import write_archive
+
+    size, spacing = prep.size, prep.target_spacing
+    shape = (int(size[0] * spacing[0]), int(size[1] * spacing[1]), 48)
+    return str(write_archive(folder / "held-out", 6, seed=2, shape=shape))
+
+
+def _auto_choice(bundle: Bundle) -> str:
+    from ubc.engine.registry import choose
+
+    choice = choose(bundle, "cpu", "auto")
+    return f"{choice.variant} {choice.precision} ({choice.artifact})"
+
+
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "cpu", False):
+        return _run_cpu(args)
     import numpy as np
 
     from ubc.artifacts import ONNX, stale_reason
     from ubc.bundle import Bundle
     from ubc.devices import resolve_device
     from ubc.export import exporter
-    from ubc.parity import MIN_SLICES, check_bundle, format_table, slices_from
+    from ubc.parity import MIN_SLICES, check_bundle, fatal_failures, format_table, slices_from
 
     bundle = Bundle(args.bundle)
     formats = _formats(args)
     device = resolve_device(args.device)
+    if args.triton and "onnx" not in formats and \
+            (not bundle.has(ONNX) or stale_reason(bundle, ONNX)):
+        formats.insert(0, "onnx")
     if "tensorrt" in formats and "onnx" not in formats and \
             (not bundle.has(ONNX) or stale_reason(bundle, ONNX)):
         formats.insert(formats.index("tensorrt"), "onnx")
@@ -119,13 +203,17 @@ def _run(args: argparse.Namespace) -> int:
             result = exporter(fmt)(bundle, example=slices)
         size = result.path.stat().st_size / 1e6
         print(f"  wrote {result.path} ({size:.1f} MB, {result.seconds:.1f} s)")
+    if args.triton:
+        from ubc.export.triton import to_triton
+
+        for folder in to_triton(bundle, args.triton, max_batch=args.max_batch):
+            print(f"  wrote Triton model {folder}")
     if not args.check or slices is None:
         return EXIT_OK
     print(f"checking against eager PyTorch fp32 on {source} ...", flush=True)
     results = check_bundle(bundle, slices, device=device, source=source, record=True)
     print(format_table(results))
-    failed = [r for r in results if getattr(r, "passed", True) is False]
-    return EXIT_PARITY if failed else EXIT_OK
+    return EXIT_PARITY if fatal_failures(results) else EXIT_OK  # CPU bf16/int8: gates
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""``ubc-synth``: write a BraTS-layout archive of synthetic phantoms (FLAIR + seg + labels).
+"""``ubc-synth``: write a BraTS-layout archive of synthetic phantoms (FLAIR + seg + labels),
+or (``--format dicom``) the same phantoms as DICOM studies (FLAIR + a decoy T1 series).
 
     ubc-synth OUT_DIR --cases 152 --seed 0 [--shape 240 240 155] [--core-contrast 0.45] ...
 """
@@ -11,7 +12,7 @@ import time
 from dataclasses import fields
 from typing import Any
 
-from ubc.synth import SynthConfig, write_archive
+from ubc.synth import SynthConfig, write_archive, write_dicom_archive
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155),
                         metavar=("X", "Y", "Z"), help="volume size in 1 mm voxels")
+    parser.add_argument("--format", choices=("nifti", "dicom"), default="nifti",
+                        help="nifti (default): the BraTS layout; dicom: one study per case "
+                        "with a FLAIR and a decoy T1 series (pip install ubc[dicom])")
     knobs = parser.add_argument_group("difficulty knobs (see ubc.synth.SynthConfig)")
     for f in fields(SynthConfig):
         if f.name == "lesion_radius":
@@ -43,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     knobs["lesion_radius"] = tuple(knobs["lesion_radius"])
     config = SynthConfig(**knobs)
     start = time.perf_counter()
-    root = write_archive(args.out_dir, args.cases, seed=args.seed, shape=tuple(args.shape),
-                         config=config, progress=True)
+    writer = write_dicom_archive if args.format == "dicom" else write_archive
+    root = writer(args.out_dir, args.cases, seed=args.seed, shape=tuple(args.shape),
+                  config=config, progress=True)
     print(f"wrote {args.cases} phantoms to {root} in {time.perf_counter() - start:.1f} s "
           f"(labels: {root / 'labels.csv'})")
     return 0

@@ -26,6 +26,7 @@ from nibabel.volumeutils import apply_read_scaling
 from ubc.atomic import atomic_write
 from ubc.errors import UBCInputError
 from ubc.io.bounded import GZIP_BACKEND, GZIP_ERRORS, Reader, open_reader, read_exactly
+from ubc.io.volume import Volume, canonical_volume
 
 __all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "load_volume", "load_volume_bytes",
            "save_mask"]
@@ -47,32 +48,6 @@ PIXDIM_RANGE = (1e-6, 1e6)
 micrometres, with room to spare; outside it (0, denormals, 1e30) resampling is meaningless."""
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
-
-
-@dataclass(frozen=True)
-class Volume:
-    """A 3-D scan in canonical (RAS) orientation.
-
-    ``data`` keeps the on-disk dtype unless the header scales intensities (then float32); it
-    may be a strided view (reorientation flips and transposes without copying).
-    ``spacing`` is the voxel size (x, y, z) in mm; ``affine`` maps canonical voxel indices to
-    world mm, ``original_affine`` and ``original_shape`` describe the file as stored.
-    """
-
-    data: np.ndarray
-    spacing: tuple[float, float, float]
-    affine: np.ndarray
-    original_affine: np.ndarray
-    original_shape: tuple[int, int, int]
-    path: Path | None = None
-
-    def to_original_orientation(self, array: np.ndarray) -> np.ndarray:
-        """Map an array on this volume's canonical grid back to the file's own axes."""
-        back = orientations.ornt_transform(_RAS, orientations.io_orientation(self.original_affine))
-        return orientations.apply_orientation(array, back)
-
-
 def _read_header(reader: Reader) -> nib.Nifti1Header:
     """The fixed part of the header (348 or 540 bytes), unchecked, byte order detected."""
     raw = read_exactly(reader, 348)
@@ -258,16 +233,9 @@ def _as_3d(data: np.ndarray, volume_index: int | None) -> np.ndarray:
 
 
 def _canonical(image: _Image, data: np.ndarray, path: Path) -> Volume:
-    """The file's 3-D voxels reoriented (views, no copy) to RAS, with spacing per RAS axis."""
-    canonical = orientations.apply_orientation(data, image.ornt)
-    affine = image.affine @ orientations.inv_ornt_aff(image.ornt, data.shape)
-    zooms = image.header.get_zooms()[:3]
-    spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _flip) in enumerate(image.ornt):
-        spacing[int(target)] = float(zooms[axis])
-    return Volume(data=canonical, spacing=(spacing[0], spacing[1], spacing[2]), affine=affine,
-                  original_affine=image.affine,
-                  original_shape=(data.shape[0], data.shape[1], data.shape[2]), path=path)
+    """The file's 3-D voxels reoriented (views, no copy) to RAS."""
+    return canonical_volume(data, image.affine, image.header.get_zooms()[:3], path,
+                            ornt=image.ornt)
 
 
 def _checked_cap(max_voxels: int) -> None:

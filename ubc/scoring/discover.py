@@ -1,5 +1,6 @@
-"""Find the cases of an archive: a folder tree (BraTS layout recognised), a text file with one
-path per line, a CSV manifest ``case_id,image[,mask,...]``, or a single NIfTI file.
+"""Find the cases of an archive: a folder tree (BraTS layout recognised; DICOM studies
+recognised by content), a ``.zip`` of either, a text file with one path per line, a CSV
+manifest ``case_id,image[,mask,...]``, or a single NIfTI file.
 
 One ``Case`` model and one discovery for training and scoring (``ubc.data`` reads these).
 
@@ -9,6 +10,11 @@ Case ids:
 - otherwise: the file's path relative to the archive root (for a list: to the listed files'
   common folder), without the ``.nii``/``.nii.gz`` extension.
 - a manifest: its ``case_id`` column.
+- a DICOM study (``ubc.io.dicom_select``: one case per study, its FLAIR series chosen from
+  headers only): ``case_id="study"`` (default) its StudyInstanceUID, ``"patient"`` its
+  PatientID + StudyDate (identifying: only when asked for), ``"folder"`` the study's folder
+  relative to the archive root. A DICOM file whose header cannot be read is a case of its
+  own (its relative path), scored as an error row.
 Grades (training and evaluation only; scoring ignores them): a ``HGG``/``LGG`` folder above
 the file (BraTS 2019), a grade CSV (``labels=``, or ``labels.csv`` / ``name_mapping.csv`` in
 the archive root: a ``grade`` column and any case-id columns), or a manifest's ``label``.
@@ -19,6 +25,7 @@ output folder whatever the id holds (``../../etc/x`` included).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fnmatch
 import hashlib
 import os
@@ -27,11 +34,15 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ubc.errors import UBCInputError
 
-__all__ = ["DEFAULT_PATTERN", "GRADES", "Case", "case_id_for", "discover_cases", "parse_grade",
-           "safe_name", "safe_path"]
+if TYPE_CHECKING:
+    from ubc.io.dicom_select import DicomStudy, SeriesSelector
+
+__all__ = ["DEFAULT_PATTERN", "GRADES", "CASE_ID_MODES", "Case", "case_id_for", "case_identity",
+           "discover_cases", "parse_grade", "safe_name", "safe_path"]
 
 #: FLAIR-like file names (BraTS 2019 ``_flair``, BraTS 2023 ``-t2f``, TCGA ``_fla_``);
 #: ``|`` separates alternatives. Matched case-insensitively against the file name (or, when
@@ -43,17 +54,40 @@ GRADES = ("LGG", "HGG")  # class index 0, 1 (the bundle's class_names)
 _LABEL_CSVS = ("labels.csv", "name_mapping.csv")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 120
+CASE_ID_MODES = ("study", "patient", "folder")  # the id of a DICOM study
 
 
 @dataclass(frozen=True)
 class Case:
     """One volume: its id, its image file and, when known, its lesion mask file and its
-    grade (0 = LGG, 1 = HGG, None = unknown)."""
+    grade (0 = LGG, 1 = HGG, None = unknown). A DICOM case has ``study`` (its series and
+    the one chosen) and ``image`` is the study's folder."""
 
     case_id: str
     image: Path
     mask: Path | None = None
     label: int | None = None
+    study: DicomStudy | None = None
+
+
+def case_identity(case: Case) -> tuple[int | None, int | None, str | None]:
+    """``(bytes, mtime_ns, digest)`` of the case's input as it is now: a re-run skips the case
+    while its row holds the same. NIfTI: the file's size and mtime (digest None); DICOM: the
+    study's instance files' total size, latest mtime and a sha1 over their names, sizes and
+    mtimes. ``(None, None, None)`` when a file cannot be stat'ed."""
+    files = case.study.files if case.study is not None else (case.image,)
+    digest = hashlib.sha1()
+    total, latest = 0, 0
+    try:
+        for path in files:
+            stat = os.stat(path)
+            total += stat.st_size
+            latest = max(latest, stat.st_mtime_ns)
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(
+                "utf-8", "surrogatepass"))
+    except OSError:
+        return (None, None, None)
+    return (total, latest, digest.hexdigest() if case.study is not None else None)
 
 
 def parse_grade(value: str, where: str) -> int | None:
@@ -235,6 +269,44 @@ def _is_manifest(path: Path) -> bool:
     return {"case_id", "image"} <= {h.strip() for h in header.split(",")}
 
 
+def _dicom_case_id(study: DicomStudy, root: Path, mode: str) -> str:
+    if mode == "patient":
+        return study.patient_key
+    if mode == "folder":
+        relative = study.folder.relative_to(root).as_posix() if study.folder != root else ""
+        return relative if relative not in ("", ".") else root.name
+    return study.study_uid
+
+
+def _dicom_cases(root: Path, files: list[Path], selector: SeriesSelector | None,
+                 case_id: str) -> list[Case]:
+    """One case per DICOM study under ``root`` (headers only), plus one per file whose
+    header cannot be read (scored as an error row naming the file)."""
+    from ubc.io.dicom_select import DicomStudy, scan_studies
+
+    studies, unreadable = scan_studies(root, selector, files=files)
+    cases = [Case(_dicom_case_id(study, root, case_id), study.folder, study=study)
+             for study in studies]
+    for path, error in unreadable:
+        broken = DicomStudy("", path.parent, (), None, (), error, "")
+        cases.append(Case(path.relative_to(root).as_posix(), path, study=broken))
+    return cases
+
+
+def _has_dicom(root: Path) -> list[Path]:
+    """The DICOM files under ``root``; [] without the ``[dicom]`` extra when there are none,
+    ``UBCInputError`` naming the extra when there are some and pydicom is missing."""
+    import importlib.util
+
+    from ubc.io.dicom import find_dicom_files
+
+    found = find_dicom_files(root)
+    if found and importlib.util.find_spec("pydicom") is None:
+        raise UBCInputError(f"{root}: holds DICOM files ({found[0]}, ...); reading them needs "
+                            "the dicom extra: pip install ubc[dicom]")
+    return found
+
+
 def _check_unique(cases: list[Case], source: Path) -> None:
     counts = Counter(c.case_id for c in cases)
     duplicates = sorted(case_id for case_id, n in counts.items() if n > 1)
@@ -244,33 +316,59 @@ def _check_unique(cases: list[Case], source: Path) -> None:
 
 
 def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None,
-                   limit: int | None = None, labels: str | os.PathLike[str] | None = None
-                   ) -> list[Case]:
+                   limit: int | None = None, labels: str | os.PathLike[str] | None = None,
+                   series_select: str | SeriesSelector | None = None,
+                   case_id: str = "study") -> list[Case]:
     """The cases of ``source``, in a stable order (sorted paths, or the list's own order).
 
     ``pattern`` (default ``DEFAULT_PATTERN``) selects image files in a folder tree; files of
     a list or manifest are taken as given (a missing one becomes an error row when scored).
-    ``labels``: a grade CSV for a folder tree (see the module docstring).
+    ``labels``: a grade CSV for a folder tree (see the module docstring). DICOM files in a
+    folder (or a ``.zip``) are grouped into studies: ``series_select`` overrides the FLAIR
+    rules (``ubc.io.dicom_select``), ``case_id`` (``CASE_ID_MODES``) names the studies.
     Raises ``UBCInputError`` when ``source`` is missing or unreadable, or ids repeat.
     """
     path = Path(source)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if case_id not in CASE_ID_MODES:
+        raise ValueError(f"case_id must be one of {CASE_ID_MODES}, got {case_id!r}")
+    if isinstance(series_select, str):
+        from ubc.io.dicom_select import SeriesSelector
+
+        series_select = SeriesSelector.parse(series_select)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        from ubc.scoring.archive_zip import extract_zip
+
+        path = extract_zip(path)
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
             raise UBCInputError(f"{path}: folder not readable (permission denied)")
         grades = _grades_for(path, Path(labels) if labels else None)
         cases = _cases_from_files(_walk(path, pattern or DEFAULT_PATTERN), path, grades)
+        dicom_files = _has_dicom(path)
+        if dicom_files:
+            cases += [dataclasses.replace(c, label=grades.get(c.case_id) if grades else None)
+                      for c in _dicom_cases(path, dicom_files, series_select, case_id)]
     elif path.is_file():
         if is_nifti_name(path.name):
             cases = [Case(case_id_for(path), path)]
+        elif _has_dicom_marker(path):
+            cases = _dicom_cases(path.parent, [path], series_select, case_id)
         else:
             try:
                 cases = _from_manifest(path) if _is_manifest(path) else _from_list(path)
             except OSError as exc:
                 raise UBCInputError(f"{path}: cannot read ({exc})") from exc
     else:
-        raise UBCInputError(f"{path}: no such file or folder; pass a folder of NIfTI files, "
-                            "a text file with one path per line, or a CSV manifest")
+        raise UBCInputError(f"{path}: no such file or folder; pass a folder of NIfTI or DICOM "
+                            "files, a .zip of one, a text file with one path per line, or a "
+                            "CSV manifest")
     _check_unique(cases, path)
     return cases if limit is None else cases[:limit]
+
+
+def _has_dicom_marker(path: Path) -> bool:
+    from ubc.io.dicom import is_dicom_file
+
+    return is_dicom_file(path)

@@ -28,7 +28,14 @@ class CaseResult:
     - ``seconds``: compute time spent on this case (load + preprocess + its share of engine
       time + aggregation and writing); queue waits are not counted.
     - ``input_bytes``/``input_mtime_ns``: the input file's size and mtime when it was read:
-      a re-run skips the case while both are unchanged.
+      a re-run skips the case while both are unchanged (and ``input_digest``). For a DICOM
+      study: its instance files' total size and latest mtime, and ``input_digest`` a sha1
+      over their names, sizes and mtimes (empty for NIfTI).
+    - ``flags``: ``;``-separated notes on inputs the model was not trained for and on how a
+      DICOM series was chosen (``ubc.io.conformance``, ``ubc.io.dicom_select``), e.g.
+      ``thick_slices:5.5mm (trained 1mm)``; empty when there is nothing to say.
+    - ``study_uid``/``series_uid``/``series_description``: the DICOM study and the series
+      scored (empty for NIfTI).
     """
 
     case_id: str
@@ -48,15 +55,21 @@ class CaseResult:
     seconds: float | None = None
     input_bytes: int | None = None
     input_mtime_ns: int | None = None
+    input_digest: str | None = None
+    flags: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    series_description: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
 
     @property
-    def identity(self) -> tuple[int | None, int | None]:
-        """``(size, mtime_ns)`` of the input file this row was computed from."""
-        return (self.input_bytes, self.input_mtime_ns)
+    def identity(self) -> tuple[int | None, int | None, str | None]:
+        """``(size, mtime_ns, digest)`` of the input this row was computed from (see
+        ``ubc.scoring.discover.case_identity``)."""
+        return (self.input_bytes, self.input_mtime_ns, self.input_digest)
 
     def to_row(self) -> dict[str, Any]:
         """Plain values (str, int, float, None, list of int) in column order."""
@@ -97,7 +110,8 @@ _KINDS = {
     "predicted_class": "str", "lesion_volume_ml": "float", "slices_total": "int",
     "slices_scored": "int", "slices_used": "ints", "model": "str", "bundle_sha256": "str",
     "backend": "str", "precision": "str", "seconds": "float", "input_bytes": "int",
-    "input_mtime_ns": "int",
+    "input_mtime_ns": "int", "input_digest": "str", "flags": "str", "study_uid": "str",
+    "series_uid": "str", "series_description": "str",
 }
 COLUMNS = tuple(f.name for f in dataclasses.fields(CaseResult))
 assert COLUMNS == tuple(_KINDS), "keep _KINDS in step with CaseResult's fields"

@@ -9,19 +9,18 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
+
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
-from ubc.io import Volume
 from ubc.scoring.archive import ScoringOptions
-from ubc.scoring.discover import Case, case_id_for
+from ubc.scoring.predictor import Source, work_for
 from ubc.scoring.result import CaseResult
 from ubc.scoring.stages import (
     CaseWork,
     RunContext,
     accumulate,
     finish_case,
-    load_case,
-    prepare_case,
 )
 
 __all__ = ["Scorer"]
@@ -56,15 +55,6 @@ class Scorer:
             preprocess_threads=self.options.preprocess_threads)
         self.batch_size = self.options.batch_size or min(engine.max_batch, 32)
 
-    def _work(self, source: str | os.PathLike[str] | Volume, case_id: str | None) -> CaseWork:
-        if isinstance(source, Volume):
-            path = source.path or Path("<in memory>")
-            work = CaseWork(Case(case_id or case_id_for(path), path))
-            return prepare_case(work, source, self.context)
-        path = Path(source)
-        work, volume = load_case(Case(case_id or case_id_for(path), path))
-        return work if volume is None else prepare_case(work, volume, self.context)
-
     def _infer(self, work: CaseWork, context: RunContext) -> None:
         slices, work.slices = work.slices, None
         if work.error is not None or slices is None:
@@ -79,10 +69,11 @@ class Scorer:
             work.fail("inference", exc)
         work.seconds += time.perf_counter() - start
 
-    def score(self, source: str | os.PathLike[str] | Volume, *, case_id: str | None = None,
-              mask_path: str | os.PathLike[str] | None = None,
+    def score(self, source: Source, *, case_id: str | None = None,
+              affine: np.ndarray | None = None, mask_path: str | os.PathLike[str] | None = None,
               overlay_path: str | os.PathLike[str] | None = None) -> CaseResult:
-        """Score one volume (a NIfTI path or a loaded ``ubc.io.Volume``).
+        """Score one volume: a NIfTI path, the bytes of a .nii/.nii.gz file, a loaded
+        ``ubc.io.Volume``, or a 3-D array with its ``affine`` (4 x 4).
 
         ``mask_path``: also write the predicted mask there as NIfTI, in the input file's
         grid, orientation and affine; ``overlay_path``: a PNG of the top slices.
@@ -94,7 +85,7 @@ class Scorer:
                 target.parent.mkdir(parents=True, exist_ok=True)
         context = dataclasses.replace(self.context, masks=mask.parent if mask else None,
                                       overlays=overlay.parent if overlay else None)
-        work = self._work(source, case_id)
+        work = work_for(source, self.context, case_id=case_id, affine=affine)
         self._infer(work, context)
         return finish_case(work, context, mask_path=mask, overlay_path=overlay)
 

@@ -1,5 +1,7 @@
-"""The per-case steps of scoring, shared by the threaded pipeline and ``Scorer``: load,
-preprocess (background-only slices dropped), and finish (verdict, mask, overlay, row).
+"""The per-case steps of scoring, shared by the threaded pipeline and ``Scorer``: load
+(a NIfTI file or a DICOM study's chosen series), preprocess (conformance checks first, then
+background-only slices dropped), and finish (verdict, plausibility, mask, DICOM SEG,
+overlay, row).
 
 A failure of any step becomes the case's ``error`` and never an exception: one bad file must
 not stop an archive.
@@ -8,9 +10,8 @@ not stop an archive.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from ubc.bundle import Bundle, Preprocessing
 from ubc.errors import UBCInputError
 from ubc.io import Volume, load_volume, save_mask
+from ubc.io.conformance import Thresholds, check_output, check_volume
 from ubc.scoring.aggregate import (
     DEFAULT_MIN_LESION_ML,
     CaseAccumulator,
@@ -26,7 +28,7 @@ from ubc.scoring.aggregate import (
     decide,
     slice_scores,
 )
-from ubc.scoring.discover import Case, safe_path
+from ubc.scoring.discover import Case, case_identity, safe_path
 from ubc.scoring.result import ERROR, NO_LESION, OK, CaseResult
 
 __all__ = ["RunContext", "CaseWork", "load_case", "prepare_case", "accumulate", "finish_case",
@@ -48,6 +50,8 @@ class RunContext:
     masks: Path | None = None
     overlays: Path | None = None
     preprocess_threads: int = 1
+    dicom_seg: Path | None = None
+    conformance: Thresholds = field(default_factory=Thresholds)
 
     @classmethod
     def create(cls, bundle: Bundle, backend: str, precision: str, *, top_k: int | None = None,
@@ -73,13 +77,18 @@ class CaseWork:
 
     def __init__(self, case: Case) -> None:
         self.case = case
-        self.identity: tuple[int | None, int | None] = (None, None)
+        self.identity: tuple[int | None, int | None, str | None] = (None, None, None)
+        self.flags: list[str] = list(case.study.flags) if case.study is not None else []
+        self.sources: list[tuple[Path, int]] | None = None  # DICOM: file, frame per slice
+        self.brain_ml: float | None = None
         self.volume: Volume | None = None
         self.slices_total: int | None = None
         self.indices = np.zeros(0, dtype=np.int64)
         self.slices: np.ndarray | None = None
         self.accumulator: CaseAccumulator | None = None
         self.error: str | None = None
+        #: the error is the input's fault (a UBCInputError), not a step's (engine, bug)
+        self.input_fault = False
         self.seconds = 0.0
 
     @property
@@ -89,7 +98,8 @@ class CaseWork:
     def fail(self, step: str, exc: BaseException) -> None:
         """Record the first failure of this case (later ones are consequences)."""
         if self.error is None:
-            self.error = str(exc) if isinstance(exc, UBCInputError) else \
+            self.input_fault = isinstance(exc, UBCInputError)
+            self.error = str(exc) if self.input_fault else \
                 f"{step} failed ({type(exc).__name__}: {exc})"
         self.slices = None
         self.volume = None
@@ -101,18 +111,26 @@ def _header_only(volume: Volume) -> Volume:
     return dataclasses.replace(volume, data=empty)
 
 
+def _load_dicom(work: CaseWork) -> Volume:
+    from ubc.io.dicom import load_series
+
+    study = work.case.study
+    assert study is not None
+    if study.error is not None or study.chosen is None:
+        raise UBCInputError(study.error or f"{work.case.image}: no series chosen")
+    volume, work.sources = load_series(study.chosen.files, name=f"{study.folder} series "
+                                       f"{study.chosen.summary()}")
+    return volume
+
+
 def load_case(case: Case) -> tuple[CaseWork, Volume | None]:
     """Read the case's volume (canonical RAS); ``None`` and ``work.error`` on failure."""
     start = time.perf_counter()
     work = CaseWork(case)
     volume = None
+    work.identity = case_identity(case)  # unreadable files: the loader names the problem
     try:
-        stat = os.stat(case.image)
-        work.identity = (stat.st_size, stat.st_mtime_ns)
-    except OSError:
-        pass  # load_volume names the problem (missing, unreadable) in its error
-    try:
-        volume = load_volume(case.image)
+        volume = _load_dicom(work) if case.study is not None else load_volume(case.image)
     except Exception as exc:  # every failure is this case's, see the module docstring
         work.fail("load", exc)
     work.seconds += time.perf_counter() - start
@@ -127,7 +145,12 @@ def prepare_case(work: CaseWork, volume: Volume, context: RunContext) -> CaseWor
     prep = context.preprocessing
     try:
         work.slices_total = int(volume.data.shape[2])
+        checked = check_volume(volume, target_spacing=prep.target_spacing,
+                               name=str(work.case.image), thresholds=context.conformance)
+        volume = checked.volume
+        work.flags.extend(checked.flags)
         counts = preprocess.foreground_counts(volume.data, threads=context.preprocess_threads)
+        work.brain_ml = float(counts.sum()) * float(np.prod(volume.spacing)) / 1000.0
         indices = np.flatnonzero(counts)
         if len(indices) == 0:
             raise UBCInputError(f"{work.case.image}: empty volume (every voxel is 0)")
@@ -150,7 +173,8 @@ def accumulate(work: CaseWork, start: int, class_logits: np.ndarray, mask_logits
         keep_images = context.overlays is not None
         work.accumulator = CaseAccumulator(
             work.n_scored, context.preprocessing.size,
-            keep_masks=keep_images or context.masks is not None, keep_images=keep_images)
+            keep_masks=keep_images or context.masks is not None or context.dicom_seg is not None,
+            keep_images=keep_images)
     lesion_logits = background_as_no_lesion(mask_logits, images)
     p_hgg, area = slice_scores(class_logits, lesion_logits, hgg_index=context.hgg_index,
                                pixel_area_mm2=context.pixel_area_mm2)
@@ -173,9 +197,30 @@ def original_grid_mask(work: CaseWork, context: RunContext) -> np.ndarray:
     return (prob > 0.5).astype(np.uint8)
 
 
-def _write_mask(work: CaseWork, context: RunContext, path: Path) -> None:
+def _write_masks(work: CaseWork, context: RunContext, path: Path | None,
+                 seg_path: Path | None) -> None:
+    """The NIfTI mask at ``path`` and the DICOM SEG at ``seg_path`` (either may be None)."""
     assert work.volume is not None
-    save_mask(original_grid_mask(work, context), work.volume, path)
+    mask = original_grid_mask(work, context)
+    if path is not None:
+        save_mask(mask, work.volume, path)
+    if seg_path is not None:
+        from ubc.io.dicom_seg import write_seg
+
+        assert work.sources is not None
+        stored = work.volume.to_original_orientation(mask)
+        write_seg(stored, work.sources, seg_path, model=context.model,
+                  version=context.bundle_sha256[:12])
+
+
+def _implausible(work: CaseWork, verdict: Verdict, context: RunContext) -> None:
+    """Flag a predicted lesion too large for the brain; the case becomes an error."""
+    flag = check_output(verdict.lesion_volume_ml, work.brain_ml or 0.0, context.conformance)
+    if flag is not None:
+        work.flags.append(flag)
+        raise UBCInputError(f"{work.case.image}: implausible output ({flag.split(':', 1)[1]}): "
+                            "the input is probably not a skull-stripped FLAIR like the "
+                            "training data; check the flags")
 
 
 def _write_overlay(work: CaseWork, verdict: Verdict, path: Path) -> None:
@@ -212,11 +257,15 @@ def finish_case(work: CaseWork, context: RunContext, *, mask_path: Path | None =
         mask_path = safe_path(context.masks, case_id, ".nii.gz")
     if overlay_path is None and context.overlays is not None:
         overlay_path = safe_path(context.overlays, case_id, ".png")
+    seg_path = None
+    if context.dicom_seg is not None and work.sources is not None:
+        seg_path = safe_path(context.dicom_seg, case_id, ".dcm")
     if work.error is None:
         try:
             verdict = _verdict(work, context)
-            if mask_path is not None:
-                _write_mask(work, context, mask_path)
+            _implausible(work, verdict, context)
+            if mask_path is not None or seg_path is not None:
+                _write_masks(work, context, mask_path, seg_path)
             if overlay_path is not None:
                 _write_overlay(work, verdict, overlay_path)
         except Exception as exc:
@@ -228,6 +277,18 @@ def finish_case(work: CaseWork, context: RunContext, *, mask_path: Path | None =
     return result
 
 
+def _with_inputs(row: CaseResult, work: CaseWork) -> CaseResult:
+    """``row`` with the input's digest, the flags and the DICOM study/series columns."""
+    study = work.case.study
+    chosen = study.chosen if study is not None else None
+    return dataclasses.replace(
+        row, input_digest=work.identity[2] if len(work.identity) > 2 else None,
+        flags=";".join(f.replace(";", ",") for f in work.flags) or None,
+        study_uid=(study.study_uid or None) if study is not None else None,
+        series_uid=chosen.series_uid if chosen is not None else None,
+        series_description=chosen.description if chosen is not None else None)
+
+
 def _result(work: CaseWork, verdict: Verdict | None, context: RunContext) -> CaseResult:
     base = CaseResult(case_id=work.case.case_id, path=str(work.case.image), status=ERROR,
                       error=work.error or "unknown failure", slices_total=work.slices_total,
@@ -235,6 +296,7 @@ def _result(work: CaseWork, verdict: Verdict | None, context: RunContext) -> Cas
                       backend=context.backend, precision=context.precision,
                       seconds=round(work.seconds, 6), input_bytes=work.identity[0],
                       input_mtime_ns=work.identity[1])
+    base = _with_inputs(base, work)
     if work.error is not None or verdict is None:
         return base
     return dataclasses.replace(

@@ -1,0 +1,55 @@
+"""The volume every reader returns: voxels in canonical RAS orientation with their spacing,
+and the affine and shape of the file (or series) as stored, to write masks back into."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nibabel import orientations
+
+__all__ = ["Volume", "canonical_volume"]
+
+_RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3-D scan in canonical (RAS) orientation.
+
+    ``data`` keeps the on-disk dtype unless the header scales intensities (then float32); it
+    may be a strided view (reorientation flips and transposes without copying).
+    ``spacing`` is the voxel size (x, y, z) in mm; ``affine`` maps canonical voxel indices to
+    world mm, ``original_affine`` and ``original_shape`` describe the file as stored.
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    original_affine: np.ndarray
+    original_shape: tuple[int, int, int]
+    path: Path | None = None
+
+    def to_original_orientation(self, array: np.ndarray) -> np.ndarray:
+        """Map an array on this volume's canonical grid back to the file's own axes."""
+        back = orientations.ornt_transform(_RAS, orientations.io_orientation(self.original_affine))
+        return orientations.apply_orientation(array, back)
+
+
+def canonical_volume(data: np.ndarray, affine: np.ndarray, zooms: Sequence[float],
+                     path: Path | None, *, ornt: np.ndarray | None = None) -> Volume:
+    """``data`` [I, J, K] on the grid ``affine`` (voxel -> RAS world mm, voxel sizes
+    ``zooms``) reoriented to canonical RAS with views (no copy); ``ornt``: the affine's
+    ``io_orientation`` when already known."""
+    if ornt is None:
+        ornt = orientations.io_orientation(affine)
+    canonical = orientations.apply_orientation(data, ornt)
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(ornt):
+        spacing[int(target)] = float(zooms[axis])
+    return Volume(data=canonical, spacing=(spacing[0], spacing[1], spacing[2]),
+                  affine=affine @ orientations.inv_ornt_aff(ornt, data.shape),
+                  original_affine=affine,
+                  original_shape=(data.shape[0], data.shape[1], data.shape[2]), path=path)
