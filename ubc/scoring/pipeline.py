@@ -15,8 +15,10 @@ loaded, plus its compressed bytes while it is decoded), P the largest preprocess
 + 3`` input batches and ``batch_queue + 2`` output batches are alive at once. Cases leave
 the engine in order, so the aggregator holds at most one unfinished case plus those ending
 in the current batch; with masks or overlays asked for, each keeps 4 bytes per scored pixel
-(float16 mask + image), at most K + B in all (K: one case's kept bytes). ``memory_bound``
-computes it. Only the list of cases (a few hundred bytes each) grows with the archive; a
+(float16 mask + image), at most K + B in all (K: one case's kept bytes); ``--dicom-seg``
+keeps masks as ``--masks`` does. The conformance checks may hold one float32 copy of a
+volume in the preprocessing thread (volumes with non-finite or shifted background).
+``memory_bound`` computes it. Only the list of cases (a few hundred bytes each) grows with the archive; a
 test checks that peak allocation does not otherwise grow with it.
 """
 
