@@ -295,3 +295,40 @@ def test_real_tcga_mask_and_areas(real_volume_paths):
     assert (flair.data < 0).any()
     out = native.slices(flair.data, flair.spacing)
     assert np.count_nonzero(out) == np.count_nonzero(flair.data[8:232, 8:232])
+
+
+# Downsampling integrates over the output pixel's footprint (issue 10): no decimation.
+def test_nyquist_checkerboard_downsampled_3x_is_near_constant():
+    x, y = np.meshgrid(np.arange(96), np.arange(96), indexing="ij")
+    board = (2.0 + (-1.0) ** (x + y))[..., None].repeat(2, axis=2)  # 1 and 3: no background
+    for module in (native, reference):
+        out = module.slices(board, (1.0, 1.0, 1.0), size=(32, 32), target_spacing=(3.0, 3.0),
+                            norm="none")[:, 0, 2:-2, 2:-2]
+        # A triangle of half-width 3 passes (1/9)^2 of the Nyquist amplitude (decimation: all).
+        np.testing.assert_allclose(out, 2.0, atol=0.02)
+
+
+@pytest.mark.parametrize(("factor", "n_in", "kept"), [
+    (3.0, 192, (19 / 81) ** 2),  # integer centres: weights (1, 2, 3, 2, 1) / 9 per axis
+    (2.0, 128, (20 / 64) ** 2),  # half-integer centres: weights (1, 3, 3, 1) / 8 per axis
+])
+def test_white_noise_downsampled_loses_variance_as_expected(factor, n_in, kept):
+    rng = np.random.default_rng(21)
+    noise = rng.normal(100.0, 10.0, size=(n_in, n_in, 8))
+    out = native.slices(noise, (1.0, 1.0, 1.0), size=(64, 64), target_spacing=(factor, factor),
+                        norm="none")[:, 0, 2:-2, 2:-2]
+    ratio = out.var() / noise.var()
+    assert ratio == pytest.approx(kept, rel=0.08)
+    assert out.mean() == pytest.approx(100.0, abs=0.1)
+
+
+def test_upsampling_and_equal_spacing_stay_bilinear():
+    volume = random_volume((40, 36, 3), np.float32, np.random.default_rng(22))
+    for spacing, target in (((1.0, 1.0, 1.0), (1.0, 1.0)), ((2.0, 1.5, 1.0), (1.0, 0.5))):
+        got = native.slices(volume, spacing, size=(64, 64), target_spacing=target, norm="none")
+        coords = [reference.source_coords(64, n, s, t) for n, s, t in
+                  zip(volume.shape[:2], spacing[:2], target, strict=True)]
+        wx, wy = (reference._bilinear_weights(c, n) for c, n in
+                  zip(coords, volume.shape[:2], strict=True))
+        want = np.stack([wx @ volume[:, :, k] @ wy.T for k in range(3)])[:, None]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)

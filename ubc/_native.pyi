@@ -1,4 +1,5 @@
 # Type stub of the compiled module (csrc/bindings/module.cpp); see ubc.preprocess for docs.
+# Every `out` is refused (ValueError), never converted, unless it is exactly what is written.
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,3 +18,10 @@ def foreground_counts(volume: np.ndarray, threads: int, out: npt.NDArray[np.int6
 def to_original(values: npt.NDArray[np.float32], spacing: Sequence[float],
                 target_spacing: Sequence[float], indices: npt.NDArray[np.int64],
                 threads: int, out: npt.NDArray[np.float32]) -> None: ...
+
+# The core's limits (csrc/core/preprocess.hpp); beyond them the functions raise ValueError.
+MAX_AXIS: int
+MAX_SLICE_VOXELS: int
+MAX_VOXELS: int
+MAX_SIDE: int
+MAX_RATIO: float

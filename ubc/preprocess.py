@@ -5,16 +5,25 @@ Conventions (shared with ``ubc.preprocess_reference``, the NumPy oracle):
 - Along each in-plane axis, output pixel ``o`` samples input index
   ``(o - (m - 1) / 2) * t / s + (n - 1) / 2`` (n, s: input pixels and spacing; m, t: output):
   slice centre -> output centre, pixel centres at integer indices, zero outside the slice.
-  Output H follows x, W follows y.
+  Output H follows x, W follows y. Upsampling is bilinear; downsampling (target spacing coarser
+  than the source) integrates over the output pixel's footprint (antialiased bilinear: a
+  triangle of half-width t / s input pixels), so it never decimates.
 - Normalisation uses statistics of the whole volume's foreground (non-zero voxels), computed
   once in double precision; background voxels stay exactly 0. Intensities are normalised
-  first, then resampled (bilinear), so a linear ramp stays linear.
+  first, then resampled, so a linear ramp stays linear.
 - NaN or Inf voxels are rejected (ValueError): a scan with them is corrupt, and treating them
   as background would hide that.
 - Output sizes must be multiples of 32 (the U-Net's five down-samplings; exported graphs do
   not check it).
 Work is split over slices on ``threads`` threads (0 = all cores) with the GIL released; the
-result is bit-identical for any thread count.
+result is bit-identical for any thread count (so ``to_original`` refuses a slice index that
+appears twice: two threads would write the same slice).
+
+Limits of the native core (ValueError beyond them; every MRI is far inside): at most 65,536
+voxels per axis, 2**24 per axial slice, 2**30 per volume; output and model-grid sides at most
+4096; ``target_spacing / spacing`` within [1/1000, 1000]. An ``out`` buffer is refused
+(ValueError), never converted, unless it is exactly what is written: writeable, aligned,
+C-contiguous, of the documented dtype in native byte order and of the right shape.
 """
 
 from __future__ import annotations
@@ -33,17 +42,19 @@ NORMS = ("zscore", "percentile", "none")
 def _indices(slice_indices: Sequence[int] | np.ndarray | None, n_slices: int) -> np.ndarray:
     if slice_indices is None:
         return np.arange(n_slices, dtype=np.int64)
-    return np.ascontiguousarray(slice_indices, dtype=np.int64).reshape(-1)
+    flat = np.asarray(slice_indices, dtype=np.int64).reshape(-1)
+    return np.require(flat, requirements=["C", "A"])  # the core reads int64 through a pointer
 
 
 def _checked_volume(volume: np.ndarray) -> np.ndarray:
     """The volume itself (no copy) unless its byte order is not native (NIfTI files may be
-    big-endian): then a native copy, since the native code reads native numbers only."""
+    big-endian) or it is misaligned (a view at an odd byte offset of a buffer): then a native,
+    aligned copy, since the native code reads native numbers through typed pointers only."""
     if not isinstance(volume, np.ndarray):
         raise TypeError(f"volume must be a numpy array, got {type(volume).__name__}")
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3-D (x, y, z), got shape {volume.shape}")
-    if not volume.dtype.isnative:
+    if not volume.dtype.isnative or not volume.flags.aligned:
         return volume.astype(volume.dtype.newbyteorder("="))
     return volume
 
@@ -57,11 +68,13 @@ def _entries(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
 
 
 def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A new buffer, or the caller's ``out`` as it is: the binding checks it and refuses
+    (ValueError) anything it would have to convert, since a converted copy would take the
+    result and leave ``out`` unchanged."""
     if out is None:
         return np.empty(shape, dtype=dtype)
-    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype).name} array of shape "
-                         f"{shape}, got {out.dtype} {out.shape}")
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
     return out
 
 
@@ -71,7 +84,8 @@ def slices(volume: np.ndarray, spacing: Sequence[float], *, size: Sequence[int] 
            out: np.ndarray | None = None) -> np.ndarray:
     """float32 [S, 1, H, W]: every axial slice (or ``slice_indices``), normalised per volume
     (``norm``: zscore | percentile | none), resampled in-plane to ``target_spacing`` mm
-    (bilinear), centre-cropped/padded to ``size`` = (H, W). ``out`` reuses a buffer."""
+    (bilinear; antialiased when downsampling), centre-cropped/padded to ``size`` = (H, W).
+    ``out`` reuses a buffer."""
     volume = _checked_volume(volume)
     indices = _indices(slice_indices, volume.shape[2])
     result = _output(out, (len(indices), 1, int(size[0]), int(size[1])), np.float32)
@@ -122,8 +136,9 @@ def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequ
                 threads: int = 0) -> np.ndarray:
     """float32 array of ``original_shape`` (x, y, z), Fortran order: model-grid slices
     ``values`` [S, H, W] (or [S, 1, H, W]) mapped back onto the original in-plane grid
-    (bilinear, the inverse of ``slices``' geometry). Slices not in ``slice_indices`` are 0;
-    threshold the result for a binary mask."""
+    (the inverse of ``slices``' geometry, resampled as ``slices`` does). Slices not in
+    ``slice_indices`` are 0; each index may appear once (ValueError otherwise). Threshold the
+    result for a binary mask."""
     values = np.asarray(values)
     if values.ndim == 4 and values.shape[1] == 1:
         values = values[:, 0]
@@ -136,7 +151,7 @@ def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequ
     if len(indices) != values.shape[0]:
         raise ValueError(f"{values.shape[0]} slices given for {len(indices)} slice indices")
     result = np.zeros(shape, dtype=np.float32, order="F")
-    _native.to_original(np.ascontiguousarray(values, dtype=np.float32),
+    _native.to_original(np.require(values, np.float32, ["C", "A"]),
                         _entries(spacing, 3, "spacing (x, y, z) in mm"),
                         _entries(target_spacing, 2, "target_spacing (H, W) in mm"), indices,
                         threads, result)

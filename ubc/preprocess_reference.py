@@ -6,6 +6,12 @@ Geometry (pixel centres): along an in-plane axis with ``n`` input pixels of spac
 ``(o - (m - 1) / 2) * t / s + (n - 1) / 2``: the centre of the slice maps to the centre of the
 output, pixel centres sit at integer indices, and samples outside the slice read 0.
 Output axis H follows the volume's x axis, W its y axis (no transpose).
+
+Resampling: upsampling (``t <= s``) is bilinear. Downsampling (``t > s``) integrates over the
+output pixel's footprint: a triangle of half-width ``t / s`` input pixels around the source
+coordinate (antialiased bilinear, as Pillow's resize and ``torch.nn.functional.interpolate(...,
+antialias=True)``), normalised to sum 1 over every integer position with pixels outside the
+slice counting as 0. So downsampling never decimates (1 mm -> 3 mm is not "every third voxel").
 """
 
 from __future__ import annotations
@@ -66,6 +72,28 @@ def _bilinear_weights(coords: np.ndarray, n_in: int) -> np.ndarray:
     return weights
 
 
+def _footprint_weights(coords: np.ndarray, n_in: int, ratio: float) -> np.ndarray:
+    """[n_out, n_in] matrix of the downsampling kernel (``ratio`` > 1 input pixels per output
+    pixel): a triangle of half-width ``ratio``, normalised over all integer positions."""
+    weights = np.zeros((len(coords), n_in))
+    for i, centre in enumerate(coords):
+        j = np.arange(np.ceil(centre - ratio), np.floor(centre + ratio) + 1)
+        w = 1.0 - np.abs(j - centre) / ratio
+        inside = (j >= 0) & (j < n_in)
+        weights[i, j[inside].astype(np.int64)] = w[inside] / w.sum()
+    return weights
+
+
+def resampling_weights(n_out: int, n_in: int, spacing_in: float, spacing_out: float) -> np.ndarray:
+    """[n_out, n_in] matrix resampling one axis: bilinear, or the footprint kernel when the
+    output spacing is coarser than the input's."""
+    coords = source_coords(n_out, n_in, spacing_in, spacing_out)
+    ratio = spacing_out / spacing_in
+    if ratio <= 1:
+        return _bilinear_weights(coords, n_in)
+    return _footprint_weights(coords, n_in, ratio)
+
+
 def _indices(n_slices: int, slice_indices: Sequence[int] | None) -> np.ndarray:
     return np.arange(n_slices) if slice_indices is None else np.asarray(slice_indices)
 
@@ -73,11 +101,12 @@ def _indices(n_slices: int, slice_indices: Sequence[int] | None) -> np.ndarray:
 def slices(volume: np.ndarray, spacing: Sequence[float], *, size: Sequence[int] = (224, 224),
            target_spacing: Sequence[float] = (1.0, 1.0), norm: str = "zscore",
            slice_indices: Sequence[int] | None = None) -> np.ndarray:
-    """float32 [S, 1, H, W]: normalised axial slices resampled (bilinear) and centre-cropped."""
+    """float32 [S, 1, H, W]: normalised axial slices resampled (bilinear, or over the output
+    pixel's footprint when downsampling) and centre-cropped."""
     normalised = normalise(np.asarray(volume), norm)
     nx, ny, nz = normalised.shape
-    wx = _bilinear_weights(source_coords(size[0], nx, spacing[0], target_spacing[0]), nx)
-    wy = _bilinear_weights(source_coords(size[1], ny, spacing[1], target_spacing[1]), ny)
+    wx = resampling_weights(size[0], nx, spacing[0], target_spacing[0])
+    wy = resampling_weights(size[1], ny, spacing[1], target_spacing[1])
     out = [wx @ normalised[:, :, k] @ wy.T for k in _indices(nz, slice_indices)]
     return np.stack(out)[:, None].astype(np.float32)
 
@@ -107,12 +136,12 @@ def lesion_areas(labels: np.ndarray, spacing: Sequence[float], *,
 def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequence[float], *,
                 target_spacing: Sequence[float] = (1.0, 1.0),
                 slice_indices: Sequence[int] | None = None) -> np.ndarray:
-    """float32 volume of ``original_shape``: [S, H, W] slices mapped back (bilinear) onto the
-    original in-plane grid; slices not in ``slice_indices`` are 0."""
+    """float32 volume of ``original_shape``: [S, H, W] slices mapped back (as ``slices``
+    resamples) onto the original in-plane grid; slices not in ``slice_indices`` are 0."""
     nx, ny, nz = original_shape
     h, w = values.shape[1:]
-    wx = _bilinear_weights(source_coords(nx, h, target_spacing[0], spacing[0]), h)
-    wy = _bilinear_weights(source_coords(ny, w, target_spacing[1], spacing[1]), w)
+    wx = resampling_weights(nx, h, target_spacing[0], spacing[0])
+    wy = resampling_weights(ny, w, target_spacing[1], spacing[1])
     out = np.zeros(tuple(original_shape), np.float32)
     for s, k in enumerate(_indices(nz, slice_indices)):
         out[:, :, k] = wx @ values[s].astype(np.float64) @ wy.T

@@ -1,10 +1,18 @@
 // Python bindings of the preprocessing core: convert and check arguments, release the GIL,
 // call the core. No logic of its own lives here.
+//
+// Inputs may be any layout but must be aligned (the core reads them through typed pointers);
+// outputs are refused, never converted, unless they are exactly what the core writes: a
+// converted copy would take the result and leave the caller's array unchanged.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "preprocess.hpp"
 
@@ -12,18 +20,22 @@ namespace py = pybind11;
 
 namespace {
 
+using npy = py::detail::npy_api;
+
+bool aligned(const py::array& a) { return (a.flags() & npy::NPY_ARRAY_ALIGNED_) != 0; }
+
 ubc::DType dtype_of(const py::array& a) {
     if (a.dtype().byteorder() == '>')  // our hosts are little-endian
         throw py::type_error("array is not in native byte order; convert it with "
                              "array.astype(array.dtype.newbyteorder('='))");
     switch (a.dtype().num()) {
-        case py::detail::npy_api::NPY_UBYTE_: return ubc::DType::u8;
-        case py::detail::npy_api::NPY_BOOL_: return ubc::DType::u8;
-        case py::detail::npy_api::NPY_SHORT_: return ubc::DType::i16;
-        case py::detail::npy_api::NPY_USHORT_: return ubc::DType::u16;
-        case py::detail::npy_api::NPY_INT_: return ubc::DType::i32;
-        case py::detail::npy_api::NPY_FLOAT_: return ubc::DType::f32;
-        case py::detail::npy_api::NPY_DOUBLE_: return ubc::DType::f64;
+        case npy::NPY_UBYTE_: return ubc::DType::u8;
+        case npy::NPY_BOOL_: return ubc::DType::u8;
+        case npy::NPY_SHORT_: return ubc::DType::i16;
+        case npy::NPY_USHORT_: return ubc::DType::u16;
+        case npy::NPY_INT_: return ubc::DType::i32;
+        case npy::NPY_FLOAT_: return ubc::DType::f32;
+        case npy::NPY_DOUBLE_: return ubc::DType::f64;
         default: break;
     }
     throw py::type_error("unsupported volume dtype " + std::string(py::str(a.dtype())) +
@@ -47,95 +59,186 @@ ubc::VolumeView view_of(const py::array& a, const char* what) {
         v.shape[static_cast<size_t>(i)] = static_cast<int64_t>(a.shape(i));
         v.strides[static_cast<size_t>(i)] = stride / itemsize;
     }
+    if (!aligned(a))
+        throw py::value_error(std::string(what) + " is not aligned in memory for its dtype; "
+                              "pass an aligned copy (" + what + ".copy())");
     return v;
 }
 
+// Inputs of a fixed dtype: converted if need be (a copy of an input loses nothing), then
+// refused if still misaligned (array_t passes a misaligned array of the right dtype through).
 using Indices = py::array_t<int64_t, py::array::c_style>;
+using Values = py::array_t<float, py::array::c_style>;
+
+template <typename A>
+const A& checked_input(const A& a, const char* what) {
+    if (!aligned(a))
+        throw py::value_error(std::string(what) + " is not aligned in memory; pass a copy");
+    return a;
+}
 
 // The core reads threads <= 0 as "all cores"; a negative count is a caller's mistake.
 void check_threads(int threads) {
     if (threads < 0) throw py::value_error("threads must be >= 0 (0 = all cores)");
 }
 
-template <typename T>
-T* checked_out(py::array_t<T, py::array::c_style>& out, py::ssize_t n, const std::array<int64_t, 2>& size) {
-    if (out.ndim() != 4 || out.shape(0) != n || out.shape(1) != 1 || out.shape(2) != size[0] ||
-        out.shape(3) != size[1])
-        throw py::value_error("out has the wrong shape for these slices");
-    return out.mutable_data();
+std::string shape_text(const std::vector<py::ssize_t>& shape) {
+    std::ostringstream os;
+    os << "(";
+    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+    os << (shape.size() == 1 ? ",)" : ")");
+    return os.str();
 }
+
+// What is wrong with `out` as a buffer of T (empty when nothing is): dtype (native order
+// included), writability and alignment, then, when `shape` is given, C-contiguity and shape.
+template <typename T>
+std::string out_problem(const py::array& out, const std::vector<py::ssize_t>* shape) {
+    if (!py::dtype::of<T>().equal(out.dtype()))
+        return "its dtype is " + std::string(py::str(out.dtype()));
+    if (!out.writeable()) return "it is read-only";
+    if (!aligned(out)) return "it is not aligned in memory";
+    if (shape == nullptr) return {};
+    const std::vector<py::ssize_t> got(out.shape(), out.shape() + out.ndim());
+    if (got != *shape) return "its shape is " + shape_text(got);
+    if ((out.flags() & npy::NPY_ARRAY_C_CONTIGUOUS_) == 0) return "it is not C-contiguous";
+    return {};
+}
+
+template <typename T>
+T* checked_out(py::array& out, const std::vector<py::ssize_t>& shape) {
+    const std::string problem = out_problem<T>(out, &shape);
+    if (!problem.empty())
+        throw py::value_error("out must be a C-contiguous, writeable, aligned " +
+                              std::string(py::str(py::dtype::of<T>())) + " array of shape " +
+                              shape_text(shape) + " in native byte order, but " + problem);
+    return static_cast<T*>(out.mutable_data());
+}
+
+// Byte range [first, last) spanned by an array's elements (empty for an empty array).
+std::pair<uintptr_t, uintptr_t> byte_span(const py::array& a) {
+    const auto base = reinterpret_cast<uintptr_t>(a.data());
+    if (a.size() == 0) return {base, base};
+    intptr_t low = 0, high = 0;
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+        const intptr_t reach = static_cast<intptr_t>(a.shape(i) - 1) * a.strides(i);
+        (reach < 0 ? low : high) += reach;
+    }
+    return {base + static_cast<uintptr_t>(low), base + static_cast<uintptr_t>(high) + static_cast<uintptr_t>(a.itemsize())};
+}
+
+// Threads write out while they read `source`: shared memory would race.
+void check_disjoint(const py::array& out, const py::array& source, const char* what) {
+    const auto a = byte_span(out), b = byte_span(source);
+    if (a.first < b.second && b.first < a.second)
+        throw py::value_error(std::string("out shares memory with ") + what +
+                              "; pass a separate output array");
+}
+
+py::ssize_t count(const Indices& indices) { return indices.size(); }
 
 void slices(const py::array& volume, std::array<double, 3> spacing, std::array<int64_t, 2> size,
             std::array<double, 2> target_spacing, const std::string& norm, const Indices& indices,
-            int threads, py::array_t<float, py::array::c_style> out) {
+            int threads, py::array out) {
     check_threads(threads);
     const ubc::VolumeView v = view_of(volume, "volume");
     const ubc::SliceGeometry g{spacing, size, target_spacing};
     const ubc::Norm parsed = ubc::parse_norm(norm);
-    float* dst = checked_out(out, indices.size(), size);
+    float* dst = checked_out<float>(out, {count(indices), 1, size[0], size[1]});
+    check_disjoint(out, volume, "the volume");
+    const int64_t* index = checked_input(indices, "slice indices").data();
     py::gil_scoped_release release;
-    ubc::slices(v, g, parsed, indices.data(), indices.size(), threads, dst);
+    ubc::slices(v, g, parsed, index, count(indices), threads, dst);
 }
 
 void mask_slices(const py::array& labels, std::array<double, 3> spacing, std::array<int64_t, 2> size,
                  std::array<double, 2> target_spacing, const Indices& indices, int threads,
-                 py::array_t<uint8_t, py::array::c_style> out) {
+                 py::array out) {
     check_threads(threads);
     const ubc::VolumeView v = view_of(labels, "labels");
     const ubc::SliceGeometry g{spacing, size, target_spacing};
-    uint8_t* dst = checked_out(out, indices.size(), size);
+    uint8_t* dst = checked_out<uint8_t>(out, {count(indices), 1, size[0], size[1]});
+    check_disjoint(out, labels, "the labels");
+    const int64_t* index = checked_input(indices, "slice indices").data();
     py::gil_scoped_release release;
-    ubc::mask_slices(v, g, indices.data(), indices.size(), threads, dst);
+    ubc::mask_slices(v, g, index, count(indices), threads, dst);
 }
 
 void lesion_areas(const py::array& labels, std::array<double, 3> spacing, const Indices& indices,
-                  int threads, py::array_t<double, py::array::c_style> out) {
+                  int threads, py::array out) {
     check_threads(threads);
     const ubc::VolumeView v = view_of(labels, "labels");
-    if (out.size() != indices.size()) throw py::value_error("out must have one entry per slice");
-    double* dst = out.mutable_data();
+    double* dst = checked_out<double>(out, {count(indices)});
+    const int64_t* index = checked_input(indices, "slice indices").data();
     py::gil_scoped_release release;
-    ubc::lesion_areas(v, spacing, indices.data(), indices.size(), threads, dst);
+    ubc::lesion_areas(v, spacing, index, count(indices), threads, dst);
 }
 
-void foreground_counts(const py::array& volume, int threads,
-                       py::array_t<int64_t, py::array::c_style> out) {
+void foreground_counts(const py::array& volume, int threads, py::array out) {
     check_threads(threads);
     const ubc::VolumeView v = view_of(volume, "volume");
-    if (out.size() != v.shape[2]) throw py::value_error("out must have one entry per axial slice");
-    int64_t* dst = out.mutable_data();
+    int64_t* dst = checked_out<int64_t>(out, {static_cast<py::ssize_t>(v.shape[2])});
     py::gil_scoped_release release;
     ubc::foreground_counts(v, threads, dst);
 }
 
-void to_original(const py::array_t<float, py::array::c_style>& values, std::array<double, 3> spacing,
+// out: any layout whose strides are whole float32 elements (the core checks that no two
+// elements share memory); refused, not converted, otherwise.
+float* checked_volume_out(py::array& out, std::array<int64_t, 3>& shape, std::array<int64_t, 3>& strides) {
+    std::string problem = out_problem<float>(out, nullptr);
+    if (problem.empty() && out.ndim() != 3) problem = "it has " + std::to_string(out.ndim()) + " dimensions";
+    for (py::ssize_t i = 0; problem.empty() && i < 3; ++i) {
+        const auto a = static_cast<size_t>(i);
+        shape[a] = static_cast<int64_t>(out.shape(i));
+        strides[a] = static_cast<int64_t>(out.strides(i)) / static_cast<int64_t>(sizeof(float));
+        if (out.strides(i) % static_cast<py::ssize_t>(sizeof(float)) != 0)
+            problem = "its strides are not whole float32 elements";
+    }
+    if (!problem.empty())
+        throw py::value_error("out must be a writeable, aligned 3-D float32 volume in native "
+                              "byte order, but " + problem);
+    return static_cast<float*>(out.mutable_data());
+}
+
+void to_original(const Values& values, std::array<double, 3> spacing,
                  std::array<double, 2> target_spacing, const Indices& indices, int threads,
-                 py::array_t<float> out) {
+                 py::array out) {
     check_threads(threads);
     if (values.ndim() != 3) throw py::value_error("values must be [S, H, W]");
-    if (values.shape(0) != indices.size())
+    if (values.shape(0) != count(indices))
         throw py::value_error("values must have one slice per slice index");
-    if (out.ndim() != 3) throw py::value_error("out must be a 3-D volume");
     const std::array<int64_t, 2> size{values.shape(1), values.shape(2)};
     std::array<int64_t, 3> shape{}, strides{};
-    for (py::ssize_t i = 0; i < 3; ++i) {
-        shape[static_cast<size_t>(i)] = out.shape(i);
-        strides[static_cast<size_t>(i)] = out.strides(i) / static_cast<py::ssize_t>(sizeof(float));
-    }
-    const float* src = values.data();
-    float* dst = out.mutable_data();
+    float* dst = checked_volume_out(out, shape, strides);
+    check_disjoint(out, values, "the values");
+    const float* src = checked_input(values, "values").data();
+    const int64_t* index = checked_input(indices, "slice indices").data();
     py::gil_scoped_release release;
-    ubc::to_original(src, size, shape, strides, spacing, target_spacing, indices.data(),
-                     indices.size(), threads, dst);
+    ubc::to_original(src, size, shape, strides, spacing, target_spacing, index, count(indices),
+                     threads, dst);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
     m.doc() = "Native slice preprocessing for UBC (see ubc.preprocess for the documented API)";
-    m.def("slices", &slices);
-    m.def("mask_slices", &mask_slices);
-    m.def("lesion_areas", &lesion_areas);
-    m.def("foreground_counts", &foreground_counts);
-    m.def("to_original", &to_original);
+    // out is noconvert: pybind11 must hand over the caller's own array, never a converted copy.
+    m.def("slices", &slices, py::arg("volume"), py::arg("spacing"), py::arg("size"),
+          py::arg("target_spacing"), py::arg("norm"), py::arg("indices"), py::arg("threads"),
+          py::arg("out").noconvert());
+    m.def("mask_slices", &mask_slices, py::arg("labels"), py::arg("spacing"), py::arg("size"),
+          py::arg("target_spacing"), py::arg("indices"), py::arg("threads"),
+          py::arg("out").noconvert());
+    m.def("lesion_areas", &lesion_areas, py::arg("labels"), py::arg("spacing"), py::arg("indices"),
+          py::arg("threads"), py::arg("out").noconvert());
+    m.def("foreground_counts", &foreground_counts, py::arg("volume"), py::arg("threads"),
+          py::arg("out").noconvert());
+    m.def("to_original", &to_original, py::arg("values"), py::arg("spacing"),
+          py::arg("target_spacing"), py::arg("indices"), py::arg("threads"),
+          py::arg("out").noconvert());
+    m.attr("MAX_AXIS") = ubc::kMaxAxis;
+    m.attr("MAX_SLICE_VOXELS") = ubc::kMaxSliceVoxels;
+    m.attr("MAX_VOXELS") = ubc::kMaxVoxels;
+    m.attr("MAX_SIDE") = ubc::kMaxSide;
+    m.attr("MAX_RATIO") = ubc::kMaxRatio;
 }

@@ -1,7 +1,12 @@
 #include "preprocess.hpp"
 
+#include "checks.hpp"
+#include "resample.hpp"
+#include "wide_int.hpp"
+
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <exception>
 #include <limits>
 #include <mutex>
@@ -14,8 +19,21 @@
 namespace ubc {
 namespace {
 
-constexpr int64_t kSizeMultiple = 32;  // five 2x down-samplings in the U-Net encoder
-constexpr int64_t kMaxSide = 4096;
+using detail::check_geometry;
+using detail::check_indices;
+using detail::check_spacing;
+using detail::check_volume;
+using detail::checked_product;
+using detail::PlaneResampler;
+using detail::Taps;
+
+// Padded slices read at once when z is the fastest axis: at most 16, at most 32 MiB of them.
+constexpr int64_t kMaxBlock = 16;
+constexpr int64_t kBlockFloats = int64_t{8} << 20;
+// A zero-padded axial slice: (nx + 2) (ny + 2) < 2 kMaxSliceVoxels within the limits.
+constexpr int64_t kMaxPadded = 2 * kMaxSliceVoxels;
+// Floats a caller's buffer can hold, so that their byte offsets fit a pointer difference.
+constexpr int64_t kMaxFloats = std::numeric_limits<std::ptrdiff_t>::max() / 4;
 
 // Runs body(begin, end) over [0, n) split into contiguous chunks, one per thread. Each output
 // element is computed by exactly one chunk, so results do not depend on the thread count.
@@ -86,134 +104,6 @@ std::array<size_t, 3> memory_order(const VolumeView& v) {
         return std::llabs(v.strides[a]) > std::llabs(v.strides[b]);
     });
     return axes;
-}
-
-std::string shape_text(const std::array<int64_t, 3>& s) {
-    std::ostringstream os;
-    os << "(" << s[0] << ", " << s[1] << ", " << s[2] << ")";
-    return os.str();
-}
-
-void check_volume(const VolumeView& v, const char* what) {
-    if (v.data == nullptr) throw std::invalid_argument(std::string(what) + " has no data");
-    for (int64_t n : v.shape)
-        if (n <= 0)
-            throw std::invalid_argument(std::string(what) + " has an empty axis, shape " +
-                                        shape_text(v.shape));
-}
-
-template <size_t N>
-void check_spacing(const std::array<double, N>& spacing, const char* what) {
-    for (double s : spacing)
-        if (!std::isfinite(s) || s <= 0.0) {
-            std::ostringstream os;
-            os << what << " must be finite and positive (mm), got " << s;
-            throw std::invalid_argument(os.str());
-        }
-}
-
-void check_size(const std::array<int64_t, 2>& size) {
-    for (int64_t n : size)
-        if (n < kSizeMultiple || n > kMaxSide) {
-            std::ostringstream os;
-            os << "output size (" << size[0] << ", " << size[1] << ") is out of range: each side "
-               << "must be between " << kSizeMultiple << " and " << kMaxSide;
-            throw std::invalid_argument(os.str());
-        }
-    if (size[0] % kSizeMultiple == 0 && size[1] % kSizeMultiple == 0) return;
-    auto nearest = [](int64_t n) {
-        return std::max(kSizeMultiple, (n + kSizeMultiple / 2) / kSizeMultiple * kSizeMultiple);
-    };
-    std::ostringstream os;
-    os << "output size (" << size[0] << ", " << size[1] << ") is not a multiple of "
-       << kSizeMultiple << " (the U-Net down-samples 5 times); use (" << nearest(size[0]) << ", "
-       << nearest(size[1]) << ")";
-    throw std::invalid_argument(os.str());
-}
-
-void check_indices(const int64_t* indices, int64_t n, int64_t n_slices) {
-    for (int64_t i = 0; i < n; ++i)
-        if (indices[i] < 0 || indices[i] >= n_slices) {
-            std::ostringstream os;
-            os << "slice index " << indices[i] << " is out of range for a volume with "
-               << n_slices << " axial slices";
-            throw std::invalid_argument(os.str());
-        }
-}
-
-void check_geometry(const VolumeView& v, const SliceGeometry& g, const int64_t* indices,
-                    int64_t n_indices, const char* what) {
-    check_volume(v, what);
-    check_spacing(g.spacing, "spacing");
-    check_spacing(g.target_spacing, "target_spacing");
-    check_size(g.size);
-    check_indices(indices, n_indices, v.shape[2]);
-}
-
-// Linear-interpolation taps along one axis. Index i0 refers to a buffer padded with one zero
-// on each side (stored index = input index + 1), so both taps are always readable and samples
-// outside the input read zeros.
-struct Taps {
-    std::vector<int64_t> i0;
-    std::vector<float> w0, w1;
-};
-
-double source_coord(int64_t o, int64_t n_out, int64_t n_in, double spacing_in,
-                    double spacing_out) {
-    return (static_cast<double>(o) - static_cast<double>(n_out - 1) * 0.5) *
-               (spacing_out / spacing_in) +
-           static_cast<double>(n_in - 1) * 0.5;
-}
-
-Taps linear_taps(int64_t n_out, int64_t n_in, double spacing_in, double spacing_out) {
-    Taps taps;
-    for (int64_t o = 0; o < n_out; ++o) {
-        const double src = source_coord(o, n_out, n_in, spacing_in, spacing_out);
-        const double lower = std::floor(src);
-        const double frac = src - lower;
-        if (lower < -1.0 || lower > static_cast<double>(n_in - 1)) {
-            taps.i0.push_back(0);  // wholly outside: both weights zero
-            taps.w0.push_back(0.0f);
-            taps.w1.push_back(0.0f);
-            continue;
-        }
-        taps.i0.push_back(static_cast<int64_t>(lower) + 1);
-        taps.w0.push_back(static_cast<float>(1.0 - frac));
-        taps.w1.push_back(static_cast<float>(frac));
-    }
-    return taps;
-}
-
-// Input index of the nearest pixel centre (ties round up), or -1 outside the input.
-std::vector<int64_t> nearest_taps(int64_t n_out, int64_t n_in, double spacing_in,
-                                  double spacing_out) {
-    std::vector<int64_t> index;
-    for (int64_t o = 0; o < n_out; ++o) {
-        const double nearest = std::floor(source_coord(o, n_out, n_in, spacing_in, spacing_out) + 0.5);
-        const bool inside = nearest >= 0.0 && nearest <= static_cast<double>(n_in - 1);
-        index.push_back(inside ? static_cast<int64_t>(nearest) : -1);
-    }
-    return index;
-}
-
-// out[h, w] = bilinear sample of a zero-padded [n_rows + 2, row_len] buffer.
-void interpolate(const float* padded, int64_t row_len, const Taps& rows, const Taps& cols,
-                 float* out, int64_t out_row_stride, int64_t out_col_stride) {
-    const int64_t n_rows = static_cast<int64_t>(rows.i0.size());
-    const int64_t n_cols = static_cast<int64_t>(cols.i0.size());
-    for (int64_t h = 0; h < n_rows; ++h) {
-        const float* r0 = padded + rows.i0[static_cast<size_t>(h)] * row_len;
-        const float* r1 = r0 + row_len;
-        const float a = rows.w0[static_cast<size_t>(h)], b = rows.w1[static_cast<size_t>(h)];
-        float* dst = out + h * out_row_stride;
-        for (int64_t w = 0; w < n_cols; ++w) {
-            const size_t c = static_cast<size_t>(w);
-            const int64_t j = cols.i0[c];
-            const float top = cols.w0[c] * r0[j] + cols.w1[c] * r0[j + 1];
-            const float bottom = cols.w0[c] * r1[j] + cols.w1[c] * r1[j + 1];
-            dst[w * out_col_stride] = a * top + b * bottom;
-        }
-    }
 }
 
 struct Partial {
@@ -332,7 +222,8 @@ NormStats histogram_stats(const VolumeView& v, Norm norm, int threads) {
     constexpr size_t kBins = size_t{1} << (8 * sizeof(T));
     std::vector<std::vector<int64_t>> partial;
     std::mutex merge;
-    const auto [outer, middle, inner] = memory_order(v);  // order is irrelevant to a histogram
+    const std::array<size_t, 3> order = memory_order(v);  // order is irrelevant to a histogram
+    const size_t outer = order[0], middle = order[1], inner = order[2];
     parallel_for(v.shape[outer], threads, [&](int64_t begin, int64_t end) {
         std::vector<int64_t> hist(kBins, 0);
         for (int64_t i = begin; i < end; ++i)
@@ -355,18 +246,22 @@ NormStats histogram_stats(const VolumeView& v, Norm norm, int threads) {
     std::vector<int64_t> hist(kBins, 0);
     for (const auto& h : partial)
         for (size_t b = 0; b < kBins; ++b) hist[b] += h[b];
-    int64_t count = 0;
-    __int128 sum = 0, sum_sq = 0;
+    // Exact sums: |v| <= 2^16 and count <= kMaxVoxels = 2^30, so sum fits 47 bits, sum_sq 62.
+    int64_t count = 0, sum = 0;
+    uint64_t sum_sq = 0;
     for (size_t b = 0; b < kBins; ++b) {
-        const __int128 value = static_cast<int64_t>(b) - kOffset;
+        const int64_t value = static_cast<int64_t>(b) - kOffset;
         count += hist[b];
         sum += value * hist[b];
-        sum_sq += value * value * hist[b];
+        sum_sq += static_cast<uint64_t>(value * value) * static_cast<uint64_t>(hist[b]);
     }
     if (count == 0 || norm == Norm::none) return finish_stats(norm, count, 0.0, 0.0, 0.0, 0.0);
     const double n = static_cast<double>(count);
     const double mean = static_cast<double>(sum) / n;
-    const double variance = static_cast<double>(sum_sq * count - sum * sum) / (n * n);
+    const auto abs_sum = static_cast<uint64_t>(sum < 0 ? -sum : sum);
+    const detail::U128 numerator = detail::subtract(
+        detail::multiply(sum_sq, static_cast<uint64_t>(count)), detail::multiply(abs_sum, abs_sum));
+    const double variance = detail::to_double(numerator) / (n * n);
     // NumPy's linear percentile: the value of rank floor(q (n - 1)) and the next one.
     auto value_at_rank = [&](int64_t rank) {
         int64_t seen = 0;
@@ -567,13 +462,21 @@ void slices(const VolumeView& volume, const SliceGeometry& g, Norm norm,
     check_geometry(volume, g, slice_indices, n_indices, "volume");
     const NormStats stats = volume_stats(volume, norm, threads);
     const int64_t nx = volume.shape[0], ny = volume.shape[1];
-    const Taps rows = linear_taps(g.size[0], nx, g.spacing[0], g.target_spacing[0]);
-    const Taps cols = linear_taps(g.size[1], ny, g.spacing[1], g.target_spacing[1]);
-    const int64_t row_len = ny + 2, padded_plane = (nx + 2) * row_len;
-    const int64_t plane = g.size[0] * g.size[1];
-    const int64_t block = z_is_fastest(volume) ? 16 : 1;
-    const auto ix = aligned_index(rows, nx), iy = aligned_index(cols, ny);
-    const bool aligned = !ix.empty() && !iy.empty() && block == 1;
+    const PlaneResampler resampler(g.size, {nx, ny}, {g.spacing[0], g.spacing[1]}, g.target_spacing);
+    // check_geometry bounded nx, ny, H and W: these products are checked once more, so that a
+    // change of a limit cannot make them wrap silently.
+    const int64_t row_len = ny + 2;
+    const int64_t padded_plane = checked_product(nx + 2, row_len, kMaxPadded, "padded slice");
+    const int64_t plane = checked_product(g.size[0], g.size[1], kMaxSide * kMaxSide, "output slice");
+    checked_product(n_indices, plane, kMaxFloats, "output size");
+    const bool z_fast = z_is_fastest(volume);
+    const int64_t block = z_fast ? std::clamp(kBlockFloats / padded_plane, int64_t{1}, kMaxBlock) : 1;
+    const auto block_floats = static_cast<size_t>(checked_product(block, padded_plane, kMaxPadded, "slice block"));
+    // Copying without interpolation is exact only when no axis downsamples (a 2x downsampling
+    // would align too, and decimate).
+    const auto ix = resampler.bilinear() ? aligned_index(resampler.row_taps(), nx) : std::vector<int64_t>{};
+    const auto iy = resampler.bilinear() ? aligned_index(resampler.col_taps(), ny) : std::vector<int64_t>{};
+    const bool aligned = !ix.empty() && !iy.empty() && !z_fast;
     const AlignedAxis aligned_rows = aligned_axis(ix, volume.strides[0]);
     const AlignedAxis aligned_cols = aligned_axis(iy, volume.strides[1]);
     dispatch(volume.dtype, [&](auto tag) {
@@ -588,13 +491,13 @@ void slices(const VolumeView& volume, const SliceGeometry& g, Norm norm,
             return;
         }
         parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
-            std::vector<float> padded(static_cast<size_t>(block * padded_plane), 0.0f);
+            std::vector<float> padded(block_floats, 0.0f), scratch;
             for (int64_t s = begin; s < end; s += block) {
                 const int64_t count = std::min(block, end - s);
                 normalise_block<T>(volume, slice_indices + s, count, normalise, padded, row_len);
                 for (int64_t j = 0; j < count; ++j)
-                    interpolate(padded.data() + j * padded_plane, row_len, rows, cols,
-                                out + (s + j) * plane, g.size[1], 1);
+                    resampler.run(padded.data() + j * padded_plane, row_len,
+                                  out + (s + j) * plane, g.size[1], 1, scratch);
             }
         });
     });
@@ -603,9 +506,10 @@ void slices(const VolumeView& volume, const SliceGeometry& g, Norm norm,
 void mask_slices(const VolumeView& labels, const SliceGeometry& g, const int64_t* slice_indices,
                  int64_t n_indices, int threads, uint8_t* out) {
     check_geometry(labels, g, slice_indices, n_indices, "labels");
-    const auto ix = nearest_taps(g.size[0], labels.shape[0], g.spacing[0], g.target_spacing[0]);
-    const auto iy = nearest_taps(g.size[1], labels.shape[1], g.spacing[1], g.target_spacing[1]);
-    const int64_t plane = g.size[0] * g.size[1];
+    const auto ix = detail::nearest_taps(g.size[0], labels.shape[0], g.spacing[0], g.target_spacing[0]);
+    const auto iy = detail::nearest_taps(g.size[1], labels.shape[1], g.spacing[1], g.target_spacing[1]);
+    const int64_t plane = checked_product(g.size[0], g.size[1], kMaxSide * kMaxSide, "output slice");
+    checked_product(n_indices, plane, kMaxFloats, "output size");
     dispatch(labels.dtype, [&](auto tag) {
         using T = decltype(tag);
         parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
@@ -628,6 +532,8 @@ void lesion_areas(const VolumeView& labels, const std::array<double, 3>& spacing
     check_spacing(spacing, "spacing");
     check_indices(slice_indices, n_indices, labels.shape[2]);
     const double pixel_area = spacing[0] * spacing[1];
+    if (!std::isfinite(pixel_area))
+        throw std::invalid_argument("spacing: the in-plane pixel area (mm2) overflows a double");
     dispatch(labels.dtype, [&](auto tag) {
         using T = decltype(tag);
         parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
@@ -662,24 +568,31 @@ void to_original(const float* values, const std::array<int64_t, 2>& size,
                  const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
                  int64_t n_indices, int threads, float* out) {
     if (values == nullptr || out == nullptr) throw std::invalid_argument("to_original: no data");
-    if (size[0] <= 0 || size[1] <= 0) throw std::invalid_argument("to_original: empty slices");
-    for (int64_t n : out_shape)
-        if (n <= 0) throw std::invalid_argument("original shape has an empty axis " + shape_text(out_shape));
+    detail::check_model_grid(size);
+    detail::check_shape(out_shape, "original grid");
+    detail::check_disjoint(out_shape, out_strides, "original-grid output");
     check_spacing(spacing, "spacing");
     check_spacing(target_spacing, "target_spacing");
+    detail::check_ratio(spacing, target_spacing);
     check_indices(slice_indices, n_indices, out_shape[2]);
+    detail::check_unique(slice_indices, n_indices, out_shape[2]);
+    if (n_indices == 0) return;  // nothing to write: allocate nothing
     // The inverse map: original pixels sample the model grid (spacing target_spacing).
-    const Taps rows = linear_taps(out_shape[0], size[0], target_spacing[0], spacing[0]);
-    const Taps cols = linear_taps(out_shape[1], size[1], target_spacing[1], spacing[1]);
-    const int64_t row_len = size[1] + 2, plane = size[0] * size[1];
+    const PlaneResampler resampler({out_shape[0], out_shape[1]}, size, target_spacing,
+                                   {spacing[0], spacing[1]});
+    const int64_t row_len = size[1] + 2;
+    const int64_t plane = checked_product(size[0], size[1], kMaxSide * kMaxSide, "model-grid slice");
+    checked_product(n_indices, plane, kMaxFloats, "model-grid values");
+    const auto padded_floats = static_cast<size_t>(
+        checked_product(size[0] + 2, row_len, (kMaxSide + 2) * (kMaxSide + 2), "padded slice"));
     parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
-        std::vector<float> padded(static_cast<size_t>((size[0] + 2) * row_len), 0.0f);
+        std::vector<float> padded(padded_floats, 0.0f), scratch;
         for (int64_t s = begin; s < end; ++s) {
             for (int64_t h = 0; h < size[0]; ++h)
                 std::copy_n(values + s * plane + h * size[1], size[1],
                             padded.data() + (h + 1) * row_len + 1);
-            interpolate(padded.data(), row_len, rows, cols, out + slice_indices[s] * out_strides[2],
-                        out_strides[0], out_strides[1]);
+            resampler.run(padded.data(), row_len, out + slice_indices[s] * out_strides[2],
+                          out_strides[0], out_strides[1], scratch);
         }
     });
 }

@@ -7,7 +7,13 @@
 // Geometry: along an in-plane axis with n input pixels of spacing s and m output pixels of
 // spacing t, output pixel o samples input index (o - (m - 1) / 2) * t / s + (n - 1) / 2:
 // slice centre -> output centre, pixel centres at integer indices, zero outside the slice.
-// Output rows (H) follow the volume's x axis, columns (W) its y axis.
+// s and t must be finite and positive, and t / s within [1 / kMaxRatio, kMaxRatio]. Upsampling
+// is bilinear; downsampling (t > s) integrates over the output pixel's footprint (a triangle of
+// half-width t / s input pixels, see resample.hpp), so it never decimates. Output rows (H) follow the volume's x axis, columns (W) its y axis.
+//
+// Every function is bit-identical for any thread count: each output element is written by
+// exactly one thread (to_original refuses duplicate slice indices and self-overlapping outputs
+// for that reason).
 #pragma once
 
 #include <array>
@@ -15,6 +21,16 @@
 #include <string>
 
 namespace ubc {
+
+// The core's limits (std::invalid_argument beyond them). They admit every MRI (a 1024 x 1024 x
+// 1024 volume is at the total) and bound every buffer the core allocates, so that no size
+// product can overflow, whatever strides a view has (zero strides can make a huge view of a
+// small buffer).
+inline constexpr int64_t kMaxAxis = 65536;                     // voxels along one axis
+inline constexpr int64_t kMaxSliceVoxels = int64_t{1} << 24;   // in one axial slice (4096^2)
+inline constexpr int64_t kMaxVoxels = int64_t{1} << 30;        // in one volume
+inline constexpr int64_t kMaxSide = 4096;                      // output (model-grid) side
+inline constexpr double kMaxRatio = 1000.0;  // target_spacing / spacing within [1/this, this]
 
 enum class DType { u8, i16, u16, i32, f32, f64 };
 enum class Norm { zscore, percentile, none };
@@ -61,8 +77,9 @@ void lesion_areas(const VolumeView& labels, const std::array<double, 3>& spacing
 // out: int64 [z]: number of non-zero voxels in each axial slice.
 void foreground_counts(const VolumeView& volume, int threads, int64_t* out);
 
-// values: float32 [n_indices, H, W] C-contiguous on the model grid; out: float32 volume of
-// out_shape (x, y, z) with out_strides (elements). Only the listed slices are written.
+// values: float32 [n_indices, H, W] C-contiguous on the model grid (1 <= H, W <= kMaxSide);
+// out: float32 volume of out_shape (x, y, z) with out_strides (elements, no two elements at
+// the same address). Only the listed slices are written; each index may appear once.
 void to_original(const float* values, const std::array<int64_t, 2>& size,
                  const std::array<int64_t, 3>& out_shape,
                  const std::array<int64_t, 3>& out_strides,

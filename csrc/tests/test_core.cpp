@@ -1,35 +1,22 @@
 // A Python-free check of the preprocessing core: it links against the C++ library alone.
-// Build and run: g++ -std=c++17 -O2 -pthread -Icsrc/core csrc/tests/test_core.cpp
-//                    csrc/core/preprocess.cpp -o test_core && ./test_core
+// Build and run (any C++17 compiler; tests/test_native_core.py also builds it with clang++
+// and under AddressSanitizer + UndefinedBehaviorSanitizer and ThreadSanitizer):
+//   g++ -std=c++17 -O2 -pthread -Icsrc/core csrc/tests/*.cpp csrc/core/*.cpp -o test_core
+//   ./test_core
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "preprocess.hpp"
 
-namespace {
+void contract_tests();  // test_contracts.cpp: the core's own contracts (issue 9)
 
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-    std::printf("%s %s\n", ok ? "PASS" : "FAIL", what.c_str());
-    if (!ok) ++failures;
-}
-
-template <typename Fn>
-void check_throws(Fn&& fn, const std::string& what) {
-    try {
-        fn();
-    } catch (const std::invalid_argument& e) {
-        check(true, what + " (" + e.what() + ")");
-        return;
-    }
-    check(false, what + " did not throw");
-}
-
-}  // namespace
+using ubc_test::check;
+using ubc_test::check_throws;
 
 int main() {
     // A 32 x 32 x 3 Fortran-ordered int16 volume: background border, ramp inside (its mean, 147.5, is no voxel value, so no voxel normalises to 0).
@@ -81,6 +68,22 @@ int main() {
                  "an out-of-range slice index is rejected");
     check_throws([] { ubc::parse_norm("minmax"); }, "an unknown norm is rejected");
 
-    std::printf("%d failure(s)\n", failures);
-    return failures == 0 ? 0 : 1;
+    // Downsampling integrates over the footprint: a Nyquist checkerboard (1, 3) taken from 1 mm
+    // to 3 mm is near 2 everywhere inside (decimation would keep 1 or 3), on 1 and 2 threads.
+    std::vector<float> board(96 * 96 * 2);
+    for (size_t i = 0; i < board.size(); ++i) board[i] = ((i % 96 + (i / 96) % 96) % 2) ? 1.0f : 3.0f;
+    ubc::VolumeView checkerboard{board.data(), ubc::DType::f32, {96, 96, 2}, {1, 96, 96 * 96}};
+    ubc::SliceGeometry coarse{{1.0, 1.0, 1.0}, {32, 32}, {3.0, 3.0}};
+    std::vector<float> smooth(2 * 32 * 32), smooth2(smooth.size());
+    ubc::slices(checkerboard, coarse, ubc::Norm::none, indices.data(), 2, 1, smooth.data());
+    ubc::slices(checkerboard, coarse, ubc::Norm::none, indices.data(), 2, 2, smooth2.data());
+    float worst = 0.0f;
+    for (int64_t h = 2; h < 30; ++h)
+        for (int64_t w = 2; w < 30; ++w) worst = std::max(worst, std::fabs(smooth[static_cast<size_t>(h * 32 + w)] - 2.0f));
+    check(worst < 0.02f, "a checkerboard downsampled 3x is near constant (anti-aliasing)");
+    check(smooth == smooth2, "anti-aliased downsampling: 2 threads give the result of one");
+
+    contract_tests();
+    std::printf("%d failure(s)\n", ubc_test::failures());
+    return ubc_test::failures() == 0 ? 0 : 1;
 }

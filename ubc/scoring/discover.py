@@ -361,9 +361,9 @@ def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None
             except OSError as exc:
                 raise UBCInputError(f"{path}: cannot read ({exc})") from exc
     else:
-        raise UBCInputError(f"{path}: no such file or folder; pass a folder of NIfTI or DICOM "
-                            "files, a .zip of one, a text file with one path per line, or a "
-                            "CSV manifest")
+        raise UBCInputError(f"{path}: no such file or folder (not a folder of NIfTI or "
+                            "DICOM files, a .zip of one, a text file with one path per line, "
+                            "or a CSV manifest)")
     _check_unique(cases, path)
     return cases if limit is None else cases[:limit]
 

@@ -1,0 +1,166 @@
+#include "resample.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include <stdexcept>
+
+namespace ubc::detail {
+namespace {
+
+// Weights of all outputs, at most this many (a bounded ratio keeps real geometries far below).
+constexpr int64_t kMaxWeights = int64_t{1} << 26;
+
+void push_weights(Kernel& kernel, int64_t start, const std::vector<float>& weights) {
+    kernel.start.push_back(start);
+    kernel.count.push_back(static_cast<int64_t>(weights.size()));
+    kernel.offset.push_back(kernel.weight.size());
+    kernel.weight.insert(kernel.weight.end(), weights.begin(), weights.end());
+    if (static_cast<int64_t>(kernel.weight.size()) > kMaxWeights)
+        throw std::invalid_argument("resampling kernel too large: target_spacing / spacing "
+                                    "and the output size ask for over 2^26 weights");
+}
+
+// The bilinear taps as a two-weight kernel (start -1 reads the padding's zero).
+Kernel bilinear_kernel(const Taps& taps) {
+    Kernel kernel;
+    for (size_t o = 0; o < taps.i0.size(); ++o)
+        push_weights(kernel, taps.i0[o] - 1, {taps.w0[o], taps.w1[o]});
+    return kernel;
+}
+
+// A triangle of half-width `ratio` input pixels around each output's source coordinate,
+// normalised by its sum over every integer position (inside the input or not).
+Kernel footprint_kernel(int64_t n_out, int64_t n_in, double spacing_in, double spacing_out) {
+    const double ratio = spacing_out / spacing_in;
+    Kernel kernel;
+    std::vector<float> weights;
+    for (int64_t o = 0; o < n_out; ++o) {
+        const double centre = source_coord(o, n_out, n_in, spacing_in, spacing_out);
+        const double first = std::ceil(centre - ratio), last = std::floor(centre + ratio);
+        double sum = 0.0;  // at most 2 ratio + 1 terms: check_ratio bounds the ratio
+        for (double j = first; j <= last; j += 1.0) sum += 1.0 - std::fabs(j - centre) / ratio;
+        const double lo = std::max(first, 0.0), hi = std::min(last, static_cast<double>(n_in - 1));
+        weights.clear();
+        for (double j = lo; j <= hi; j += 1.0)
+            weights.push_back(static_cast<float>((1.0 - std::fabs(j - centre) / ratio) / sum));
+        push_weights(kernel, weights.empty() ? 0 : static_cast<int64_t>(lo), weights);
+    }
+    return kernel;
+}
+
+}  // namespace
+
+double source_coord(int64_t o, int64_t n_out, int64_t n_in, double spacing_in, double spacing_out) {
+    return (static_cast<double>(o) - static_cast<double>(n_out - 1) * 0.5) *
+               (spacing_out / spacing_in) +
+           static_cast<double>(n_in - 1) * 0.5;
+}
+
+Taps linear_taps(int64_t n_out, int64_t n_in, double spacing_in, double spacing_out) {
+    Taps taps;
+    for (int64_t o = 0; o < n_out; ++o) {
+        const double src = source_coord(o, n_out, n_in, spacing_in, spacing_out);
+        const double lower = std::floor(src);
+        const double frac = src - lower;
+        // Written so that NaN fails it: the cast below needs lower in [-1, n_in - 1].
+        if (!(lower >= -1.0 && lower <= static_cast<double>(n_in - 1))) {
+            taps.i0.push_back(0);  // wholly outside: both weights zero
+            taps.w0.push_back(0.0f);
+            taps.w1.push_back(0.0f);
+            continue;
+        }
+        taps.i0.push_back(static_cast<int64_t>(lower) + 1);
+        taps.w0.push_back(static_cast<float>(1.0 - frac));
+        taps.w1.push_back(static_cast<float>(frac));
+    }
+    return taps;
+}
+
+std::vector<int64_t> nearest_taps(int64_t n_out, int64_t n_in, double spacing_in,
+                                  double spacing_out) {
+    std::vector<int64_t> index;
+    for (int64_t o = 0; o < n_out; ++o) {
+        const double nearest = std::floor(source_coord(o, n_out, n_in, spacing_in, spacing_out) + 0.5);
+        const bool inside = nearest >= 0.0 && nearest <= static_cast<double>(n_in - 1);
+        index.push_back(inside ? static_cast<int64_t>(nearest) : -1);
+    }
+    return index;
+}
+
+PlaneResampler::Axis PlaneResampler::make_axis(int64_t n_out, int64_t n_in, double spacing_in,
+                                               double spacing_out, bool need_kernel) {
+    Axis axis;
+    axis.taps = linear_taps(n_out, n_in, spacing_in, spacing_out);
+    if (need_kernel)
+        axis.kernel = spacing_out / spacing_in > 1.0
+                          ? footprint_kernel(n_out, n_in, spacing_in, spacing_out)
+                          : bilinear_kernel(axis.taps);
+    return axis;
+}
+
+PlaneResampler::PlaneResampler(const std::array<int64_t, 2>& size,
+                               const std::array<int64_t, 2>& n_in,
+                               const std::array<double, 2>& spacing_in,
+                               const std::array<double, 2>& spacing_out)
+    : bilinear_(!(spacing_out[0] / spacing_in[0] > 1.0 || spacing_out[1] / spacing_in[1] > 1.0)),
+      rows_(make_axis(size[0], n_in[0], spacing_in[0], spacing_out[0], !bilinear_)),
+      cols_(make_axis(size[1], n_in[1], spacing_in[1], spacing_out[1], !bilinear_)) {}
+
+namespace {
+
+// out[h, w] = bilinear sample of a zero-padded [n_rows + 2, row_len] buffer.
+void interpolate(const float* padded, int64_t row_len, const Taps& rows, const Taps& cols,
+                 float* out, int64_t out_row_stride, int64_t out_col_stride) {
+    const int64_t n_rows = static_cast<int64_t>(rows.i0.size());
+    const int64_t n_cols = static_cast<int64_t>(cols.i0.size());
+    for (int64_t h = 0; h < n_rows; ++h) {
+        const float* r0 = padded + rows.i0[static_cast<size_t>(h)] * row_len;
+        const float* r1 = r0 + row_len;
+        const float a = rows.w0[static_cast<size_t>(h)], b = rows.w1[static_cast<size_t>(h)];
+        float* dst = out + h * out_row_stride;
+        for (int64_t w = 0; w < n_cols; ++w) {
+            const size_t c = static_cast<size_t>(w);
+            const int64_t j = cols.i0[c];
+            const float top = cols.w0[c] * r0[j] + cols.w1[c] * r0[j + 1];
+            const float bottom = cols.w0[c] * r1[j] + cols.w1[c] * r1[j + 1];
+            dst[w * out_col_stride] = a * top + b * bottom;
+        }
+    }
+}
+
+// Separable weighted sums: each output row first combines its input rows into one padded
+// row (contiguous, so it vectorises), then each output pixel combines that row's columns.
+void convolve(const float* padded, int64_t row_len, const Kernel& rows, const Kernel& cols,
+              float* out, int64_t out_row_stride, int64_t out_col_stride, std::vector<float>& row) {
+    row.resize(static_cast<size_t>(row_len));
+    for (size_t h = 0; h < rows.start.size(); ++h) {
+        std::fill(row.begin(), row.end(), 0.0f);
+        const float* weight = rows.weight.data() + rows.offset[h];
+        for (int64_t t = 0; t < rows.count[h]; ++t) {
+            const float* src = padded + (rows.start[h] + t + 1) * row_len;
+            const float w = weight[t];
+            for (int64_t y = 0; y < row_len; ++y) row[static_cast<size_t>(y)] += w * src[y];
+        }
+        float* dst = out + static_cast<int64_t>(h) * out_row_stride;
+        for (size_t c = 0; c < cols.start.size(); ++c) {
+            const float* src = row.data() + cols.start[c] + 1;
+            const float* wc = cols.weight.data() + cols.offset[c];
+            float sum = 0.0f;
+            for (int64_t t = 0; t < cols.count[c]; ++t) sum += wc[t] * src[t];
+            dst[static_cast<int64_t>(c) * out_col_stride] = sum;
+        }
+    }
+}
+
+}  // namespace
+
+void PlaneResampler::run(const float* padded, int64_t row_len, float* out, int64_t row_stride,
+                         int64_t col_stride, std::vector<float>& scratch) const {
+    if (bilinear_)
+        interpolate(padded, row_len, rows_.taps, cols_.taps, out, row_stride, col_stride);
+    else
+        convolve(padded, row_len, rows_.kernel, cols_.kernel, out, row_stride, col_stride, scratch);
+}
+
+}  // namespace ubc::detail
