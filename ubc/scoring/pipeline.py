@@ -18,8 +18,8 @@ in the current batch; with masks or overlays asked for, each keeps 4 bytes per s
 (float16 mask + image), at most K + B in all (K: one case's kept bytes); ``--dicom-seg``
 keeps masks as ``--masks`` does. The conformance checks may hold one float32 copy of a
 volume in the preprocessing thread (volumes with non-finite or shifted background).
-``memory_bound`` computes it. Only the list of cases (a few hundred bytes each) grows with the archive; a
-test checks that peak allocation does not otherwise grow with it.
+``memory_bound`` computes it. Only the list of cases (a few hundred bytes each) grows with
+the archive; a test checks that peak allocation does not otherwise grow with it.
 """
 
 from __future__ import annotations
