@@ -27,15 +27,18 @@ import pytest
 from bench.conftest import record
 from ubc.benchmark.bundles import calibrated_random_bundle
 from ubc.benchmark.machine import last_level_cache_bytes
-from ubc.benchmark.plan import VARIANTS, BenchOptions, Cell, plan
+from ubc.benchmark.plan import BenchOptions, Cell, plan
 from ubc.benchmark.timing import buffer_count, rotating_inputs
 from ubc.bundle import Bundle, Preprocessing
 from ubc.devices import resolve_device
+from ubc.engine.registry import BASELINE, VARIANTS
 
 SIZE = int(os.environ.get("UBC_BENCH_SIZE", "224"))
 BATCHES = tuple(int(b) for b in os.environ.get("UBC_BENCH_BATCHES", "1,8,32").split(","))
 ROUNDS = int(os.environ.get("UBC_BENCH_ROUNDS", "10"))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ubc" / "bench"
+#: the baseline first: the closing summary's ratios are against the first of each group
+NAMES = [BASELINE, *(name for name in VARIANTS if name != BASELINE)]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def _engine(engines, name: str, bundle: Bundle):
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"batch{b}")
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", NAMES)
 def test_engine(benchmark, figures, bundle, device, slices, reference, engines, name, batch):
     from ubc.parity import TOLERANCES, measure
 

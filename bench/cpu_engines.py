@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,14 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from ubc.benchmark.machine import load_average, machine_facts, usable_cores
+from ubc.engine.registry import VARIANTS
+
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
-VARIANTS = (  # label, backend, engine options
-    ("eager PyTorch", "torch", {"artifact": "eager"}),
-    ("TorchScript", "torch", {"artifact": "torchscript"}),
-    ("ONNX Runtime", "onnxruntime", {}),
-    ("OpenVINO", "openvino", {}),
-    ("AOTInductor", "aoti", {}),
-)
 
 
 def parity_slices(preprocessing: Any) -> tuple[np.ndarray, str]:
@@ -93,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path.home() / ".cache/ubc/bench/cpu-engines")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--threads", type=int, default=usable_cores())
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0, help="per backend, batch and round")
     p.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor compile")
-    p.add_argument("--only", nargs="+", metavar="LABEL", help="time only these variants "
-                   "(e.g. 'ONNX Runtime' OpenVINO)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="time only these variants "
+                   "(ubc.engine.registry names, e.g. onnxruntime openvino)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
 
@@ -106,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from ubc.bundle import Bundle, Preprocessing
     from ubc.engine import load
-    from ubc.engine.registry import backend_class
     from ubc.parity import compare, reference_outputs
 
     torch.set_num_threads(args.threads)
@@ -119,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     reference = reference_outputs(bundle, slices)
 
     engines, rows = {}, {}
-    for label, backend, options in VARIANTS:
-        if args.only and label not in args.only:
+    for variant in VARIANTS.values():
+        label, backend, options = variant.name, variant.backend, dict(variant.options)
+        if not variant.runs_on("cpu") or (args.only and label not in args.only):
             continue
-        reason = backend_class(backend).unavailable(bundle, "cpu", "fp32", **options)
+        reason = variant.engine_class.unavailable(bundle, "cpu", "fp32", **options)
         if reason is not None:
             print(f"skipping {label}: {reason}")
             continue
@@ -135,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                        "load_seconds": round(time.perf_counter() - started, 2),
                        "parity": parity.to_json(), "slices_per_s": {}}
     rng = np.random.default_rng(0)
-    loads = [os.getloadavg()[0]]
+    loads = [load_average()[0]]
     for _ in range(args.rounds):
         for batch_size in args.batches:
             batch = np.ascontiguousarray(slices[rng.choice(len(slices), batch_size)])
@@ -143,14 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                 speed = time_round(engine, batch, args.seconds)
                 best = rows[label]["slices_per_s"].get(str(batch_size), 0.0)
                 rows[label]["slices_per_s"][str(batch_size)] = max(best, speed)
-        loads.append(os.getloadavg()[0])
+        loads.append(load_average()[0])
     for engine in engines.values():
         engine.close()
 
-    doc = {"machine": {"cpu": platform.processor() or platform.machine(),
-                       "cores": len(os.sched_getaffinity(0)), "threads": args.threads,
-                       "load_average_1min": loads, "python": sys.version.split()[0],
-                       "torch": torch.__version__},
+    doc = {"machine": {**machine_facts(), "threads": args.threads, "load_average_1min": loads},
            "bundle": str(bundle.path), "size": list(preprocessing.size),
            "parity_source": source, "export_seconds": export_seconds, "rows": rows}
     print(f"\nCPU engines, {preprocessing.size[0]} x {preprocessing.size[1]}, "

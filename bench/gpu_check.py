@@ -7,20 +7,21 @@ parity slices), exports TorchScript and ONNX, then for every GPU variant it can 
 fp32 and fp16, the AOTInductor package compiled for this GPU, TensorRT fp32/fp16/int8 where
 ``import tensorrt`` works) measures parity against eager PyTorch fp32 on the CPU over 64
 phantom slices read through ubc.io + ubc.preprocess, and throughput in slices/s at batches
-1, 8, 32 and 128. Writes gpu_check.json and gpu_check.md under --out ($OUT) and prints the
-table. Every section is guarded: one failing variant is reported, not fatal.
+1, 8, 32 and 128 (--batches; TensorRT profiles are tuned for 32 or the largest smaller
+one). Writes gpu_check.json and gpu_check.md under --out ($OUT) after every section and row
+(a run cut off by its time limit keeps what it measured) and prints the table. Every
+section is guarded: one failing export, variant or self-test is reported, not fatal. The
+ONNX is exported only when TensorRT imports (nothing else on the GPU runs it).
 
 The GPU image has torch (with CUDA), cuda-bindings, onnxruntime, pybind11, scikit-build-core,
-cmake and ninja, but not segmentation-models-pytorch nor nibabel (pure-Python wheels that
-travel) nor tensorrt (its PyPI libs cannot be fetched on any machine we have). Once, here:
+cmake, ninja, timm, huggingface-hub, safetensors and httpx (segmentation-models-pytorch's
+import-time dependencies), but not segmentation-models-pytorch, nibabel nor isal, nor
+tensorrt (its PyPI libs cannot be fetched on any machine we have). Once, here:
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
         --implementation cp --platform manylinux2014_x86_64 -d .whl \\
-        segmentation-models-pytorch==0.6.0 nibabel==5.4.2 timm huggingface-hub safetensors
-
-(segmentation-models-pytorch imports timm, huggingface_hub and safetensors at import time;
-whether the GPU image has their own dependencies, httpx among them, is not yet verified.)
+        segmentation-models-pytorch==0.6.0 nibabel==5.4.2 isal
 
 then one device call (carry [".whl"], timeout about 540 s):
 
@@ -35,6 +36,7 @@ the AOTInductor compile, for a second try inside the device-time budget.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -103,19 +105,6 @@ def make_bundle(path: Path, slices: np.ndarray) -> Any:
         formats=())
 
 
-def throughput(engine: Any, slices: np.ndarray, batch: int, seconds: float) -> float:
-    """Slices/s of ``engine.infer`` (host in, host out: copies included) at ``batch``."""
-    reps = -(-batch // len(slices))
-    data = np.ascontiguousarray(np.concatenate([slices] * reps)[:batch])
-    for _ in range(3):
-        engine.infer(data)
-    calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < seconds:
-        engine.infer(data)
-        calls += 1
-    return calls * batch / (time.perf_counter() - start)
-
-
 def variants(include_aoti: bool, has_trt: bool) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(label, backend, precision, engine options) to run on the GPU."""
     rows: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -127,7 +116,9 @@ def variants(include_aoti: bool, has_trt: bool) -> list[tuple[str, str, str, dic
         ("torch eager fp16 half + CUDA graphs", "torch", "fp16",
          {"artifact": "eager", "half_weights": True, "cuda_graphs": True}),
         ("TorchScript fp32", "torch", "fp32", {"artifact": "torchscript"}),
-        ("TorchScript fp16 autocast", "torch", "fp16", {"artifact": "torchscript"}),
+        # not through optimize_for_inference: its fused cuDNN ops escape autocast
+        ("TorchScript fp16 autocast (frozen graph)", "torch", "fp16",
+         {"artifact": "torchscript"}),
         ("TorchScript fp32 + CUDA graphs", "torch", "fp32",
          {"artifact": "torchscript", "cuda_graphs": True}),
     ]
@@ -147,105 +138,168 @@ def guarded(results: dict[str, Any], key: str, work: Callable[[], Any]) -> Any:
         return None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if args.wheels:
-        install_wheels(args.wheels)
-    results["native"] = build_native() if not args.no_build else "not built (--no-build)"
-    log(results["native"])
-    sys.path.insert(1, str(ROOT))
+def opt_batch_for(batches: list[int]) -> int:
+    """The batch TensorRT profiles are tuned for: 32 (the scoring batch), or the largest
+    timed batch when all are smaller (a profile's opt must lie within 1..max)."""
+    return min(32, max(batches))
+
+
+class Recorder:
+    """The results so far, written to gpu_check.json and gpu_check.md under ``out`` after
+    every section and row: a run killed by its time limit keeps what it measured."""
+
+    def __init__(self, out: Path, batches: list[int]) -> None:
+        self.out, self.batches = out, batches
+        self.results: dict[str, Any] = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("gpu_check.json", json.dumps(self.results, indent=2, default=str)),
+                           ("gpu_check.md", markdown(self.results, self.batches) + "\n")):
+            tmp = self.out / f".{name}.partial"
+            tmp.write_text(text)
+            tmp.replace(self.out / name)
+
+    def guarded(self, key: str, work: Callable[[], Any]) -> Any:
+        """``work()`` with its exception recorded under ``errors[key]``; saved either way."""
+        value = guarded(self.results, key, work)
+        self.save()
+        return value
+
+
+def _machine(rec: Recorder, device: str) -> bool:
+    """Record the GPU (or the CPU stand-in of a smoke test); False when there is none."""
     import torch
 
-    from ubc.bundle import Bundle
-    from ubc.engine import cuda_memory, load
+    from ubc.artifacts import GpuInfo
     from ubc.devices import cuda_device_count, gpu_info
-    from ubc.parity import compare, phantom_slices, reference_outputs
 
-    device = args.device
-    if device == "cpu":  # a smoke test of this script on a machine without a GPU
-        from ubc.artifacts import GpuInfo
-
-        def gpu_info(index: int) -> GpuInfo:  # noqa: F811 - stands in for the GPU query
-            return GpuInfo("CPU (smoke test)", 0, 0)
-    elif cuda_device_count() == 0:
-        results["errors"] = {"gpu": "no usable CUDA GPU on this machine"}
+    if device != "cpu" and cuda_device_count() == 0:
+        rec.results.setdefault("errors", {})["gpu"] = "no usable CUDA GPU on this machine"
         log("no usable CUDA GPU: nothing to check")
-        return results
-    gpu = gpu_info(0)
-    results["machine"] = {"gpu": gpu.name, "sm": gpu.sm, "torch": torch.__version__,
-                          "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+        return False
+    gpu = gpu_info(0) if device != "cpu" else GpuInfo("CPU (smoke test)", 0, 0)
+    rec.results["machine"] = {"gpu": gpu.name, "sm": gpu.sm, "torch": torch.__version__,
+                              "cuda": torch.version.cuda, "python": sys.version.split()[0]}
     log(f"GPU {gpu.name} ({gpu.sm}), torch {torch.__version__}")
-    if device != "cpu":
-        roundtrip = cuda_memory.round_trip(np.arange(1 << 20, dtype=np.float32))
-        results["cuda_memory_round_trip"] = bool((roundtrip == np.arange(1 << 20)).all())
+    return True
 
+
+def _slices(rec: Recorder, size: int) -> np.ndarray:
     from ubc.bundle import Preprocessing
+    from ubc.parity import phantom_slices
 
-    size = args.size
     try:
         slices = phantom_slices(Preprocessing(size=(size, size)), 64)
-        results["slices"] = "64 phantom slices via ubc.io + ubc.preprocess"
+        rec.results["slices"] = "64 phantom slices via ubc.io + ubc.preprocess"
     except Exception as exc:  # native build or nibabel missing: NumPy reference instead
         log(f"phantom slices through ubc.io failed ({exc}); using the NumPy reference")
         slices = phantom_slices_fallback(size)
-        results["slices"] = "64 phantom slices via ubc.preprocess_reference (fallback)"
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    bundle = Bundle(args.bundle) if args.bundle else make_bundle(work / "gpu.ubc", slices)
+        rec.results["slices"] = "64 phantom slices via ubc.preprocess_reference (fallback)"
+    return slices
+
+
+def _exports(rec: Recorder, args: argparse.Namespace, bundle: Any, slices: np.ndarray,
+             has_trt: bool) -> None:
+    """TorchScript; AOTInductor unless --quick; ONNX and the TensorRT plans with TensorRT
+    (nothing else on the GPU runs the ONNX). Each one guarded."""
     from ubc.export import exporter
 
     exports: dict[str, float] = {}
-    for fmt in ("torchscript", "onnx"):
-        exports[fmt] = exporter(fmt)(bundle, example=slices[:2]).seconds
-    if not args.quick:
-        started = time.perf_counter()
-        guarded(results, "aoti export", lambda: exporter("aoti")(
-            bundle, device=device, max_batch=max(args.batches), example=slices[:2]))
-        exports["aoti"] = time.perf_counter() - started
-    has_trt = device != "cpu" and guarded(
-        results, "tensorrt import", lambda: __import__("tensorrt")) is not None
-    if has_trt:
-        from ubc.export.tensorrt import TensorRTOptions
 
-        for precision in ("fp32", "fp16", "int8"):
-            started = time.perf_counter()
-            guarded(results, f"tensorrt {precision} build", lambda p=precision: exporter(
-                "tensorrt")(bundle, options=TensorRTOptions(
-                    precision=p, max_batch=max(args.batches), opt_batch=32),
-                    calib=slices if p == "int8" else None))
-            exports[f"tensorrt {precision}"] = time.perf_counter() - started
-    results["export_seconds"] = {k: round(v, 1) for k, v in exports.items()}
-    log(f"exports: {results['export_seconds']}")
+    def timed(key: str, work: Callable[[], Any]) -> None:
+        started = time.perf_counter()
+        if rec.guarded(f"{key} export", work) is not None:
+            exports[key] = round(time.perf_counter() - started, 1)
+        rec.results["export_seconds"] = exports
+
+    timed("torchscript", lambda: exporter("torchscript")(bundle, example=slices[:2]))
+    if not args.quick:
+        timed("aoti", lambda: exporter("aoti")(bundle, device=args.device,
+                                               max_batch=max(args.batches),
+                                               example=slices[:2]))
+    if not has_trt:
+        return
+    from ubc.export.tensorrt import TensorRTOptions
+
+    timed("onnx", lambda: exporter("onnx")(bundle, example=slices[:2]))
+    for precision in ("fp32", "fp16", "int8"):
+        options = TensorRTOptions(precision=precision, max_batch=max(args.batches),
+                                  opt_batch=opt_batch_for(args.batches))
+        calib = slices if precision == "int8" else None
+        timed(f"tensorrt {precision}", functools.partial(
+            exporter("tensorrt"), bundle, options=options, calib=calib))
+    log(f"exports: {exports}")
+
+
+def _row(bundle: Any, args: argparse.Namespace, slices: np.ndarray, source: str,
+         reference: Any, variant: tuple[str, str, str, dict[str, Any]]) -> dict[str, Any]:
+    """Parity and throughput of one variant."""
+    import torch
+
+    from ubc.engine import load
+    from ubc.export.cpu import time_engine
+    from ubc.parity import compare
+
+    label, backend, precision, options = variant
+    parity = compare(bundle, backend, slices, device=args.device, precision=precision,
+                     reference=reference, source=source, **options)
+    row: dict[str, Any] = {"variant": label, "backend": backend, "precision": precision,
+                           "parity": parity.to_json(), "slices_per_s": {}}
+    with load(bundle, backend=backend, device=args.device, precision=precision,
+              max_batch=max(args.batches), **options) as engine:
+        row["artifact"] = engine.artifact
+        for batch in args.batches:
+            row["slices_per_s"][str(batch)] = round(
+                time_engine(engine, slices, batch, args.seconds), 1)
+    if args.device != "cpu":
+        torch.cuda.empty_cache()
+    log(f"{label}: {row['slices_per_s']} parity "
+        f"{'pass' if parity.passed else 'FAIL ' + '; '.join(parity.failures)}")
+    return row
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every section of the check, each guarded, the results saved after each one."""
+    rec = Recorder(args.out, args.batches)
+    results = rec.results
+    if args.wheels:
+        rec.guarded("wheels", lambda: install_wheels(args.wheels))
+    results["native"] = build_native() if not args.no_build else "not built (--no-build)"
+    log(results["native"])
+    sys.path.insert(1, str(ROOT))
+    if not rec.guarded("machine", lambda: _machine(rec, args.device)):
+        rec.save()
+        return results
+    if args.device != "cpu":
+        from ubc.engine import cuda_memory
+
+        def round_trip() -> bool:
+            data = np.arange(1 << 20, dtype=np.float32)
+            return bool((cuda_memory.round_trip(data) == data).all())
+
+        results["cuda_memory_round_trip"] = rec.guarded("cuda memory round trip", round_trip)
+    slices = _slices(rec, args.size)
+    args.work.mkdir(parents=True, exist_ok=True)
+    from ubc.bundle import Bundle
+
+    bundle = Bundle(args.bundle) if args.bundle else make_bundle(args.work / "gpu.ubc", slices)
+    has_trt = args.device != "cpu" and rec.guarded(
+        "tensorrt import", lambda: __import__("tensorrt")) is not None
+    _exports(rec, args, bundle, slices, has_trt)
+    from ubc.parity import reference_outputs
 
     reference = reference_outputs(bundle, slices)
-    rows = []
-    chosen = variants(not args.quick, has_trt)
-    if device == "cpu":
+    chosen = variants(not args.quick and "aoti" in results.get("export_seconds", {}), has_trt)
+    if args.device == "cpu":
         chosen = [v for v in chosen if v[2] == "fp32" and not v[3].get("cuda_graphs")]
-    for label, backend, precision, options in chosen:
-        def one(label: str = label, backend: str = backend, precision: str = precision,
-                options: dict[str, Any] = options) -> dict[str, Any]:
-            parity = compare(bundle, backend, slices, device=device, precision=precision,
-                             reference=reference, source=results["slices"], **options)
-            row: dict[str, Any] = {"variant": label, "backend": backend,
-                                   "precision": precision, "parity": parity.to_json(),
-                                   "slices_per_s": {}}
-            with load(bundle, backend=backend, device=device, precision=precision,
-                      max_batch=max(args.batches), **options) as engine:
-                row["artifact"] = engine.artifact
-                for batch in args.batches:
-                    row["slices_per_s"][str(batch)] = round(
-                        throughput(engine, slices, batch, args.seconds), 1)
-            if device != "cpu":
-                torch.cuda.empty_cache()
-            log(f"{label}: {row['slices_per_s']} parity "
-                f"{'pass' if parity.passed else 'FAIL ' + '; '.join(parity.failures)}")
-            return row
-
-        row = guarded(results, label, one)
+    for variant in chosen:
+        row = rec.guarded(variant[0], functools.partial(
+            _row, bundle, args, slices, results["slices"], reference, variant))
         if row is not None:
-            rows.append(row)
-    results["rows"] = rows
+            results["rows"].append(row)
+            rec.save()
     return results
 
 
@@ -275,21 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, help="a trained bundle (else calibrated random)")
     p.add_argument("--wheels", type=Path, help="folder of wheels to install first")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--batches", type=int, nargs="+",
+                   help=f"batches to time (default {' '.join(map(str, BATCHES))}; --quick: 1 32)")
     p.add_argument("--seconds", type=float, default=2.0, help="timing per variant and batch")
     p.add_argument("--quick", action="store_true", help="batches 1 and 32, no AOTInductor")
     p.add_argument("--no-build", action="store_true", help="use an already importable ubc")
     p.add_argument("--device", default="cuda", help="cuda (the check), or cpu: a smoke test "
                    "of this script on a machine without a GPU (fp32 variants only)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.batches = [1, 32]
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = run(args)
-    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
-    table = markdown(results, args.batches)
-    (args.out / "gpu_check.md").write_text(table + "\n")
-    print(table)
+    args.batches = args.batches or ([1, 32] if args.quick else list(BATCHES))
+    if min(args.batches) < 1:
+        p.error("--batches must be positive")
+    results = run(args)  # gpu_check.json / .md are written after every row
+    print(markdown(results, args.batches))
     return 0 if results.get("rows") else 1
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ubc.benchmark import VARIANTS, BenchOptions, run_bench, to_markdown, validate
-from ubc.benchmark.plan import BASELINE, plan
+from ubc.benchmark import VARIANTS, BenchOptions, fatal, run_bench, to_markdown, validate
+from ubc.benchmark.plan import plan
 from ubc.benchmark.timing import (
     MIN_ITERATIONS,
     Stats,
@@ -20,6 +20,7 @@ from ubc.benchmark.timing import (
     time_calls,
 )
 from ubc.bundle import Bundle
+from ubc.engine.registry import BASELINE
 
 BATCHES = (1, 2)
 SMALL_VOLUME = (96, 96, 24)
@@ -60,6 +61,46 @@ def test_a_row_per_runnable_backend_and_batch(report, exported_bundle):
     assert report["auto_choice"] in names  # what backend="auto" would run, measured too
 
 
+def test_variants_and_precisions_come_from_the_registry(report, exported_bundle):
+    """By default every precision each variant offers on the CPU is timed or listed with a
+    reason; those backend="auto" never picks are marked informational."""
+    bundle = Bundle(exported_bundle)
+    cells, unavailable = plan(bundle, "cpu", _options())
+    planned = {(c.variant.name, c.precision) for c in cells} | \
+        {(u.name, u.precision) for u in unavailable if u.precision}
+    assert planned == {(v.name, p) for v in VARIANTS.values() for p in v.offered("cpu")}
+    assert ("openvino", "bf16") in planned  # offered on the CPU: timed, or listed with why
+    marks = {(c.variant.name, c.precision): c.informational for c in cells}
+    assert marks[("torch", "fp32")] is False and marks[("onnxruntime", "fp32")] is False
+    for c in cells:  # informational: what parity checks and backend="auto" never consider
+        checked = c.variant.checked_precisions("cpu", bundle) if c.variant.auto else ()
+        assert c.informational == (c.precision not in checked), (c.variant.name, c.precision)
+    rows = {(r["variant"], r["precision"]): r["informational"] for r in report["rows"]}
+    assert rows == marks
+
+
+def test_exit_code_counts_only_what_auto_could_pick(report):
+    import copy
+
+    doc = copy.deepcopy(report)  # whatever reduced precisions did on random weights
+    for row in doc["rows"]:
+        row["parity"]["passed"] = True
+    assert fatal(doc) == []
+    for row in doc["rows"]:
+        if row["variant"] == "onnxruntime":
+            row["parity"]["passed"] = False
+    assert fatal(doc) == ["onnxruntime fp32: parity failed"]
+    for row in doc["rows"]:
+        row["informational"] = row["informational"] or row["variant"] == "onnxruntime"
+    assert fatal(doc) == []  # an informational failure is shown, not fatal
+    crashed = dict(doc, unavailable=[{"stage": "engine", "name": "openvino", "reason": "boom",
+                                      "precision": "bf16", "failed": True,
+                                      "informational": True}])
+    assert fatal(crashed) == []
+    crashed["unavailable"][0]["informational"] = False
+    assert fatal(crashed) == ["openvino bf16: boom"]
+
+
 def test_unavailable_backends_come_with_a_reason(report):
     engines = {u["name"]: u for u in report["unavailable"] if u["stage"] == "engine"}
     assert "cuda" in engines["cudagraphs"]["reason"]
@@ -73,8 +114,16 @@ def test_json_schema(report):
     assert validate(json.loads(json.dumps(report))) == []
     broken = dict(report, rows=[{k: v for k, v in report["rows"][0].items() if k != "batch"}])
     assert any("missing 'batch'" in p for p in validate(broken))
+    row = json.loads(json.dumps(report["rows"][1]))  # the parity schema is ubc.parity's
+    del row["parity"]["mask_dice"]
+    row["parity"]["tolerance"]["p_hgg"] = "small"
+    assert validate(dict(report, rows=[row])) == [
+        "report.rows[0].parity: missing 'mask_dice'",
+        "report.rows[0].parity.tolerance.p_hgg: expected float, got str"]
     machine = report["machine"]
     assert machine["cpu"]["usable_cores"] >= 1 and machine["libraries"]["torch"]
+    assert machine["cpu"]["usable_cores"] <= machine["cpu"]["logical_cores"]
+    assert machine["memory_gib"] > 0 and machine["cpu"]["model"]
     assert len(machine["load_average"]) == 3
     assert report["options"]["device"] == "cpu"
 
@@ -84,7 +133,7 @@ def test_parity_columns_within_tolerance(report):
         parity = row["parity"]
         assert parity is not None and parity["slices"] == 32
         if row["baseline"]:
-            assert parity["reference"] and parity["max_abs_p_hgg"] == 0
+            assert parity["extra"]["reference"] and parity["max_abs_p_hgg"] == 0
         elif row["precision"] == "fp32":
             assert parity["passed"], (row["variant"], parity["failures"])
             assert parity["max_abs_p_hgg"] <= 1e-3 and parity["mask_dice"] >= 0.999
@@ -130,7 +179,7 @@ def test_renderers(report, tmp_path):
     for variant in {r["variant"] for r in report["rows"]}:
         assert variant in text
     assert "not measured: tensorrt" in text and "fastest on cpu" in text
-    assert 'load(backend="auto") picks' in text
+    assert 'load(backend="auto") picks' in text and "measured winner" in text
     markdown = to_markdown(report, plot="plot.png")
     assert "| backend | prec | batch |" in markdown and "![throughput" in markdown
     png = write_plot(report, tmp_path / "plot.png")
@@ -280,4 +329,4 @@ def test_cuda_rows_have_device_timing_and_memory(exported_bundle, torch_threads)
     for row in doc["rows"]:
         assert row["device"] == "cuda" and row["device_latency"]["p50"] > 0
         assert row["device_peak_mib"] > 0
-        assert row["parity"]["passed"] and not row["parity"]["reference"]
+        assert row["parity"]["passed"] and not row["parity"]["extra"].get("reference")

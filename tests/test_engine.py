@@ -291,6 +291,118 @@ def test_tensorrt_fp16_round_trip(exported_bundle: Path, engine_slices: np.ndarr
         assert engine.infer(engine_slices[:37])[1].shape == (37, 1, 64, 64)  # > max_batch
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not _has_gpu(),
+                    reason="needs a CUDA GPU and tensorrt (pip install ubc[tensorrt])")
+# TensorRT 10 deprecates the implicit-quantisation calibrator API and says so through its C
+# layer as DeprecationWarnings, which `filterwarnings = error` would turn into failures.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tensorrt_int8_calibrated_round_trip(exported_bundle: Path, engine_slices: np.ndarray,
+                                             tmp_path: Path) -> None:
+    from ubc.export.tensorrt import TensorRTOptions, to_tensorrt
+    from ubc.parity import compare
+
+    path = copy_bundle(exported_bundle, tmp_path)
+    result = to_tensorrt(Bundle(path), options=TensorRTOptions(precision="int8", max_batch=16,
+                                                               opt_batch=8),
+                         calib=engine_slices)
+    assert Bundle(path).has("calib.int8.cache") and result.description["precision"] == "int8"
+    parity = compare(path, "tensorrt", engine_slices, device="cuda", precision="int8")
+    assert parity.mask_dice > 0.5, parity  # random weights: int8 is measured, not gated here
+
+
+def _timed(bundle: Bundle, speeds: dict[str, float], cpu_class: str | None = None) -> None:
+    """Timing records as ``ubc-export --cpu`` writes them (variant:precision -> slices/s)."""
+    from ubc.devices import cpu_class as here
+
+    records = {}
+    for key, speed in speeds.items():
+        artifact = {"onnxruntime:int8": "model.int8.onnx", "torch:fp32": "weights.pt",
+                    "torchscript:fp32": "model.ts"}.get(key, "model.onnx")
+        records[key] = {"slices_per_s": speed, "artifact": artifact,
+                        "sha256": bundle.meta["files"].get(artifact), "batch": 32}
+    bundle.update_meta(timing={cpu_class or here(): records})
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+def test_auto_picks_the_fastest_recorded_for_this_cpu_class(exported_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    path = copy_bundle(exported_bundle, tmp_path)
+    bundle = Bundle(path)
+    with load(bundle, device="cpu", threads=1) as engine:  # nothing timed: the static order
+        assert engine.backend == "onnxruntime"
+    _timed(bundle, {"onnxruntime:fp32": 20.0, "openvino:fp32": 25.0, "torch:fp32": 15.0})
+    with load(bundle, device="cpu", threads=1) as engine:
+        assert (engine.backend, engine.precision) == ("openvino", "fp32")
+        assert engine.selection.rejected == ()
+    _timed(bundle, {"openvino:fp32": 25.0}, cpu_class="avx2")  # another CPU's figures
+    with load(bundle, device="cpu", threads=1) as engine:
+        assert engine.backend == "onnxruntime"
+    _timed(bundle, {"openvino:fp32": 25.0})
+    bundle.meta["timing"][next(iter(bundle.meta["timing"]))]["openvino:fp32"]["sha256"] = "0"
+    bundle.update_meta()  # a timing of an older model.onnx is not this one's
+    with load(bundle, device="cpu", threads=1) as engine:
+        assert engine.backend == "onnxruntime"
+
+
+def test_torchscript_is_optimised_except_under_autocast(exported_bundle: Path) -> None:
+    from ubc.engine.torch_backend import TorchEngine, optimizes_for_inference
+
+    # On CUDA the pass fuses conv+relu into cuDNN ops autocast does not cover (issue 14).
+    assert optimizes_for_inference(autocast=False) and not optimizes_for_inference(True)
+    with load(exported_bundle, backend="torch", artifact="torchscript", device="cpu") as engine:
+        assert isinstance(engine, TorchEngine) and engine.optimized
+
+
+def test_cpu_class_and_native_bf16_from_flags() -> None:
+    from ubc.devices import cpu_class, native_bf16
+
+    xeon = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+                      "amx_int8", "amx_bf16"})
+    epyc = frozenset({"avx2", "fma", "sse4_2"})
+    assert (cpu_class(xeon), native_bf16(xeon)) == ("amx", True)
+    assert (cpu_class(epyc), native_bf16(epyc)) == ("avx2", False)
+    assert cpu_class(xeon - {"amx_tile"}) == "avx512-vnni"
+    assert cpu_class(frozenset({"avx2", "avx_vnni"})) == "avx2-vnni"
+    assert native_bf16(frozenset()) is None  # unknown: the runtime is asked instead
+
+
+def test_gpu_check_records_after_every_section(tmp_path: Path) -> None:
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("gpu_check", Path(__file__).resolve().parents[1]
+                                      / "bench" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    gpu_check = iu.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    Recorder, opt_batch_for = gpu_check.Recorder, gpu_check.opt_batch_for
+    assert opt_batch_for([1, 8]) == 8 and opt_batch_for([1, 8, 32, 128]) == 32
+    rec = Recorder(tmp_path, [1, 8])
+
+    def broken() -> None:
+        raise RuntimeError("torch 2.11 says no")
+
+    assert rec.guarded("onnx export", broken) is None
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["errors"]["onnx export"] == "RuntimeError: torch 2.11 says no"
+    assert "onnx export: RuntimeError" in (tmp_path / "gpu_check.md").read_text()
+    assert rec.guarded("ok", lambda: 3) == 3
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_on_cpu(tmp_path: Path) -> None:
+    """The whole script in its CPU smoke mode: rows come back, files are written."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py"), "--device",
+                          "cpu", "--no-build", "--quick", "--size", "64", "--batches", "1",
+                          "2", "--seconds", "0.1", "--out", str(tmp_path / "out"), "--work",
+                          str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    saved = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [r["variant"] for r in saved["rows"]][:2] == ["torch eager fp32", "TorchScript fp32"]
+    assert "onnx" not in saved["export_seconds"]  # no TensorRT: no ONNX export
+
+
 def test_device_strings() -> None:
     from ubc.devices import parse_device, resolve_device
 

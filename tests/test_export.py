@@ -147,7 +147,7 @@ def test_cli_check_prints_table_and_records_parity(exported_bundle: Path, tmp_pa
     np.save(slices, engine_slices)
     assert main([str(path), "--check", "--device", "cpu", "--slices-from", str(slices)]) == 0
     out = capsys.readouterr().out
-    assert "onnxruntime" in out and "model.ts" in out and "FAIL" not in out
+    assert "onnxruntime" in out and "model.ts" in out and "FAIL" not in out  # bf16: a gate
     assert "skipped aoti (cpu, fp32)" in out  # no package in this bundle
     parity = Bundle(path).meta["parity"]
     assert parity["onnxruntime:cpu:fp32:model.onnx"]["passed"] is True
@@ -187,3 +187,33 @@ def test_aoti_package_round_trip(exported_bundle: Path, tmp_path: Path,
         assert engine.infer(engine_slices[:19])[1].shape == (19, 1, 64, 64)
     with pytest.raises(ValueError, match="within 1..8"):
         load(path, backend="aoti", device="cpu", max_batch=16)
+
+
+class _TimingCacheConfig:
+    """TensorRT's IBuilderConfig as far as timing caches go: ``set_timing_cache`` returns
+    False for a cache serialised on another device (here: any non-empty one)."""
+
+    def __init__(self) -> None:
+        self.attached: bytes | None = None
+
+    def create_timing_cache(self, data: bytes) -> bytes:
+        return bytes(data)
+
+    def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        if cache:
+            return False
+        self.attached = cache
+        return True
+
+
+def test_timing_cache_from_another_device_is_replaced(exported_bundle: Path,
+                                                      tmp_path: Path) -> None:
+    from ubc.artifacts import with_artifact
+    from ubc.export.tensorrt import _timing_cache
+
+    bundle = Bundle(copy_bundle(exported_bundle, tmp_path))
+    name = "timing.other-gpu.sm80.trt10.8.0.cache"
+    bundle.write_file(name, lambda tmp: tmp.write_bytes(b"from an A100"),
+                      artifacts=with_artifact(bundle.meta, name, format="timing-cache"))
+    config = _TimingCacheConfig()
+    assert _timing_cache(config, bundle, name) == b"" and config.attached == b""

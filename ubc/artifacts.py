@@ -12,6 +12,11 @@ artifacts carry the machine in their name, so that several can live in one bundl
 - ``model.cpu-avx512.pt2``, ``model.cuda-sm90.pt2``  AOTInductor packages (per CPU vector
   instruction set or GPU arch, and PyTorch release)
 - ``model.<gpu>.sm90.trt10.8.0.fp16.plan``     TensorRT plans (per GPU, TensorRT, precision)
+- ``model.int8.onnx``                         INT8 QDQ ONNX (ONNX Runtime's static quantiser)
+- ``model.int8.xml`` + ``model.int8.bin``     INT8 OpenVINO IR (NNCF post-training quantisation)
+
+Timings of the CPU variants, measured at export on one CPU class (``ubc.devices.cpu_class``),
+are kept in ``meta["timing"][<cpu class>][<variant>:<precision>]`` for ``backend="auto"``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ WEIGHTS = "weights.pt"
 TORCHSCRIPT = "model.ts"
 ONNX = "model.onnx"
 CALIB_CACHE = "calib.int8.cache"
+INT8_ONNX = "model.int8.onnx"
+INT8_OPENVINO = "model.int8.xml"
+INT8_OPENVINO_WEIGHTS = "model.int8.bin"
 
 #: every precision an engine may offer; each backend class declares its own subset
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -104,6 +112,8 @@ def rebuild_hint(bundle_path: object, name: str) -> str:
     if name.endswith(".pt2"):
         device = "cpu" if name.startswith("model.cpu") else "cuda"
         return f"ubc-export {bundle_path} --aoti --device {device}"
+    if name in (INT8_ONNX, INT8_OPENVINO, INT8_OPENVINO_WEIGHTS):
+        return f"ubc-export {bundle_path} --cpu --calib DATA"
     if name == ONNX:
         return f"ubc-export {bundle_path} --onnx"
     if name == TORCHSCRIPT:
@@ -152,3 +162,16 @@ def stale_reason(bundle: Bundle, artifact: str) -> str | None:
         return (f"{artifact} was exported from other weights than the bundle's weights.pt; "
                 f"rebuild it: `{rebuild_hint(bundle.path, artifact)}`")
     return None
+
+
+def timing_key(variant: str, precision: str) -> str:
+    """Key of a timing record within one CPU class, e.g. ``openvino:int8``."""
+    return f"{variant}:{precision}"
+
+
+def timings_of(meta: dict[str, Any], cpu_class: str) -> dict[str, dict[str, Any]]:
+    """``meta["timing"][cpu_class]``: timing key -> record (slices_per_s, batch, threads,
+    artifact, sha256, load average, when), empty when none was measured on that class."""
+    entries = meta.get("timing", {})
+    recorded = entries.get(cpu_class, {}) if isinstance(entries, dict) else {}
+    return recorded if isinstance(recorded, dict) else {}

@@ -1,11 +1,15 @@
 """What this machine offers: devices (without importing torch when it is not installed: a
 TensorRT-only deployment has only tensorrt + cuda-bindings + numpy), the GPU's name and
-compute capability, and the CPU's vector instruction set (for AOTInductor packages)."""
+compute capability, the CPU's vector instruction set (for AOTInductor packages), and its
+class and native reduced precisions (bf16, int8 dot products) read from the CPU flags at
+run time: users have AMX Xeons and AVX2-only EPYCs, nothing may assume either."""
 
 from __future__ import annotations
 
 import importlib.util
+import platform
 from functools import lru_cache
+from pathlib import Path
 
 from ubc.artifacts import GpuInfo
 
@@ -114,3 +118,53 @@ def isa_compatible(built: str, here: str) -> bool:
         return True
     return built in _X86_ISA_RANK and here in _X86_ISA_RANK and \
         _X86_ISA_RANK[here] >= _X86_ISA_RANK[built]
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``model name`` of /proc/cpuinfo), or the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# Fastest first: the first class whose flags are all present names the CPU.
+_CPU_CLASSES = (("amx", {"amx_tile", "amx_int8", "amx_bf16"}),
+                ("avx512-vnni", {"avx512f", "avx512_vnni"}), ("avx512", {"avx512f"}),
+                ("avx2-vnni", {"avx2", "avx_vnni"}), ("avx2", {"avx2"}))
+
+
+def cpu_class(flags: frozenset[str] | None = None) -> str:
+    """The class of this CPU that recorded timings are filed under: amx, avx512-vnni,
+    avx512, avx2-vnni, avx2, else the machine name (x86_64 without AVX2, aarch64, ...).
+    Speeds of int8 and bf16 differ by an order of magnitude between these classes."""
+    flags = cpu_flags() if flags is None else flags
+    for name, needed in _CPU_CLASSES:
+        if needed <= flags:
+            return name
+    return platform.machine().lower() or "unknown"
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool | None:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): True/False from the
+    flags, None where the flags are unknown (not Linux: ask the runtime instead)."""
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & flags)

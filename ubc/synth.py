@@ -35,11 +35,14 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from ubc.atomic import atomic_write_bytes
 
 __all__ = ["GRADES", "SynthConfig", "phantom", "phantom_affine", "write_archive",
            "write_dicom_archive", "dicom_affine"]
@@ -237,10 +240,31 @@ def _nifti_gz(data: np.ndarray, path: Path) -> None:
     image.header.set_xyzt_units("mm")
     image.header.set_qform(image.affine, code=1)
     image.header.set_sform(image.affine, code=1)
-    payload = gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
+
+
+def _phantoms(cases: int, seed: int, shape: tuple[int, int, int], config: SynthConfig | None,
+              progress: bool, unit: str) -> Iterator[tuple[int, str, np.ndarray, np.ndarray, int]]:
+    """``(i, case id, flair, seg, grade)`` of the archive's cases, in order."""
+    if cases < 1:
+        raise ValueError(f"cases must be >= 1, got {cases}")
+    grades = _grades(cases, seed)
+    iterator: Iterable[int] = range(cases)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="phantoms", unit=unit)
+    for i in iterator:
+        flair, seg, grade = phantom(np.random.SeedSequence([seed, i]), grade=grades[i],
+                                    shape=shape, config=config)
+        yield i, f"PH{seed:03d}_{i:04d}", flair, seg, grade
+
+
+def _write_labels(root: Path, header: list[str], rows: list[tuple[str, ...]]) -> None:
+    with open(root / LABELS_FILE, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def write_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: int = 0,
@@ -251,30 +275,17 @@ def write_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: int = 0,
 
     Case ``i`` depends only on (seed, i), so a larger archive extends a smaller one.
     """
-    if cases < 1:
-        raise ValueError(f"cases must be >= 1, got {cases}")
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    grades = _grades(cases, seed)
-    rows = []
-    iterator = range(cases)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="phantoms", unit="case")
-    for i in iterator:
-        case_id = f"PH{seed:03d}_{i:04d}"
-        flair, seg, grade = phantom(np.random.SeedSequence([seed, i]), grade=grades[i],
-                                    shape=shape, config=config)
+    rows: list[tuple[str, ...]] = []
+    for _i, case_id, flair, seg, grade in _phantoms(cases, seed, shape, config, progress,
+                                                    "case"):
+        root.mkdir(parents=True, exist_ok=True)
         folder = root / GRADES[grade] / case_id
         folder.mkdir(parents=True, exist_ok=True)
         _nifti_gz(flair, folder / f"{case_id}_flair.nii.gz")
         _nifti_gz(seg, folder / f"{case_id}_seg.nii.gz")
         rows.append((case_id, GRADES[grade]))
-    with open(root / LABELS_FILE, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["case_id", "grade"])
-        writer.writerows(rows)
+    _write_labels(root, ["case_id", "grade"], rows)
     return root
 
 
@@ -319,21 +330,11 @@ def write_dicom_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: in
 
     from ubc.io.dicom_write import SeriesSpec, write_series
 
-    if cases < 1:
-        raise ValueError(f"cases must be >= 1, got {cases}")
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    grades = _grades(cases, seed)
-    rows = []
-    iterator = range(cases)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="phantoms", unit="study")
-    for i in iterator:
-        name = f"PH{seed:03d}_{i:04d}"
-        flair, _seg, grade = phantom(np.random.SeedSequence([seed, i]), grade=grades[i],
-                                     shape=shape, config=config)
+    rows: list[tuple[str, ...]] = []
+    for i, name, flair, _seg, grade in _phantoms(cases, seed, shape, config, progress,
+                                                 "study"):
+        root.mkdir(parents=True, exist_ok=True)
 
         def uid(*what: str, case: int = i) -> str:
             return str(generate_uid(entropy_srcs=["ubc-synth", str(seed), str(case), *what]))
@@ -352,8 +353,5 @@ def write_dicom_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: in
                                 repetition_time_ms=500.0),
                      multiframe=i % 3 == 2)
         rows.append((study, GRADES[grade], name))
-    with open(root / LABELS_FILE, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["case_id", "grade", "patient_id"])
-        writer.writerows(rows)
+    _write_labels(root, ["case_id", "grade", "patient_id"], rows)
     return root

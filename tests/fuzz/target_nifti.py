@@ -24,7 +24,8 @@ REGRESSIONS = Path(__file__).resolve().parent / "regressions" / NAME
 SIZE = (32, 32)
 # Refusals by ubc.preprocess of a volume that load_volume may rightly return.
 PREPROCESS_REFUSALS = ("NaN/Inf voxels", "no foreground", "foreground is constant",
-                       "unsupported volume dtype", "beyond the native core's limits")
+                       "unsupported volume dtype", "beyond the native core's limits",
+                       "give both spacings in mm")  # a spacing ratio past MAX_RATIO
 
 
 def prepare() -> Callable[[bytes], None]:

@@ -9,11 +9,13 @@ end (``ubc-bench``).
 
 from __future__ import annotations
 
-from ubc.benchmark.plan import VARIANTS, BenchOptions
+from ubc.benchmark.plan import BenchOptions
 from ubc.benchmark.plot import write_plot
-from ubc.benchmark.report import print_report, summary_line, to_markdown, write_json
+from ubc.benchmark.report import fatal, print_report, summary_line, to_markdown, write_json
 from ubc.benchmark.results import SCHEMA, BenchReport, validate
 from ubc.benchmark.runner import run_bench
+from ubc.engine.registry import VARIANTS  # the variants ubc-bench can time
 
-__all__ = ["SCHEMA", "VARIANTS", "BenchOptions", "BenchReport", "print_report", "run_bench",
-           "summary_line", "to_markdown", "validate", "write_json", "write_plot"]
+__all__ = ["SCHEMA", "VARIANTS", "BenchOptions", "BenchReport", "fatal", "print_report",
+           "run_bench", "summary_line", "to_markdown", "validate", "write_json",
+           "write_plot"]

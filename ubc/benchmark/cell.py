@@ -1,5 +1,6 @@
 """One cell of a benchmark (a variant at one precision, every batch size), run in this
-process or in a fresh one (``python -m ubc.benchmark.cell SPEC.json RESULT.json``).
+process (``run_cell``) or in a fresh one (``run_isolated``: ``python -m ubc.benchmark.cell
+SPEC.pickle ROWS.pickle``, both files in the run's private temporary folder).
 
 A fresh process per variant is the default of ``ubc-bench``: no runtime inherits another's
 thread pool, allocator or warm caches, and each one's peak memory is its own (an ONNX
@@ -8,9 +9,10 @@ Runtime process never imports torch, as in a deployment that uses only it).
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import collections
 import math
+import pickle
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ubc.atomic import atomic_write_text
 from ubc.benchmark import memory
 from ubc.benchmark.machine import load_average
-from ubc.benchmark.results import EngineRow, Parity
+from ubc.benchmark.results import EngineRow
 from ubc.benchmark.timing import (
     Measurement,
     Stats,
@@ -32,6 +33,7 @@ from ubc.benchmark.timing import (
     rotating_inputs,
     time_calls,
 )
+from ubc.parity import ParityResult
 
 Progress = Callable[[str], None]
 #: stderr lines of a child process starting with this are progress, not errors
@@ -60,14 +62,7 @@ class CellSpec:
     reference: bool = False
     baseline: bool = False
     isolated: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, entry: dict[str, Any]) -> CellSpec:
-        entry = dict(entry, batch_sizes=tuple(entry["batch_sizes"]))
-        return cls(**entry)
+    informational: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,7 +85,6 @@ def _time_batches(engine: Any, spec: CellSpec, slices: np.ndarray,
                              spec.cache_bytes)
         inputs = rotating_inputs(slices, batch, count)
         loads = tuple(load_average())
-        memory.reset_host_peak()
         if device_memory is not None:
             device_memory.reset()
         measurement = time_calls(engine.infer, inputs, warmup=spec.warmup, iters=spec.iters,
@@ -105,21 +99,33 @@ def _time_batches(engine: Any, spec: CellSpec, slices: np.ndarray,
     return timed
 
 
-def _parity(spec: CellSpec, slices: np.ndarray,
+def reference_parity(artifact: str, sha256: str, slices: int) -> ParityResult:
+    """The parity of the reference itself (eager fp32 on the CPU): zero by definition."""
+    from ubc.engine.registry import BASELINE
+    from ubc.parity import TOLERANCES
+
+    return ParityResult(
+        backend=BASELINE, device="cpu", precision="fp32", artifact=artifact, sha256=sha256,
+        slices=slices, max_abs_class_logits=0.0, max_rel_class_logits=0.0, max_abs_p_hgg=0.0,
+        max_abs_mask_logits=0.0, mask_dice=1.0, class_flip_share=0.0,
+        tolerance=TOLERANCES["fp32"], passed=True, source="the reference itself",
+        extra={"reference": True})
+
+
+def _parity(spec: CellSpec, slices: np.ndarray, artifact: tuple[str, str],
             reference: tuple[np.ndarray, np.ndarray] | None, progress: Progress
-            ) -> Parity | None:
+            ) -> ParityResult | None:
     if not spec.parity or reference is None:
         return None
     if spec.reference:
-        return Parity.of_reference(len(slices))
+        return reference_parity(*artifact, len(slices))
     from ubc import parity
 
     progress(f"{spec.variant} {spec.precision}: parity on {len(slices)} slices")
-    result = parity.compare(spec.bundle, spec.backend, slices, device=spec.device,
-                            precision=spec.precision, reference=reference, record=False,
-                            min_slices=min(parity.MIN_SLICES, len(slices)),
-                            **spec.engine_options)
-    return Parity.of(result)
+    return parity.compare(spec.bundle, spec.backend, slices, device=spec.device,
+                          precision=spec.precision, reference=reference,
+                          min_slices=min(parity.MIN_SLICES, len(slices)),
+                          **spec.engine_options)
 
 
 def run_cell(spec: CellSpec, progress: Progress | None = None) -> list[EngineRow]:
@@ -142,7 +148,8 @@ def run_cell(spec: CellSpec, progress: Progress | None = None) -> list[EngineRow
     with engine:
         timed = _time_batches(engine, spec, slices, device_memory, progress)
         artifact, max_batch = engine.artifact, engine.max_batch
-    parity = _parity(spec, slices, reference, progress)
+        sha256 = engine.meta["files"].get(artifact, "")
+    parity = _parity(spec, slices, (artifact, sha256), reference, progress)
     threads = spec.engine_options.get("threads") or getattr(engine, "threads", None)
     if threads is None and spec.backend in ("torch", "aoti"):
         import torch
@@ -160,7 +167,8 @@ def run_cell(spec: CellSpec, progress: Progress | None = None) -> list[EngineRow
             warmup=t.measurement.warmup, buffers=t.measurement.buffers, threads=threads,
             device_latency=device_stats,
             device_peak_mib=None if t.device_peak_mib is None else round(t.device_peak_mib, 1),
-            parity=parity, baseline=spec.baseline, isolated=spec.isolated,
+            parity=parity, informational=spec.informational, baseline=spec.baseline,
+            isolated=spec.isolated,
             load_average=t.load_average, calls_per_batch=math.ceil(t.batch / max_batch),
             cores_used=round(t.measurement.cores_used, 2),
             preemptions_per_call=round(t.measurement.preemptions / stats.n, 1),
@@ -169,38 +177,43 @@ def run_cell(spec: CellSpec, progress: Progress | None = None) -> list[EngineRow
     return rows
 
 
-def _row_from_json(entry: dict[str, Any]) -> EngineRow:
-    entry = dict(entry)
-    entry["latency"] = Stats(**entry["latency"])
-    if entry.get("device_latency"):
-        entry["device_latency"] = Stats(**entry["device_latency"])
-    if entry.get("parity"):
-        p = dict(entry["parity"], failures=tuple(entry["parity"]["failures"]))
-        entry["parity"] = Parity(**p)
-    for key in ("load_average", "samples_ms", "device_samples_ms"):
-        entry[key] = tuple(entry.get(key, ()))
-    return EngineRow(**entry)
-
-
-def rows_from_json(entries: list[dict[str, Any]]) -> list[EngineRow]:
-    """Rows written by a child process back as ``EngineRow``."""
-    return [_row_from_json(e) for e in entries]
+def run_isolated(spec: CellSpec, folder: Path, progress: Progress) -> list[EngineRow]:
+    """``run_cell`` in a fresh interpreter; RuntimeError with the child's last stderr lines
+    if it fails (an exception, a crash of the runtime, the OOM killer)."""
+    name = f"{spec.variant}-{spec.precision}"
+    spec_path, rows_path = folder / f"{name}.spec.pickle", folder / f"{name}.rows.pickle"
+    spec_path.write_bytes(pickle.dumps(spec))
+    tail: collections.deque[str] = collections.deque(maxlen=25)
+    with subprocess.Popen([sys.executable, "-m", "ubc.benchmark.cell", str(spec_path),
+                           str(rows_path)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, errors="replace") as child:
+        assert child.stderr is not None
+        for line in child.stderr:
+            if line.startswith(PROGRESS_MARK):
+                progress(line[len(PROGRESS_MARK):].rstrip())
+            elif line.strip():
+                tail.append(line.rstrip())
+    if child.returncode != 0 or not rows_path.is_file():
+        how = f"exit status {child.returncode}" if child.returncode >= 0 else \
+            f"killed by signal {-child.returncode}"
+        detail = next((t for t in reversed(tail) if not t.startswith(" ")), "") or how
+        raise RuntimeError(f"{detail} ({how}; last output: {' | '.join(list(tail)[-4:])})")
+    rows: list[EngineRow] = pickle.loads(rows_path.read_bytes())
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child-process entry: run the cell of SPEC.json, write its rows to RESULT.json."""
+    """Child-process entry: run the cell of SPEC.pickle, write its rows to ROWS.pickle."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m ubc.benchmark.cell SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m ubc.benchmark.cell SPEC.pickle ROWS.pickle", file=sys.stderr)
         return 2
-    spec = CellSpec.from_json(json.loads(Path(args[0]).read_text()))
+    spec = pickle.loads(Path(args[0]).read_bytes())
 
     def progress(message: str) -> None:
         print(PROGRESS_MARK + message, file=sys.stderr, flush=True)
 
-    rows = run_cell(spec, progress)
-    doc = [dataclasses.asdict(row) for row in rows]
-    atomic_write_text(args[1], json.dumps(doc))
+    Path(args[1]).write_bytes(pickle.dumps(run_cell(spec, progress)))
     return 0
 
 

@@ -1,95 +1,56 @@
-"""Facts about the machine a benchmark ran on: CPU model, vector flags, cores, cache and
-memory, GPU and driver, library versions, and how busy the machine was (load average).
+"""Facts about the machine a benchmark ran on: CPU model, the vector flags the runtimes'
+kernels depend on, cores, memory, GPU and driver, library versions, and how busy the machine
+was (load average).
 
-Nothing heavy is imported: versions come from package metadata, the GPU from the NVIDIA
-driver's /proc entry, cuda-bindings or torch, whichever is present.
+Cores, memory and load come from psutil; the OS and Python from ``platform``; the CPU model,
+flags and class (what recorded timings are filed under) from ``ubc.devices``, which reads
+them from /proc/cpuinfo (psutil has neither), as does the GPU. Versions come from package
+metadata, so nothing heavy is imported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
-import os
 import platform
-import re
 from pathlib import Path
 from typing import Any
 
+try:
+    import psutil
+except ImportError as exc:  # pragma: no cover - a [bench] dependency
+    raise ImportError("ubc-bench needs psutil (pip install 'ubc[bench]')") from exc
+
 #: vector and matrix instruction sets that decide which CPU kernels the runtimes use
-CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
-             "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
-             "asimd", "sve", "sve2")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 LIBRARIES = ("ubc", "numpy", "torch", "segmentation-models-pytorch", "onnx", "onnxruntime",
-             "openvino", "tensorrt", "cuda-bindings", "nibabel", "monai", "isal")
+             "openvino", "tensorrt", "cuda-bindings", "nibabel", "monai", "isal", "psutil")
+#: assumed when the OS does not say (sysfs): the rotation then holds 64 MiB of inputs
 DEFAULT_CACHE_BYTES = 32 << 20
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's entry of /proc/cpuinfo (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    entry: dict[str, str] = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        entry[key.strip()] = value.strip()
-    return entry
-
-
-def _size_bytes(text: str) -> int:
-    match = re.fullmatch(r"(\d+)\s*([KMG]?)B?", text.strip(), re.IGNORECASE)
-    if not match:
-        return 0
-    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
-
-
 def last_level_cache_bytes() -> int:
-    """Size of the largest CPU cache cpu0 reports (bytes); ``DEFAULT_CACHE_BYTES`` if none."""
-    sizes = [_size_bytes(p.read_text()) for p in
-             Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size") if p.is_file()]
+    """Size of the largest cache cpu0 reports (sysfs, e.g. ``32768K``); a default elsewhere."""
+    sizes = [int(p.read_text().strip().rstrip("K")) << 10 for p in
+             Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size")]
     return max(sizes, default=0) or DEFAULT_CACHE_BYTES
 
 
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask), else the machine's count."""
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return len(psutil.Process().cpu_affinity() or ()) or psutil.cpu_count() or 1
+    except (AttributeError, psutil.Error):  # macOS has no affinity
+        return psutil.cpu_count() or 1
 
 
-def cpu_facts() -> dict[str, Any]:
-    info = _cpuinfo()
-    flags = set(info.get("flags", info.get("Features", "")).split())
-    return {
-        "model": info.get("model name") or platform.processor() or platform.machine(),
-        "arch": platform.machine(),
-        "flags": [f for f in CPU_FLAGS if f in flags],
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "last_level_cache_mib": round(last_level_cache_bytes() / (1 << 20), 1),
-    }
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (runnable processes)."""
+    return [round(x, 2) for x in psutil.getloadavg()]
 
 
-def memory_gib() -> float | None:
-    try:
-        match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-    except OSError:
-        return None
-    return round(int(match.group(1)) / (1 << 20), 1) if match else None
-
-
-def driver_version() -> str | None:
-    """The NVIDIA kernel driver's version, from /proc (None without a driver)."""
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-    except OSError:
-        return None
-    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", text)
-    return match.group(1) if match else text.splitlines()[0].strip()
-
-
-def gpu_facts() -> list[dict[str, Any]]:
+def _gpus() -> list[dict[str, Any]]:
     """Name, compute capability and memory of each usable CUDA GPU (empty without one)."""
     from ubc.devices import cuda_device_count, gpu_info
 
@@ -103,68 +64,56 @@ def gpu_facts() -> list[dict[str, Any]]:
 
             entry["memory_gib"] = round(
                 torch.cuda.get_device_properties(index).total_memory / (1 << 30), 1)
+            entry["cuda_runtime"] = torch.version.cuda
         except (ImportError, RuntimeError):
             pass
         gpus.append(entry)
     return gpus
 
 
-def library_versions() -> dict[str, str | None]:
-    """Installed version of each library a backend or the preprocessing uses (None: absent)."""
-    versions: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def load_average() -> list[float]:
-    """1, 5 and 15 minute load averages (runnable processes); empty where unknown."""
+def _driver() -> str | None:
+    """The NVIDIA kernel driver's version line, from /proc (None without a driver)."""
     try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
+        line = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return next((w for w in line.split() if w[:1].isdigit() and "." in w), line.strip())
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def machine_facts() -> dict[str, Any]:
-    """Everything above, as one JSON-ready dictionary."""
-    gpus = gpu_facts()
-    cuda_runtime = None
-    if gpus:
-        try:
-            import torch
+    """Everything above, as one JSON-ready dictionary. ``hostname_hash`` tells runs on
+    different machines apart without publishing the host name."""
+    from ubc.devices import cpu_class, cpu_flags, cpu_model
 
-            cuda_runtime = torch.version.cuda
-        except ImportError:
-            pass
+    gpus = _gpus()
     return {
-        "hostname_hash": _host_tag(),
+        "hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:8],
         "os": platform.platform(),
         "python": platform.python_version(),
-        "cpu": cpu_facts(),
-        "memory_gib": memory_gib(),
+        "cpu": {"model": cpu_model(), "arch": platform.machine(), "class": cpu_class(),
+                "flags": [f for f in CPU_FLAGS if f in cpu_flags()],
+                "physical_cores": psutil.cpu_count(logical=False),
+                "logical_cores": psutil.cpu_count(), "usable_cores": usable_cores(),
+                "last_level_cache_mib": round(last_level_cache_bytes() / (1 << 20), 1)},
+        "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
         "gpus": gpus,
-        "driver": driver_version(),
-        "cuda_runtime": cuda_runtime,
-        "libraries": library_versions(),
+        "driver": _driver() if gpus else None,
+        "libraries": {name: _version(name) for name in LIBRARIES},
         "load_average": load_average(),
     }
 
 
-def _host_tag() -> str:
-    """A short stable tag of the host (to tell runs on different machines apart) that does
-    not publish the host name itself."""
-    import hashlib
-
-    return hashlib.sha256(platform.node().encode()).hexdigest()[:8]
-
-
 def describe(facts: dict[str, Any]) -> str:
-    """One line: CPU model and cores, or the GPU and driver, plus the load average."""
+    """One line: CPU model and cores, the GPU and driver, and the load average."""
     cpu = facts["cpu"]
-    text = f"{cpu['model']}, {cpu['usable_cores']} usable cores"
+    text = f"{cpu['model']} ({cpu.get('class', '?')}), {cpu['usable_cores']} usable cores"
     if facts["gpus"]:
         gpu = facts["gpus"][0]
         text += f"; GPU {gpu['name']} (sm {gpu['compute_capability']}, driver " \
@@ -172,3 +121,7 @@ def describe(facts: dict[str, Any]) -> str:
     if facts["load_average"]:
         text += f"; load average {' '.join(f'{x:.2f}' for x in facts['load_average'])}"
     return text
+
+
+__all__ = ["CPU_FLAGS", "describe", "last_level_cache_bytes", "load_average",
+           "machine_facts", "usable_cores"]

@@ -10,13 +10,6 @@ from ubc.benchmark.results import PipelineRow
 from ubc.bundle import Bundle
 
 
-def write_volumes(folder: Path, cases: int, shape: tuple[int, int, int], seed: int) -> Path:
-    """A phantom archive (BraTS layout, ``ubc.synth``) of ``cases`` volumes of ``shape``."""
-    from ubc.synth import write_archive
-
-    return write_archive(folder, cases, seed=seed, shape=shape)
-
-
 def measure_pipeline(bundle: Bundle, archive: Path, shape: tuple[int, int, int], *,
                      backend: str, device: str) -> PipelineRow:
     """Score every volume of ``archive`` (generated, of ``shape``) with ``score_archive``

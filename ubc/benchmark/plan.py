@@ -1,60 +1,33 @@
-"""What a benchmark run measures: the options, the variants a user can name (a backend of
-``ubc.engine`` with its options), and the expansion of variants x precisions into cells,
-each either runnable here or unavailable with the backend's own reason."""
+"""What a benchmark run measures: its options, and the expansion of the variants of
+``ubc.engine.registry.VARIANTS`` x precisions into cells, each either runnable here or
+unavailable with the backend's own reason.
+
+By default a variant is timed at every precision its backend offers on the device that the
+backend says it can run here; the precisions parity checks and ``backend="auto"`` consider
+(``Variant.checked_precisions``) are the ones that count, the others are informational:
+timed and parity-checked, marked, never a reason for ``ubc-bench`` to fail.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ubc.benchmark.results import Unavailable
 from ubc.bundle import Bundle
+from ubc.engine.registry import BASELINE, VARIANTS, Variant, device_kind, is_reference
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A named way to run the bundle: ``backend`` of ``ubc.engine`` with ``options``.
-    ``devices``: where it can run at all. ``any_batch``: the engine takes any ``max_batch``
-    (a compiled AOTInductor package or TensorRT plan has its own batch range)."""
-
-    name: str
-    backend: str
-    description: str
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    any_batch: bool = True
-    threads: bool = True
-
-
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("torch", "torch", "eager PyTorch (weights.pt + model code)",
-            MappingProxyType({"artifact": "eager"})),
-    Variant("torchscript", "torch", "TorchScript (model.ts), optimised for inference",
-            MappingProxyType({"artifact": "torchscript"})),
-    Variant("cudagraphs", "torch", "eager PyTorch replayed from CUDA graphs",
-            MappingProxyType({"artifact": "eager", "cuda_graphs": True}), devices=("cuda",)),
-    Variant("aoti", "aoti", "AOTInductor package (model.*.pt2)", any_batch=False),
-    Variant("onnxruntime", "onnxruntime", "ONNX Runtime CPU (model.onnx)"),
-    Variant("openvino", "openvino", "OpenVINO CPU (model.onnx)"),
-    Variant("tensorrt", "tensorrt", "TensorRT plan for this GPU", any_batch=False,
-            threads=False),
-)}
-#: the choice a user would otherwise make; every run measures it, every row is compared to it
-BASELINE = "torch"
 
 
 @dataclass(frozen=True)
 class BenchOptions:
     """Options of a run (``ubc-bench`` arguments).
 
-    ``variants``/``precisions``: None means every variant / the precisions that matter on
-    the device (fp32 on the CPU, plus OpenVINO bf16 where the CPU has bf16 units; fp32 and
-    fp16 on CUDA, plus each TensorRT plan precision the bundle holds). ``max_seconds``:
+    ``variants``/``precisions``: None means every variant / every precision its backend
+    offers on the device and can run here (see the module doc). ``max_seconds``:
     time budget of one batch size's timed calls (at least ``MIN_ITERATIONS`` are made).
     ``rounds``: split each variant's calls (and budget) into this many rounds run in turn
     (variant A, B, ..., then A, B, ... again), so that a machine whose load drifts treats
@@ -115,11 +88,13 @@ class BenchOptions:
 
 @dataclass(frozen=True)
 class Cell:
-    """One variant at one precision, timed at every batch size of the run."""
+    """One variant at one precision, timed at every batch size of the run.
+    ``informational``: not something ``backend="auto"`` could pick (see the module doc)."""
 
     variant: Variant
     precision: str
     device: str
+    informational: bool = False
 
     @property
     def is_baseline(self) -> bool:
@@ -127,8 +102,7 @@ class Cell:
 
     @property
     def is_reference(self) -> bool:
-        """Eager fp32 on the CPU is the parity reference itself."""
-        return self.is_baseline and self.device == "cpu"
+        return is_reference(self.variant, self.device, self.precision)
 
     def engine_options(self, options: BenchOptions) -> dict[str, Any]:
         """Keyword options for ``ubc.engine.load``."""
@@ -140,67 +114,46 @@ class Cell:
         return kwargs
 
 
-def _cpu_has_bf16() -> bool:
-    from ubc.benchmark.machine import cpu_facts
-
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_facts()["flags"]))
-
-
-def _plan_precisions(bundle: Bundle) -> list[str]:
-    from ubc.artifacts import artifacts_of, parse_plan_name
-
-    found = {(parse_plan_name(n) or {}).get("precision") for n in artifacts_of(bundle.meta)}
-    return sorted(p for p in found if p) or ["fp16"]
-
-
-def default_precisions(variant: Variant, device: str, bundle: Bundle) -> list[str]:
-    """The precisions worth timing for ``variant`` on ``device`` (see ``BenchOptions``)."""
-    if device == "cpu":
-        if variant.name == "openvino" and _cpu_has_bf16():
-            return ["fp32", "bf16"]
-        return ["fp32"]
-    if variant.name == "tensorrt":
-        return _plan_precisions(bundle)
-    if variant.backend == "torch":
-        return ["fp32", "fp16"]
-    return ["fp32"]
-
-
 def _why_not(cell: Cell, bundle: Bundle, options: BenchOptions) -> str | None:
-    from ubc.engine import backend_class
-
-    kind = cell.device.partition(":")[0]
-    if kind not in cell.variant.devices:
-        return f"runs on {' or '.join(cell.variant.devices)} only, not {kind}"
-    cls = backend_class(cell.variant.backend)
     try:
-        return cls.unavailable(bundle, cell.device, cell.precision,
-                               **cell.engine_options(options))
+        return cell.variant.engine_class.unavailable(bundle, cell.device, cell.precision,
+                                                     **cell.engine_options(options))
     except Exception as exc:  # e.g. a GPU query failing: report it, do not abort the run
         return f"cannot tell ({type(exc).__name__}: {exc})"
+
+
+def _cells(variant: Variant, bundle: Bundle, device: str, options: BenchOptions
+           ) -> tuple[list[Cell], list[Unavailable]]:
+    kind = device_kind(device)
+    if not variant.runs_on(kind):
+        where = " or ".join(variant.devices or variant.engine_class.devices)
+        return [], [Unavailable("engine", variant.name, f"{variant.label} runs on {where} "
+                                f"only, not {kind}", device=device)]
+    checked = variant.checked_precisions(kind, bundle) if variant.auto else ()
+    precisions: Sequence[str] = options.precisions or variant.offered(kind)
+    if variant.name == BASELINE and "fp32" not in precisions:
+        precisions = ["fp32", *precisions]
+    cells, unavailable = [], []
+    for precision in precisions:
+        cell = Cell(variant, precision, device, informational=precision not in checked)
+        reason = _why_not(cell, bundle, options)
+        if reason is None:
+            cells.append(cell)
+        else:
+            unavailable.append(Unavailable("engine", variant.name, reason, device=device,
+                                           precision=precision))
+    return cells, unavailable
 
 
 def plan(bundle: Bundle, device: str, options: BenchOptions
          ) -> tuple[list[Cell], list[Unavailable]]:
     """The cells to time (the baseline first) and those that cannot run here, with why."""
-    names = list(options.variants or VARIANTS)
-    if BASELINE not in names:
-        names.insert(0, BASELINE)
-    names.sort(key=lambda n: n != BASELINE)
+    names = sorted({BASELINE, *(options.variants or VARIANTS)},
+                   key=lambda n: (n != BASELINE, list(VARIANTS).index(n)))
     runnable: list[Cell] = []
     unavailable: list[Unavailable] = []
     for name in names:
-        variant = VARIANTS[name]
-        precisions: Sequence[str] = options.precisions or \
-            default_precisions(variant, device, bundle)
-        if name == BASELINE and "fp32" not in precisions:
-            precisions = ["fp32", *precisions]
-        for precision in precisions:
-            cell = Cell(variant, precision, device)
-            reason = _why_not(cell, bundle, options)
-            if reason is None:
-                runnable.append(cell)
-            else:
-                unavailable.append(Unavailable("engine", name, reason, device=device,
-                                               precision=precision))
+        cells, missing = _cells(VARIANTS[name], bundle, device, options)
+        runnable += cells
+        unavailable += missing
     return runnable, unavailable

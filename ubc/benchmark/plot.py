@@ -10,11 +10,13 @@ from typing import Any
 
 
 def _series(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Rows grouped by "variant precision" (marked when parity failed), sorted by batch."""
+    """Rows grouped by "variant precision" (marked when informational or parity failed),
+    sorted by batch."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in doc["rows"]:
         failed = row.get("parity") and not row["parity"]["passed"]
-        label = f"{row['variant']} {row['precision']}" + (" (parity FAIL)" if failed else "")
+        label = f"{row['variant']} {row['precision']}" + \
+            (" (info)" if row["informational"] else "") + (" (parity FAIL)" if failed else "")
         groups[label].append(row)
     return {k: sorted(v, key=lambda r: r["batch"]) for k, v in groups.items()}
 

@@ -28,7 +28,8 @@ def torch_baseline(volume: np.ndarray, spacing: Sequence[float],
                    size: Sequence[int] = (224, 224),
                    target_spacing: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
     """What a user would write with torch: z-score over non-zero voxels, bilinear resize to
-    the target spacing, centre crop/pad. float32 [S, 1, H, W], like ``ubc.preprocess``."""
+    the target spacing (antialiased, as ``ubc.preprocess`` downsamples), centre crop/pad.
+    float32 [S, 1, H, W], like ``ubc.preprocess``."""
     import torch
     import torch.nn.functional as F
 
@@ -38,7 +39,8 @@ def torch_baseline(volume: np.ndarray, spacing: Sequence[float],
     t = torch.where(foreground, (t - values.mean()) / values.std(unbiased=False), 0.0)
     new = [round(n * s / ts) for n, s, ts in zip(t.shape[1:], spacing[:2], target_spacing,
                                                  strict=True)]
-    t = F.interpolate(t[:, None], size=new, mode="bilinear", align_corners=False)
+    t = F.interpolate(t[:, None], size=new, mode="bilinear", align_corners=False,
+                      antialias=True)
     pads = []
     for have, want in zip(new[::-1], size[::-1], strict=True):
         before = (want - have) // 2

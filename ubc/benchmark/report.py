@@ -28,14 +28,34 @@ def _ms(x: float) -> str:
     return f"{x:,.2f}" if x < 10 else f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
 
 
-def _parity_cells(parity: dict[str, Any] | None) -> list[str]:
+def _parity_cells(row: dict[str, Any]) -> list[str]:
+    parity, info = row.get("parity"), " (info)" if row["informational"] else ""
     if parity is None:
-        return ["-", "-", "-", "not run"]
-    if parity["reference"]:
+        return ["-", "-", "-", "not run" + info]
+    if parity["extra"].get("reference"):
         return ["0", "1", "0", "reference"]
-    verdict = "pass" if parity["passed"] else "FAIL"
+    verdict = "pass" if parity["passed"] else "fail" if info else "FAIL"
     return [f"{parity['max_abs_p_hgg']:.1e}", f"{parity['mask_dice']:.4f}",
-            f"{parity['max_rel_class_logits']:.1e}", verdict]
+            f"{parity['max_rel_class_logits']:.1e}", verdict + info]
+
+
+def parity_failed(row: dict[str, Any]) -> bool:
+    return row.get("parity") is not None and not row["parity"]["passed"]
+
+
+def fatal(doc: Doc) -> list[str]:
+    """What makes ``ubc-bench`` exit 1: a row ``backend="auto"`` could pick that failed
+    parity (a reduced CPU precision below its gate is only kept out of ``auto``, see
+    ``ubc.parity.GATED``), or such a backend (or the pipeline) that crashed. Informational
+    rows are not."""
+    from ubc.parity import GATED
+
+    parity = {f"{r['variant']} {r['precision']}: parity failed" for r in doc["rows"]
+              if parity_failed(r) and not r["informational"]
+              and (r["device"].partition(":")[0], r["precision"]) not in GATED}
+    return sorted(parity) + [f"{u['name']} {u.get('precision', '')}: {u['reason']}"
+                             for u in doc["unavailable"]
+                             if u["failed"] and not u.get("informational")]
 
 
 def engine_cells(row: dict[str, Any]) -> list[str]:
@@ -47,7 +67,7 @@ def engine_cells(row: dict[str, Any]) -> list[str]:
              _ms(lat["p99"]),
              f"{lat['iqr'] / lat['p50']:.1%}" if lat["p50"] else "-", str(lat["n"]),
              _num(row.get("cores_used"), 1), _num(row["host_peak_mib"], 0),
-             *_parity_cells(row.get("parity"))]
+             *_parity_cells(row)]
     if row["device"].startswith("cuda"):
         cells.insert(_GPU_COLUMN, _num(row.get("device_peak_mib"), 0))
     return cells
@@ -75,17 +95,20 @@ PREP_COLUMNS = ("stage", "method", "ms/volume", "spread", "n", "volumes/s", "sli
                 "time vs ours", "|d| vs NumPy ref (max / mean)")
 
 
-def fastest(doc: Doc, precision: str | None = None) -> dict[str, Any] | None:
-    """The engine row of highest throughput (at ``precision``, if given) whose parity did
-    not fail; None if none ran."""
-    rows = [r for r in doc["rows"] if not (r.get("parity") and not r["parity"]["passed"])
-            and precision in (None, r["precision"])]
+def fastest(doc: Doc, precision: str | None = None, *, pickable: bool = False,
+            batch: int | None = None) -> dict[str, Any] | None:
+    """The engine row of highest throughput (at ``precision``/``batch`` if given; only
+    those ``backend="auto"`` could pick if ``pickable``) whose parity did not fail."""
+    rows = [r for r in doc["rows"] if not parity_failed(r)
+            and precision in (None, r["precision"]) and batch in (None, r["batch"])
+            and not (pickable and r["informational"])]
     return max(rows, key=lambda r: r["throughput"], default=None)
 
 
 def _describe_best(best: dict[str, Any], doc: Doc) -> str:
-    line = f"{best['variant']} {best['precision']} at batch {best['batch']}, " \
-           f"{best['throughput']:.1f} slices/s"
+    line = f"{best['variant']} {best['precision']}" \
+           f"{' (informational)' if best['informational'] else ''} at batch " \
+           f"{best['batch']}, {best['throughput']:.1f} slices/s"
     if best.get("speedup") is not None:
         line += f", {best['speedup']:.2f}x eager PyTorch fp32 at the same batch"
     base = [r for r in doc["rows"] if r["baseline"]]
@@ -110,12 +133,35 @@ def summary_line(doc: Doc) -> str:
     return line
 
 
+def choice_line(doc: Doc) -> str | None:
+    """What ``backend="auto"`` picks next to the measured winner among what it could pick,
+    at the largest batch size; None when ``auto`` picks nothing."""
+    choice = doc.get("auto_choice")
+    if not choice:
+        return None
+    precision = doc.get("auto_precision") or "fp32"
+    line = f'ubc.engine.load(backend="auto") picks: {choice} {precision}'
+    batch = max((r["batch"] for r in doc["rows"]), default=None)
+    mine = next((r for r in doc["rows"] if r["variant"] == choice and r["batch"] == batch
+                 and r["precision"] == precision), None)
+    best = fastest(doc, pickable=True, batch=batch)
+    if mine is None or best is None:
+        return line
+    line += f" ({mine['throughput']:.1f} slices/s at batch {batch}); measured winner of " \
+            f"what it could pick: {best['variant']} {best['precision']} " \
+            f"({best['throughput']:.1f} slices/s, {best['throughput'] / mine['throughput']:.2f}x)"
+    if best is not mine and best["throughput"] > 1.1 * mine["throughput"]:
+        line += f"; name it: backend={best['backend']!r}, precision={best['precision']!r}"
+    return line
+
+
 LEGEND = ("slices/s: batch / median latency; best/s: batch / fastest call (what the machine "
           "does when nothing else runs); spread: IQR / median latency; cores: CPU time / "
           "wall time of the process while timed (fewer than the runtime's threads: other "
           "processes took the CPU); parity against eager PyTorch fp32 on the CPU: max "
           "|dP(HGG)|, mask Dice, rel dlogit = max |d class logit| / max(1, max |reference "
-          "logit|)")
+          "logit|); (info): informational, a variant or precision the registry's parity "
+          "checks and backend=\"auto\" never consider: a failed parity there is not fatal")
 
 
 def _rounds(options: dict[str, Any]) -> str:
@@ -153,19 +199,16 @@ def print_report(doc: Doc, console: Any = None) -> None:
         table.add_column(column, justify="left" if column in ("backend", "prec") else "right")
     best = fastest(doc)
     for row in doc["rows"]:
-        style = "bold green" if row is best else "red" if \
-            row.get("parity") and not row["parity"]["passed"] else None
+        style = "bold green" if row is best else None if not parity_failed(row) else \
+            "yellow" if row["informational"] else "red"
         table.add_row(*engine_cells(row), style=style)
     console.print(table)
     console.print(LEGEND, highlight=False, markup=False, style="dim")
     console.print(summary_line(doc), highlight=False, markup=False)
-    if doc.get("auto_choice"):
-        console.print(f'ubc.engine.load(backend="auto") picks: {doc["auto_choice"]}',
-                      highlight=False, markup=False)
+    if choice_line(doc):
+        console.print(choice_line(doc), highlight=False, markup=False)
     for item in doc["unavailable"]:
-        label = "FAILED" if item["failed"] else "not measured"
-        what = " ".join(x for x in (item["name"], item.get("precision", "")) if x)
-        console.print(f"{label}: {what}: {item['reason']}", highlight=False, markup=False)
+        console.print(unavailable_line(item), highlight=False, markup=False)
     if doc["preprocessing"]:
         prep = Table(title="preparing one volume (p50)")
         for column in PREP_COLUMNS:
@@ -177,6 +220,14 @@ def print_report(doc: Doc, console: Any = None) -> None:
         console.print(pipeline_line(doc["pipeline"]), highlight=False, markup=False)
     for note in doc["notes"]:
         console.print(f"note: {note}", highlight=False, markup=False)
+
+
+def unavailable_line(item: dict[str, Any]) -> str:
+    """"not measured: aoti fp32: <why>", "FAILED: ...", "failed (informational): ..."."""
+    label = "not measured" if not item["failed"] else \
+        "failed (informational)" if item.get("informational") else "FAILED"
+    what = " ".join(x for x in (item["name"], item.get("precision", "")) if x)
+    return f"{label}: {what}: {item['reason']}"
 
 
 def pipeline_line(p: dict[str, Any]) -> str:
@@ -218,11 +269,9 @@ def to_markdown(doc: Doc, *, title: str | None = None, plot: str | None = None) 
     lines += ["", *_md_table(engine_columns(doc), [engine_cells(r) for r in doc["rows"]]), "",
               f"_{LEGEND}_", ""]
     lines += [f"**{line}**  " for line in summary_line(doc).splitlines()] + [""]
-    if doc.get("auto_choice"):
-        lines += [f'`ubc.engine.load(backend="auto")` picks: {doc["auto_choice"]}', ""]
-    lines += [f"- {'FAILED' if u['failed'] else 'not measured'}: {u['name']} "
-              f"{u.get('precision', '')}: {u['reason']}".replace("  ", " ")
-              for u in doc["unavailable"]]
+    if choice_line(doc):
+        lines += [str(choice_line(doc)), ""]
+    lines += [f"- {unavailable_line(u)}" for u in doc["unavailable"]]
     if doc["preprocessing"]:
         lines += ["", *_md_table(PREP_COLUMNS, [prep_cells(r) for r in doc["preprocessing"]])]
     if doc.get("pipeline"):

@@ -1,60 +1,39 @@
 """What ``ubc-bench`` measures, as frozen dataclasses, and their JSON form (schema
-``ubc-bench/1``, checked by ``validate``). The renderers (``ubc.benchmark.report``) read the
-JSON form, so a saved file renders exactly like a live run."""
+``ubc-bench/2``, checked by ``validate``). The renderers (``ubc.benchmark.report``) read the
+JSON form, so a saved file renders exactly like a live run.
+
+A row's parity is a ``ubc.parity.ParityResult`` (in JSON, the form meta.json records); the
+row that *is* the parity reference (eager fp32 on the CPU) carries zero deltas and
+``extra["reference"]``. ``validate`` reads the schema off the dataclasses themselves.
+Version 2 (this one): parity as ParityResult, ``informational`` rows.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ubc.benchmark.timing import Stats
+from ubc.parity import ParityResult
 
-SCHEMA = "ubc-bench/1"
-
-
-@dataclass(frozen=True)
-class Parity:
-    """Agreement with eager PyTorch fp32 on the CPU (``ubc.parity``) over ``slices`` slices.
-    ``reference``: this row *is* that reference (its deltas are zero by definition)."""
-
-    slices: int
-    max_abs_class_logits: float
-    max_rel_class_logits: float
-    max_abs_p_hgg: float
-    max_abs_mask_logits: float
-    mask_dice: float
-    class_flip_share: float
-    passed: bool
-    failures: tuple[str, ...] = ()
-    tolerance: dict[str, float] = field(default_factory=dict)
-    reference: bool = False
-
-    @classmethod
-    def of(cls, result: Any) -> Parity:
-        """From a ``ubc.parity.ParityResult``."""
-        return cls(slices=result.slices, max_abs_class_logits=result.max_abs_class_logits,
-                   max_rel_class_logits=result.max_rel_class_logits,
-                   max_abs_p_hgg=result.max_abs_p_hgg,
-                   max_abs_mask_logits=result.max_abs_mask_logits, mask_dice=result.mask_dice,
-                   class_flip_share=result.class_flip_share, passed=result.passed,
-                   failures=tuple(result.failures), tolerance=asdict(result.tolerance))
-
-    @classmethod
-    def of_reference(cls, slices: int) -> Parity:
-        return cls(slices=slices, max_abs_class_logits=0.0, max_rel_class_logits=0.0,
-                   max_abs_p_hgg=0.0, max_abs_mask_logits=0.0, mask_dice=1.0,
-                   class_flip_share=0.0, passed=True, reference=True)
+SCHEMA = "ubc-bench/2"
 
 
 @dataclass(frozen=True)
 class EngineRow:
     """One backend x precision x batch size. ``throughput``: slices/s at the median
     latency; ``speedup``: throughput over the baseline's (eager PyTorch fp32, same device,
-    same batch); ``host_peak_mib``: the process's peak resident set while this batch size
-    ran (``host_base_mib``: before the engine was loaded); ``load_average``: the machine's
+    same batch); ``host_peak_mib``: the process's peak resident set up to the end of this
+    batch size (the backend's own process unless run in-process; ``host_base_mib``: its
+    resident set before the engine was loaded); ``load_average``: the machine's
     1/5/15-minute load when this batch size started; ``cores_used`` and
     ``preemptions_per_call`` say how much CPU the process actually got (see
-    ``ubc.benchmark.timing.Measurement``): on a shared machine, read them before the speed."""
+    ``ubc.benchmark.timing.Measurement``): on a shared machine, read them before the speed.
+    ``parity``: against eager fp32 on the CPU (see the module doc). ``informational``: not an
+    artifact ``backend="auto"`` could pick: its parity failing is shown, not fatal."""
 
     variant: str
     backend: str
@@ -72,7 +51,8 @@ class EngineRow:
     threads: int | None = None
     device_latency: Stats | None = None
     device_peak_mib: float | None = None
-    parity: Parity | None = None
+    parity: ParityResult | None = None
+    informational: bool = False
     speedup: float | None = None
     baseline: bool = False
     isolated: bool = False
@@ -123,7 +103,8 @@ class EngineRow:
 class Unavailable:
     """Something that was not measured, and why. ``failed``: it should have run here but
     raised or crashed (the reason holds the error); otherwise the machine, the installed
-    packages or the bundle cannot run it (the reason says what to install or export)."""
+    packages or the bundle cannot run it (the reason says what to install or export).
+    ``informational``: as in ``EngineRow`` (a failure of it is not fatal)."""
 
     stage: str  # "engine" | "preprocessing" | "pipeline"
     name: str
@@ -131,6 +112,7 @@ class Unavailable:
     device: str = ""
     precision: str = ""
     failed: bool = False
+    informational: bool = False
 
 
 @dataclass(frozen=True)
@@ -184,6 +166,7 @@ class BenchReport:
     seconds: float = 0.0
     load_average_end: tuple[float, ...] = ()
     auto_choice: str | None = None  # the variant ubc.engine.load(backend="auto") picks
+    auto_precision: str | None = None  # ... and its precision
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document (schema ``SCHEMA``)."""
@@ -201,52 +184,57 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_TOP = {"schema": str, "created": str, "command": str, "bundle": dict, "options": dict,
-        "machine": dict, "rows": list, "unavailable": list, "preprocessing": list,
-        "notes": list, "seconds": (int, float)}
-_STATS = {"n": int, "p50": (int, float), "p95": (int, float), "p99": (int, float),
-          "mean": (int, float), "iqr": (int, float), "min": (int, float), "max": (int, float)}
-_ROW = {"variant": str, "backend": str, "artifact": str, "device": str, "precision": str,
-        "batch": int, "latency": dict, "throughput": (int, float),
-        "host_peak_mib": (int, float), "baseline": bool}
-_PARITY = {"slices": int, "max_abs_p_hgg": (int, float), "mask_dice": (int, float),
-           "max_rel_class_logits": (int, float), "passed": bool, "reference": bool}
-_UNAVAILABLE = {"stage": str, "name": str, "reason": str, "failed": bool}
-_PREP = {"group": str, "name": str, "latency": dict, "slices": int, "ratio": (int, float),
-         "ours": bool}
-_MACHINE = {"cpu": dict, "gpus": list, "libraries": dict, "load_average": list}
+_JSON_TYPES: dict[Any, Any] = {str: str, int: int, float: (int, float), bool: bool}
+_MACHINE = ("cpu", "gpus", "libraries", "load_average")
 
 
-def _check(obj: Any, spec: dict[str, Any], where: str, problems: list[str]) -> None:
+def _value_problems(value: Any, hint: Any, where: str) -> list[str]:
+    """What is wrong with ``value`` (from JSON) as a value of type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return []
+        options = [a for a in args if a is not type(None)]
+        hint = options[0] if len(options) == 1 else Any
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _problems(value, hint, where)
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list, got {type(value).__name__}"]
+        return [p for i, v in enumerate(value)
+                for p in _value_problems(v, args[0], f"{where}[{i}]")]
+    kind = dict if origin is dict else _JSON_TYPES.get(hint)
+    if kind is not None and (not isinstance(value, kind) or
+                             (isinstance(value, bool) and hint is not bool)):
+        return [f"{where}: expected {getattr(hint, '__name__', hint)}, got "
+                f"{type(value).__name__}"]
+    return []
+
+
+def _problems(obj: Any, cls: Any, where: str) -> list[str]:
+    """What is wrong with ``obj`` (from JSON) as the ``asdict`` form of dataclass ``cls``."""
     if not isinstance(obj, dict):
-        problems.append(f"{where}: expected an object, got {type(obj).__name__}")
-        return
-    for key, kind in spec.items():
-        if key not in obj:
-            problems.append(f"{where}: missing {key!r}")
-        elif isinstance(obj[key], bool) and kind in ((int, float), int):
-            problems.append(f"{where}.{key}: expected a number, got a boolean")
-        elif not isinstance(obj[key], kind):
-            problems.append(f"{where}.{key}: expected {kind}, got {type(obj[key]).__name__}")
+        return [f"{where}: expected an object, got {type(obj).__name__}"]
+    hints = typing.get_type_hints(cls)
+    problems = []
+    for f in dataclasses.fields(cls):
+        if f.name in obj:
+            problems += _value_problems(obj[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{where}: missing {f.name!r}")
+    return problems
 
 
 def validate(doc: Any) -> list[str]:
-    """Problems with a ``ubc-bench`` JSON document (empty: it follows ``SCHEMA``)."""
-    problems: list[str] = []
-    _check(doc, _TOP, "report", problems)
-    if problems:
-        return problems
-    if doc["schema"] != SCHEMA:
-        problems.append(f"report.schema: expected {SCHEMA!r}, got {doc['schema']!r}")
-    _check(doc["machine"], _MACHINE, "machine", problems)
-    for i, row in enumerate(doc["rows"]):
-        _check(row, _ROW, f"rows[{i}]", problems)
-        if isinstance(row, dict) and isinstance(row.get("latency"), dict):
-            _check(row["latency"], _STATS, f"rows[{i}].latency", problems)
-        if isinstance(row, dict) and row.get("parity") is not None:
-            _check(row["parity"], _PARITY, f"rows[{i}].parity", problems)
-    for i, item in enumerate(doc["unavailable"]):
-        _check(item, _UNAVAILABLE, f"unavailable[{i}]", problems)
-    for i, prep in enumerate(doc["preprocessing"]):
-        _check(prep, _PREP, f"preprocessing[{i}]", problems)
+    """Problems with a ``ubc-bench`` JSON document (empty: it follows ``SCHEMA``), checked
+    against the dataclasses above (and ``ubc.parity.ParityResult``) themselves."""
+    if not isinstance(doc, dict):
+        return [f"report: expected an object, got {type(doc).__name__}"]
+    if doc.get("schema") != SCHEMA:
+        return [f"report.schema: expected {SCHEMA!r}, got {doc.get('schema')!r}"]
+    problems = _problems(doc, BenchReport, "report")
+    if isinstance(doc.get("machine"), dict):
+        problems += [f"report.machine: missing {k!r}" for k in _MACHINE
+                     if k not in doc["machine"]]
     return problems

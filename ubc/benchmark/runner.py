@@ -7,10 +7,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,17 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from ubc.benchmark.cell import PROGRESS_MARK, CellSpec, rows_from_json, run_cell
-from ubc.benchmark.machine import describe, last_level_cache_bytes, load_average, machine_facts
-from ubc.benchmark.plan import BASELINE, BenchOptions, Cell, plan
+from ubc.benchmark.cell import CellSpec, run_cell, run_isolated
+from ubc.benchmark.machine import (
+    describe,
+    last_level_cache_bytes,
+    load_average,
+    machine_facts,
+    usable_cores,
+)
+from ubc.benchmark.plan import BenchOptions, Cell, plan
 from ubc.benchmark.results import BenchReport, EngineRow, PipelineRow, PrepRow, Unavailable
 from ubc.bundle import Bundle
+from ubc.engine.registry import BASELINE
 
 Progress = Callable[[str], None]
 #: spread (IQR / median) above which a row is called noisy in the notes
 NOISY_SPREAD = 0.2
-#: child-process stderr lines kept to explain a crash
-_TAIL = 25
 
 
 def _quiet(message: str) -> None:
@@ -94,31 +96,7 @@ def _spec(cell: Cell, bundle: Bundle, options: BenchOptions, inputs: Path, *,
                     cache_bytes=last_level_cache_bytes(),
                     parity=parity and options.parity_slices > 0,
                     reference=cell.is_reference, baseline=cell.is_baseline,
-                    isolated=options.isolate)
-
-
-def _in_child(spec: CellSpec, folder: Path, progress: Progress) -> list[EngineRow]:
-    """Run the cell in a fresh interpreter; RuntimeError with its last stderr lines if it
-    fails (an exception, a crash of the runtime, the OOM killer)."""
-    name = f"{spec.variant}-{spec.precision}"
-    spec_path, result_path = folder / f"{name}.spec.json", folder / f"{name}.rows.json"
-    spec_path.write_text(json.dumps(spec.to_json()))
-    tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
-    with subprocess.Popen([sys.executable, "-m", "ubc.benchmark.cell", str(spec_path),
-                           str(result_path)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, errors="replace") as child:
-        assert child.stderr is not None
-        for line in child.stderr:
-            if line.startswith(PROGRESS_MARK):
-                progress(line[len(PROGRESS_MARK):].rstrip())
-            elif line.strip():
-                tail.append(line.rstrip())
-    if child.returncode != 0 or not result_path.is_file():
-        how = f"exit status {child.returncode}" if child.returncode >= 0 else \
-            f"killed by signal {-child.returncode}"
-        detail = next((t for t in reversed(tail) if not t.startswith(" ")), "") or how
-        raise RuntimeError(f"{detail} ({how}; last output: {' | '.join(list(tail)[-4:])})")
-    return rows_from_json(json.loads(result_path.read_text()))
+                    isolated=options.isolate, informational=cell.informational)
 
 
 def _run_cells(cells: list[Cell], bundle: Bundle, options: BenchOptions, inputs: Path,
@@ -136,14 +114,14 @@ def _run_cells(cells: list[Cell], bundle: Bundle, options: BenchOptions, inputs:
                 continue
             spec = _spec(cell, bundle, each, inputs, parity=turn == options.rounds - 1)
             try:
-                done[i].append(_in_child(spec, folder, progress) if options.isolate
+                done[i].append(run_isolated(spec, folder, progress) if options.isolate
                                else run_cell(spec, progress))
             except Exception as exc:  # one runtime failing must not lose the others' figures
                 reason = str(exc) if isinstance(exc, RuntimeError) and options.isolate \
                     else f"{type(exc).__name__}: {exc}"
                 failed[i] = Unavailable("engine", cell.variant.name, reason,
                                         device=cell.device, precision=cell.precision,
-                                        failed=True)
+                                        failed=True, informational=cell.informational)
                 progress(f"{cell.variant.name} {cell.precision}: FAILED: {reason}")
     rows = [EngineRow.merged([r[k] for r in done[i]]) if options.rounds > 1 else done[i][0][k]
             for i in sorted(done) if i not in failed for k in range(len(done[i][0]))]
@@ -157,38 +135,16 @@ def with_speedups(rows: list[EngineRow]) -> list[EngineRow]:
             if r.batch in base else r for r in rows]
 
 
-def auto_choice(bundle: Bundle, device: str) -> str | None:
-    """The variant ``ubc.engine.load(bundle, backend="auto")`` picks at fp32 (None: none)."""
-    from ubc.artifacts import TORCHSCRIPT, WEIGHTS
+def auto_choice(bundle: Bundle, device: str) -> tuple[str | None, str | None]:
+    """(variant, precision) ``ubc.engine.load(bundle, backend="auto")`` picks with its
+    default precision, from what meta.json records; (None, None) when it picks nothing."""
     from ubc.engine.registry import choose
 
     try:
-        choice = choose(bundle, device, "fp32")
+        choice = choose(bundle, device, "auto")
     except Exception:  # no backend can run: the rows and reasons say why
-        return None
-    names = {WEIGHTS: "torch", TORCHSCRIPT: "torchscript"}
-    return names.get(choice.artifact, choice.backend) if choice.backend == "torch" \
-        else choice.backend
-
-
-def _auto_note(rows: list[EngineRow], choice: str | None) -> list[str]:
-    """A note when the measured fastest fp32 variant (at the largest batch) is not the one
-    ``backend="auto"`` picks."""
-    passing = [r for r in rows if r.precision == "fp32" and
-               (r.parity is None or r.parity.passed)]
-    if choice is None or not passing:
-        return []
-    largest = max(r.batch for r in passing)
-    best = max((r for r in passing if r.batch == largest), key=lambda r: r.throughput)
-    measured = {r.variant for r in passing}
-    if best.variant == choice or choice not in measured:
-        return []
-    mine = next(r for r in passing if r.variant == choice and r.batch == largest)
-    if best.throughput < 1.1 * mine.throughput:
-        return []  # within 10 %: not a difference this benchmark can call
-    return [f'ubc.engine.load(backend="auto") picks {choice} ({mine.throughput:.1f} slices/s '
-            f"at batch {largest}), but {best.variant} measured faster here "
-            f"({best.throughput:.1f} slices/s); name it with backend={best.backend!r}"]
+        return None, None
+    return choice.variant or None, choice.precision
 
 
 def _notes(rows: list[EngineRow], failed: list[Unavailable], bundle: Bundle,
@@ -215,10 +171,16 @@ def _notes(rows: list[EngineRow], failed: list[Unavailable], bundle: Bundle,
                     if r.calls_per_batch > 1})
     if split:
         notes.append(f"batches larger than the engine's max_batch ran split: {', '.join(split)}")
-    bad = sorted({r.label for r in rows if r.parity is not None and not r.parity.passed})
-    if bad:
-        notes.append(f"PARITY FAILED: {', '.join(bad)} (see the parity columns)")
-    notes += [f"{f.name} {f.precision} failed: {f.reason}" for f in failed]
+    bad = {r.label: r.informational for r in rows
+           if r.parity is not None and not r.parity.passed}
+    if any(not info for info in bad.values()):
+        notes.append(f"PARITY FAILED: {', '.join(k for k, i in bad.items() if not i)} "
+                     "(backend=\"auto\" could pick it; see the parity columns)")
+    if any(bad.values()):
+        notes.append(f"parity failed (informational, never picked by backend=\"auto\"): "
+                     f"{', '.join(k for k, i in bad.items() if i)}")
+    notes += [f"{f.name} {f.precision} failed{' (informational)' if f.informational else ''}"
+              f": {f.reason}" for f in failed]
     return notes
 
 
@@ -255,10 +217,9 @@ def _end_to_end(bundle: Bundle, device: str, options: BenchOptions, archive: Pat
 def run_bench(bundle: Bundle | str | os.PathLike[str], options: BenchOptions | None = None,
               *, command: str = "", progress: Progress | None = None) -> BenchReport:
     """Benchmark ``bundle`` (see ``BenchOptions``); ``progress`` receives one line per step."""
-    from ubc.benchmark.machine import usable_cores
-    from ubc.benchmark.pipeline import write_volumes
     from ubc.benchmark.preprocessing import volume_shape_for
     from ubc.devices import resolve_device
+    from ubc.synth import write_archive
 
     options = options or BenchOptions()
     progress = progress or _quiet
@@ -272,8 +233,8 @@ def run_bench(bundle: Bundle | str | os.PathLike[str], options: BenchOptions | N
     with tempfile.TemporaryDirectory(prefix="ubc-bench-") as tmp:
         folder = Path(tmp)
         progress(f"generating {max(options.pipeline_cases, 4)} phantom volumes of {shape}")
-        archive = write_volumes(folder / "archive", max(options.pipeline_cases, 4), shape,
-                                options.seed)
+        archive = write_archive(folder / "archive", max(options.pipeline_cases, 4),
+                                seed=options.seed, shape=shape)
         inputs, source = _inputs(bundle, archive, options, folder, progress)
         rows, failed = _run_cells(cells, bundle, options, inputs, folder, progress)
         if options.pipeline_cases:
@@ -282,8 +243,8 @@ def run_bench(bundle: Bundle | str | os.PathLike[str], options: BenchOptions | N
                                               progress)
     rows = with_speedups(rows)
     loads = [facts["load_average"], *[list(r.load_average) for r in rows], load_average()]
-    choice = auto_choice(bundle, device)
-    notes = _notes(rows, failed, bundle, loads, usable_cores()) + _auto_note(rows, choice)
+    choice, precision = auto_choice(bundle, device)
+    notes = _notes(rows, failed, bundle, loads, usable_cores())
     return BenchReport(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=command, bundle=_bundle_facts(bundle),
@@ -291,7 +252,7 @@ def run_bench(bundle: Bundle | str | os.PathLike[str], options: BenchOptions | N
         machine=facts, rows=tuple(rows), unavailable=tuple(unavailable + failed + missing),
         preprocessing=tuple(prep), pipeline=pipeline, notes=tuple(notes),
         seconds=round(time.perf_counter() - started, 1),
-        load_average_end=tuple(load_average()), auto_choice=choice)
+        load_average_end=tuple(load_average()), auto_choice=choice, auto_precision=precision)
 
 
 def _keep_cases(archive: Path, cases: int) -> None:

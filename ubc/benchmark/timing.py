@@ -108,37 +108,10 @@ class TorchCudaClock(Clock):
         return wall, float(self._begin.elapsed_time(self._end))
 
 
-class CudaRuntimeClock(Clock):
-    """Wall clock after ``cudaDeviceSynchronize`` through cuda-bindings (a TensorRT-only
-    deployment has no torch)."""
-
-    def __init__(self, device: str) -> None:
-        from ubc.devices import parse_device
-        from ubc.engine import cuda_memory
-
-        cuda_memory.set_device(parse_device(device)[1])
-        self._check = cuda_memory.check
-        from cuda.bindings import runtime
-
-        self._runtime = runtime
-
-    def sync(self) -> None:
-        self._check("cudaDeviceSynchronize", self._runtime.cudaDeviceSynchronize())
-
-
 def clock_for(device: str) -> Clock:
-    """The clock for ``device``: host on the CPU; CUDA events with torch, else a plain
-    synchronising clock through cuda-bindings."""
-    if not device.startswith("cuda"):
-        return Clock()
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return TorchCudaClock(device)
-    return CudaRuntimeClock(device)
+    """The clock for ``device``: host on the CPU, CUDA events (torch) on a GPU; ubc-bench
+    times eager PyTorch beside every backend, so torch is always there."""
+    return TorchCudaClock(device) if device.startswith("cuda") else Clock()
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,12 @@ examples:
   ubc-bench model.ubc --backends torch,openvino --batch-sizes 1,16 --json out.json
   ubc-bench model.ubc --quick --plot bench.png      a fast look (fewer, shorter timings)
 
-exit codes: 0 done, 1 a parity check failed or a backend crashed (rows still printed),
-2 usage error or unusable bundle.
+informational rows, marked (info): variants and precisions that parity does not check and
+backend="auto" never picks (ubc.engine.registry: e.g. CUDA graphs, or a precision a runtime
+offers but the table does not check); timed and parity-checked, their failures not fatal.
+
+exit codes: 0 done, 1 a variant backend="auto" could pick failed its parity check or
+crashed (rows still printed), 2 usage error or unusable bundle.
 """
 
 
@@ -66,7 +70,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ubc-bench``."""
-    from ubc.benchmark.plan import VARIANTS
+    from ubc.engine.registry import VARIANTS
 
     p = argparse.ArgumentParser(
         prog="ubc-bench", description="Latency and throughput of every backend of a UBC "
@@ -160,9 +164,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
         Path(args.markdown).write_text(benchmark.to_markdown(doc, plot=args.plot))
         print(f"wrote {args.markdown}")
-    failed = any(u["failed"] for u in doc["unavailable"]) or \
-        any(r["parity"] and not r["parity"]["passed"] for r in doc["rows"])
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if benchmark.fatal(doc) else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,15 @@ from ubc.artifacts import PRECISIONS, stale_reason
 from ubc.bundle import Bundle
 from ubc.devices import resolve_device
 from ubc.engine.base import Engine
-from ubc.engine.registry import BACKENDS, VARIANTS, Choice, Variant, backend_class, choose
+from ubc.engine.registry import (
+    BACKENDS,
+    VARIANTS,
+    Choice,
+    Variant,
+    backend_class,
+    choose,
+    parity_state,
+)
 from ubc.errors import BundleError
 
 __all__ = ["BACKENDS", "VARIANTS", "Choice", "Engine", "Variant", "backend_class", "load"]
@@ -27,7 +35,7 @@ _AUTO_OPTIONS = ("max_batch", "threads")
 
 
 def load(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", device: str = "auto",
-         precision: str = "fp32", *, require_parity: bool = False, **options: Any) -> Engine:
+         precision: str = "auto", *, require_parity: bool = False, **options: Any) -> Engine:
     """An engine for ``bundle`` (a ``Bundle`` or its directory).
 
     ``backend``: "auto" or one of ``BACKENDS`` (torch, onnxruntime, openvino, aoti,
@@ -36,25 +44,24 @@ def load(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", device:
     else the fastest CPU runtime), never one whose sha256 does not match meta.json nor one
     recorded as failing its parity check; ``require_parity`` also skips unchecked ones.
     The choice and the reasons for skipping the others are in ``engine.selection``.
-    ``device``: "auto", "cpu", "cuda" or "cuda:N". ``precision``: fp32, fp16, bf16 or int8
-    (what each backend offers differs). ``options`` go to the backend (see its class);
+    On the CPU, where ``ubc-export --cpu`` timed the variants on this CPU class, the
+    fastest timed one is tried first (``ubc.engine.registry.candidates``).
+    ``device``: "auto", "cpu", "cuda" or "cuda:N". ``precision``: "auto" (with
+    ``backend="auto"``: any precision whose artifact passed its parity gate and was timed
+    fastest, else fp32; with a named backend: fp32), fp32, fp16, bf16 or int8 (what each
+    backend offers differs). A named backend runs even an artifact recorded as failing its
+    parity gate, with a logged warning. ``options`` go to the backend (see its class);
     with "auto" only ``max_batch`` and ``threads`` are accepted.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in (*PRECISIONS, "auto"):
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got "
+                         f"{precision!r}")
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
     device = resolve_device(device)
     if backend != "auto":
-        cls = backend_class(backend)
-        reason = cls.unavailable(bundle, device, precision, **options)
-        if reason is not None:
-            raise ValueError(f"{bundle.path}: backend {backend!r} cannot run on {device} at "
-                             f"{precision}: {reason}")
-        stale = stale_reason(bundle, cls.artifact_for(bundle, device, precision, **options))
-        if stale is not None:
-            raise BundleError(f"{bundle.path}: {stale}")
-        return cls(bundle, device=device, precision=precision, **options)
+        return _load_named(bundle, backend, device,
+                           "fp32" if precision == "auto" else precision, options)
     unknown = sorted(set(options) - set(_AUTO_OPTIONS))
     if unknown:
         raise ValueError(f"option(s) {', '.join(unknown)} belong to one backend; name it "
@@ -63,7 +70,30 @@ def load(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", device:
     kwargs = {**choice.options, **options}
     if not VARIANTS[choice.variant].threads:
         kwargs.pop("threads", None)  # e.g. TensorRT: no host thread pool to size
-    engine = backend_class(choice.backend)(bundle, device=device, precision=precision, **kwargs)
+    engine = backend_class(choice.backend)(bundle, device=device, precision=choice.precision,
+                                           **kwargs)
     engine.selection = choice
     log.info("ubc.engine.load: %s", choice.describe())
     return engine
+
+
+def _load_named(bundle: Bundle, backend: str, device: str, precision: str,
+                options: dict[str, Any]) -> Engine:
+    """The engine of a named backend: refused when it cannot run, warned about when its
+    artifact failed its parity gate (forcing it is the caller's decision)."""
+    cls = backend_class(backend)
+    reason = cls.unavailable(bundle, device, precision, **options)
+    if reason is not None:
+        raise ValueError(f"{bundle.path}: backend {backend!r} cannot run on {device} at "
+                         f"{precision}: {reason}")
+    artifact = cls.artifact_for(bundle, device, precision, **options)
+    stale = stale_reason(bundle, artifact)
+    if stale is not None:
+        raise BundleError(f"{bundle.path}: {stale}")
+    variant = next((v for v in VARIANTS.values() if v.backend == backend), None)
+    if variant is not None and parity_state(bundle, variant, device, precision,
+                                            artifact) == "failed":
+        log.warning("%s: %s %s (%s) failed its parity gate (meta.json 'parity'); running it "
+                    "because backend=%r was named", bundle.path, backend, precision, artifact,
+                    backend)
+    return cls(bundle, device=device, precision=precision, **options)

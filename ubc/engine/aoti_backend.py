@@ -26,6 +26,7 @@ from ubc.devices import (
     torch_series,
 )
 from ubc.engine.base import Engine
+from ubc.engine.torch_backend import HostStaging
 
 
 def _find_cpu_package(bundle: Bundle) -> str | None:
@@ -100,15 +101,17 @@ class AotiEngine(Engine):
             strict_fp32(torch)  # the package calls cuDNN, which would use TF32 otherwise
         self._torch = torch
         self._device = torch.device(kind, index) if kind == "cuda" else torch.device("cpu")
+        self._staging = HostStaging(torch, self._device, max_batch, self.input_size)
         self._runner: Any = torch._inductor.aoti_load_package(
             str(bundle.file(name)), device_index=index if kind == "cuda" else -1)
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self._device, non_blocking=True)
+            x = self._staging.to_device(batch)  # pinned, as the torch engine's
             class_logits, mask_logits = self._runner(x)
             return class_logits.float().cpu().numpy(), mask_logits.float().cpu().numpy()
 
     def _release(self) -> None:
         self._runner = None
+        self._staging.close()

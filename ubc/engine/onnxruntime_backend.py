@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: the bundle's ``model.onnx`` on the CPU, the portable CPU path."""
+"""ONNX Runtime backend: the bundle's ``model.onnx`` on the CPU, the portable CPU path, and
+its INT8 QDQ form ``model.int8.onnx`` (``ubc.export.int8_onnx``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES, onnx_metadata_mismatch
+from ubc.artifacts import (
+    INPUT_NAME,
+    INT8_ONNX,
+    ONNX,
+    OUTPUT_NAMES,
+    onnx_metadata_mismatch,
+    rebuild_hint,
+)
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
 from ubc.errors import BundleError
@@ -27,12 +35,12 @@ class OnnxRuntimeEngine(Engine):
 
     backend = "onnxruntime"
     devices = ("cpu",)
-    precisions = {"cpu": ("fp32",)}
-    artifact_kinds = ("onnx",)
+    precisions = {"cpu": ("fp32", "int8")}
+    artifact_kinds = ("onnx", "onnx-int8")
 
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
-        return ONNX
+        return INT8_ONNX if precision == "int8" else ONNX
 
     @classmethod
     def unavailable(cls, bundle: Bundle, device: str, precision: str,
@@ -42,8 +50,9 @@ class OnnxRuntimeEngine(Engine):
         reason = cls.unsupported(device, precision)
         if reason is not None:
             return reason
-        if not bundle.has(ONNX):
-            return f"the bundle has no {ONNX} (make it with `ubc-export {bundle.path} --onnx`)"
+        name = cls.artifact_for(bundle, device, precision)
+        if not bundle.has(name):
+            return f"the bundle has no {name} (make it with `{rebuild_hint(bundle.path, name)}`)"
         return None
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
@@ -54,7 +63,7 @@ class OnnxRuntimeEngine(Engine):
         import onnxruntime as ort
 
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
-        self.artifact = ONNX
+        self.artifact = self.artifact_for(bundle, device, precision)
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or len(os.sched_getaffinity(0)))
         options.inter_op_num_threads = 1
@@ -64,7 +73,7 @@ class OnnxRuntimeEngine(Engine):
         # Denormal floats are many times slower on x86; values under 1e-38 change no logit.
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
         options.log_severity_level = 3  # errors only: shape-inference notes are not ours
-        path = bundle.file(ONNX)
+        path = bundle.file(self.artifact)
         self._session = ort.InferenceSession(str(path), sess_options=options,
                                              providers=["CPUExecutionProvider"])
         inputs = [i.name for i in self._session.get_inputs()]
@@ -72,12 +81,12 @@ class OnnxRuntimeEngine(Engine):
         if inputs != [INPUT_NAME] or set(OUTPUT_NAMES) - set(outputs):
             raise ValueError(f"{path}: expected input {INPUT_NAME!r} and outputs "
                              f"{list(OUTPUT_NAMES)}, found {inputs} -> {outputs}; re-export it "
-                             f"with `ubc-export {bundle.path} --onnx`")
+                             f"with `{rebuild_hint(bundle.path, self.artifact)}`")
         mismatch = onnx_metadata_mismatch(bundle.meta,
                                           self._session.get_modelmeta().custom_metadata_map)
         if mismatch is not None:
             raise BundleError(f"{path}: {mismatch}; re-export it with "
-                              f"`ubc-export {bundle.path} --onnx`")
+                              f"`{rebuild_hint(bundle.path, self.artifact)}`")
         self.threads = options.intra_op_num_threads
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""OpenVINO backend: the bundle's ``model.onnx`` compiled for the CPU (optional extra)."""
+"""OpenVINO backend: the bundle's ``model.onnx`` compiled for the CPU at fp32 or bf16, and its
+INT8 IR ``model.int8.xml`` (``ubc.export.int8_openvino``; optional extra)."""
 
 from __future__ import annotations
 
@@ -8,32 +9,36 @@ from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import ONNX, OUTPUT_NAMES
+from ubc.artifacts import INT8_OPENVINO, ONNX, OUTPUT_NAMES, artifacts_of, rebuild_hint
 from ubc.bundle import Bundle
+from ubc.devices import native_bf16
 from ubc.engine.base import Engine
 
 INSTALL_HINT = "pip install ubc[openvino]"
-# OpenVINO picks bf16 by itself on CPUs that have it; we say which precision we want.
-_HINTS = {"fp32": "f32", "bf16": "bf16"}
+# OpenVINO picks bf16 by itself on CPUs that have it; we say which precision we want. The
+# INT8 IR keeps the ops it does not quantise in fp32: its parity is int8's alone.
+_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 class OpenVinoEngine(Engine):
     """``model.onnx`` read and compiled by OpenVINO for its CPU plugin.
 
     ``threads``: inference threads (default: every core this process may use).
-    ``precision``: fp32, or bf16 on CPUs that offer it (OpenVINO's own choice otherwise
-    drifts to bf16 on such CPUs, so fp32 is asked for explicitly). ``hint``: OpenVINO's
-    performance hint, LATENCY (one request at a time, our use) or THROUGHPUT.
+    ``precision``: fp32; bf16 on CPUs that compute it natively (AVX512-BF16 or AMX, read
+    from the CPU flags, confirmed by OpenVINO's OPTIMIZATION_CAPABILITIES; OpenVINO's own
+    choice otherwise drifts to bf16 on such CPUs, so fp32 is asked for explicitly); int8
+    (the NNCF IR). ``hint``: OpenVINO's performance hint, LATENCY (one request at a time,
+    our use) or THROUGHPUT.
     """
 
     backend = "openvino"
     devices = ("cpu",)
-    precisions = {"cpu": ("fp32", "bf16")}
-    artifact_kinds = ("onnx",)
+    precisions = {"cpu": ("fp32", "bf16", "int8")}
+    artifact_kinds = ("onnx", "openvino-int8")
 
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
-        return ONNX
+        return INT8_OPENVINO if precision == "int8" else ONNX
 
     @classmethod
     def unavailable(cls, bundle: Bundle, device: str, precision: str,
@@ -43,8 +48,14 @@ class OpenVinoEngine(Engine):
         reason = cls.unsupported(device, precision)
         if reason is not None:
             return reason
-        if not bundle.has(ONNX):
-            return f"the bundle has no {ONNX} (make it with `ubc-export {bundle.path} --onnx`)"
+        if precision == "bf16" and native_bf16() is False:
+            return "this CPU has no native bf16 (AVX512-BF16 or AMX); use fp32 or int8"
+        name = cls.artifact_for(bundle, device, precision)
+        weights = artifacts_of(bundle.meta).get(name, {}).get("weights_file")
+        for needed in (name, weights) if weights else (name,):
+            if not bundle.has(needed):
+                return f"the bundle has no {needed} (make it with " \
+                       f"`{rebuild_hint(bundle.path, needed)}`)"
         return None
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
@@ -58,7 +69,7 @@ class OpenVinoEngine(Engine):
         import openvino as ov
 
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
-        self.artifact = ONNX
+        self.artifact = self.artifact_for(bundle, device, precision)
         core = ov.Core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU",
                                                                    "OPTIMIZATION_CAPABILITIES"):
@@ -66,7 +77,9 @@ class OpenVinoEngine(Engine):
         self.threads = int(threads or len(os.sched_getaffinity(0)))
         config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self.threads,
                   "INFERENCE_PRECISION_HINT": _HINTS[precision]}
-        model = core.read_model(str(bundle.file(ONNX)))
+        weights = artifacts_of(bundle.meta).get(self.artifact, {}).get("weights_file")
+        model = core.read_model(str(bundle.file(self.artifact)),
+                                *([str(bundle.file(weights))] if weights else []))
         self._compiled = core.compile_model(model, "CPU", config)
         self._request = self._compiled.create_infer_request()
         self._outputs = [self._compiled.output(name) for name in OUTPUT_NAMES]

@@ -7,7 +7,12 @@ variants are all read from this table.
 
 The automatic choice is the first variant of the device's order that can run here,
 skipping (and saying why) any whose artifact is missing, corrupted, built for another
-machine, or recorded in meta.json as failing its parity check.
+machine, or recorded in meta.json as failing its parity check. On the CPU the order is the
+measured one where ``ubc-export --cpu`` recorded timings for this CPU class
+(``ubc.devices.cpu_class``): fastest first, the static order below for those not timed.
+With ``precision="auto"`` the candidates are every checked precision of every variant; a
+reduced precision (bf16, int8, fp16) is then picked only when it passed its parity gate
+and was timed; without timings the choice is the static order at fp32.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ubc.artifacts import artifacts_of, parity_key, parse_plan_name, stale_reason
+from ubc.artifacts import (
+    artifacts_of,
+    parity_key,
+    parse_plan_name,
+    stale_reason,
+    timing_key,
+    timings_of,
+)
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
 from ubc.errors import BundleError
@@ -109,8 +121,10 @@ _TORCH_GPU = MappingProxyType({"cuda": ("fp32", "fp16")})
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("tensorrt", "tensorrt", "TensorRT plan for this GPU", any_batch=False,
             threads=False),
-    Variant("onnxruntime", "onnxruntime", "ONNX Runtime CPU (model.onnx)"),
-    Variant("openvino", "openvino", "OpenVINO CPU (model.onnx)"),
+    Variant("onnxruntime", "onnxruntime", "ONNX Runtime CPU (model.onnx, model.int8.onnx)",
+            checked=_frozen({"cpu": ("fp32", "int8")})),
+    Variant("openvino", "openvino", "OpenVINO CPU (model.onnx; bf16 where native; "
+            "model.int8.xml)", checked=_frozen({"cpu": ("fp32", "bf16", "int8")})),
     Variant("torchscript", "torch", "TorchScript (model.ts), optimised for inference",
             _frozen({"artifact": "torchscript"}), checked=_TORCH_GPU),
     Variant("aoti", "aoti", "AOTInductor package (model.*.pt2)", any_batch=False),
@@ -195,8 +209,7 @@ def _rejection(variant: Variant, bundle: Bundle, device: str, precision: str,
         reason = f"corrupted: {exc}"
     if reason is not None:
         return reason, artifact, "unchecked"
-    state = "passed" if is_reference(variant, device, precision) else \
-        _parity_state(bundle, parity_key(variant.backend, device, precision, artifact))
+    state = parity_state(bundle, variant, device, precision, artifact)
     if state == "failed":
         return "failed its parity check (meta.json 'parity'; re-export it)", artifact, state
     if state == "unchecked" and require_parity:
@@ -204,17 +217,61 @@ def _rejection(variant: Variant, bundle: Bundle, device: str, precision: str,
     return None, artifact, state
 
 
+def parity_state(bundle: Bundle, variant: Variant, device: str, precision: str,
+                 artifact: str) -> str:
+    """passed, failed or unchecked: what meta.json records for this artifact's parity."""
+    if is_reference(variant, device, precision):
+        return "passed"
+    return _parity_state(bundle, parity_key(variant.backend, device, precision, artifact))
+
+
+def recorded_speed(bundle: Bundle, variant: Variant, precision: str,
+                   cpu_class: str) -> float | None:
+    """Slices/s ``ubc-export --cpu`` measured for ``variant`` at ``precision`` on this CPU
+    class, None when not measured or measured on an older export of its artifact."""
+    record = timings_of(bundle.meta, cpu_class).get(timing_key(variant.name, precision))
+    if not isinstance(record, dict) or "slices_per_s" not in record:
+        return None
+    if record.get("sha256") != bundle.meta["files"].get(str(record.get("artifact", ""))):
+        return None
+    return float(record["slices_per_s"])
+
+
+def candidates(bundle: Bundle, device: str, precision: str) -> list[tuple[Variant, str]]:
+    """(variant, precision) pairs ``choose`` tries, in order: on the CPU the ones timed on
+    this CPU class fastest first, then the static order (at fp32 only, for "auto")."""
+    kind = device_kind(device)
+    pairs = [(v, p) for v in auto_order(device)
+             for p in (v.checked_precisions(kind, bundle) if precision == "auto"
+                       else (precision,))]
+    if kind != "cpu":
+        return [(v, p) for v, p in pairs if precision != "auto" or p == "fp32"]
+    from ubc.devices import cpu_class
+
+    here = cpu_class()
+    speeds = {(v.name, p): recorded_speed(bundle, v, p, here) for v, p in pairs}
+    timed = sorted((pair for pair in pairs if speeds[pair[0].name, pair[1]] is not None),
+                   key=lambda pair: -(speeds[pair[0].name, pair[1]] or 0.0))
+    rest = [(v, p) for v, p in pairs if speeds[v.name, p] is None
+            and (precision != "auto" or p == "fp32")]
+    return timed + rest
+
+
 def choose(bundle: Bundle, device: str, precision: str, *,
            require_parity: bool = False) -> Choice:
-    """The first variant of the device's order that can run; BundleError if none can."""
+    """The first of ``candidates`` that can run; BundleError if none can. With
+    ``precision="auto"`` a reduced precision needs a passed parity record."""
     rejected: list[tuple[str, str]] = []
-    for variant in auto_order(device):
-        reason, artifact, state = _rejection(variant, bundle, device, precision,
-                                             require_parity)
+    for variant, wanted in candidates(bundle, device, precision):
+        reason, artifact, state = _rejection(variant, bundle, device, wanted,
+                                             require_parity or (precision == "auto"
+                                                                and wanted != "fp32"))
+        label = variant.label if wanted == "fp32" or precision != "auto" else \
+            f"{variant.label} {wanted}"
         if reason is not None:
-            rejected.append((variant.label, reason))
+            rejected.append((label, reason))
             continue
-        return Choice(backend=variant.backend, device=device, precision=precision,
+        return Choice(backend=variant.backend, device=device, precision=wanted,
                       artifact=artifact, options=dict(variant.options), parity=state,
                       rejected=tuple(rejected), variant=variant.name)
     details = "; ".join(f"{label}: {reason}" for label, reason in rejected)
@@ -223,4 +280,5 @@ def choose(bundle: Bundle, device: str, precision: str, *,
 
 
 __all__ = ["BACKENDS", "BASELINE", "VARIANTS", "Choice", "Variant", "auto_order",
-           "backend_class", "choose", "device_kind", "is_reference", "parity_candidates"]
+           "backend_class", "candidates", "choose", "device_kind", "is_reference",
+           "parity_candidates", "parity_state", "recorded_speed"]

@@ -22,6 +22,8 @@ EXPORTERS: dict[str, str] = {
     "onnx": "ubc.export.onnx:to_onnx",
     "aoti": "ubc.export.aoti:to_aoti",
     "tensorrt": "ubc.export.tensorrt:to_tensorrt",
+    "int8-onnx": "ubc.export.int8_onnx:to_int8_onnx",
+    "int8-openvino": "ubc.export.int8_openvino:to_int8_openvino",
 }
 
 

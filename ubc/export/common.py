@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,3 +59,26 @@ def artifact_entry(bundle: Bundle, fmt: str, **details: Any) -> dict[str, Any]:
     return {"format": fmt, "weights_sha256": bundle.meta["files"][WEIGHTS],
             "input_size": list(bundle.preprocessing.size), "torch": torch_version,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details}
+
+
+class CalibrationBatches:
+    """Full batches of ``batch`` slices, in order, from preprocessed ``slices`` (float32
+    [N, 1, H, W]); the remainder that does not fill a batch is left out (TensorRT's
+    calibrator wants one batch size). Every INT8 exporter calibrates through it."""
+
+    def __init__(self, slices: np.ndarray, batch: int, size: tuple[int, int]) -> None:
+        if slices.ndim != 4 or slices.shape[1:] != (1, *size):
+            raise ValueError(f"calibration slices must be float32 [N, 1, {size[0]}, {size[1]}],"
+                             f" got {list(slices.shape)}")
+        if len(slices) < batch:
+            raise ValueError(f"INT8 calibration needs at least one batch of {batch} slices, "
+                             f"got {len(slices)}; give more with --calib")
+        self.slices = np.ascontiguousarray(slices, dtype=np.float32)
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.slices) // self.batch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self.slices[i * self.batch:(i + 1) * self.batch]

@@ -13,8 +13,8 @@ with it only fp32 plans are built here, and fp16/int8 ask for TensorRT 10 (see
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,11 @@ from ubc.artifacts import (
 )
 from ubc.bundle import Bundle
 from ubc.devices import gpu_info, parse_device, resolve_device
-from ubc.export.common import ExportResult, artifact_entry, check_arch
+from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
 
 INSTALL_HINT = "pip install ubc[tensorrt]"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,29 +68,6 @@ class TensorRTOptions:
     @property
     def optimal_batch(self) -> int:
         return self.max_batch if self.opt_batch is None else self.opt_batch
-
-
-class CalibrationBatches:
-    """Full batches of ``batch`` slices, in order, from preprocessed ``slices`` (float32
-    [N, 1, H, W]); the remainder that does not fill a batch is left out, as TensorRT's
-    calibrator wants one batch size."""
-
-    def __init__(self, slices: np.ndarray, batch: int, size: tuple[int, int]) -> None:
-        if slices.ndim != 4 or slices.shape[1:] != (1, *size):
-            raise ValueError(f"calibration slices must be float32 [N, 1, {size[0]}, {size[1]}],"
-                             f" got {list(slices.shape)}")
-        if len(slices) < batch:
-            raise ValueError(f"INT8 calibration needs at least one batch of {batch} slices, "
-                             f"got {len(slices)}; give more with --calib")
-        self.slices = np.ascontiguousarray(slices, dtype=np.float32)
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return len(self.slices) // self.batch
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for i in range(len(self)):
-            yield self.slices[i * self.batch:(i + 1) * self.batch]
 
 
 def _check_precision(trt: Any, precision: str) -> None:
@@ -160,9 +139,21 @@ def _profile(builder: Any, size: tuple[int, int], low: int, opt: int, high: int)
 
 
 def _timing_cache(config: Any, bundle: Bundle, name: str) -> Any:
+    """Attach the bundle's timing cache ``name`` to ``config`` (a fresh one when there is
+    none, or when TensorRT refuses it: ``set_timing_cache`` returns False for a cache
+    made on another device or TensorRT build, and a config left without one fails later, at
+    ``get_timing_cache().serialize()``, after the build, before the plan is written)."""
     previous = bundle.file(name).read_bytes() if bundle.has(name) else b""
     cache = config.create_timing_cache(previous)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if not previous:
+        raise RuntimeError("TensorRT refused a new, empty timing cache")
+    log.warning("%s: TensorRT refused the timing cache %s (made on another device or "
+                "TensorRT build); timing from scratch", bundle.path, name)
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError("TensorRT refused a new, empty timing cache")
     return cache
 
 

@@ -132,7 +132,7 @@ class Predictor:
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
-                 device: str = "auto", precision: str = "fp32", engine: Engine | None = None,
+                 device: str = "auto", precision: str = "auto", engine: Engine | None = None,
                  max_batch: int | None = None, max_wait_ms: float = 5.0,
                  max_queue: int = 1024, options: ScoringOptions | None = None) -> None:
         if max_batch is not None and max_batch < 1:

@@ -1,0 +1,98 @@
+"""INT8 ONNX: ONNX Runtime's post-training static quantiser on the bundle's ``model.onnx``.
+
+QDQ format (QuantizeLinear/DequantizeLinear pairs around every convolution, which ONNX
+Runtime's CPU provider fuses into integer kernels: VNNI/AMX dot products where the CPU has
+them, AVX2 multiply-adds where it has not), signed int8 activations and weights, weights
+per output channel, activation ranges calibrated on preprocessed slices (the ``--calib``
+data, as for TensorRT INT8). The result, ``model.int8.onnx``, carries the bundle's metadata
+like ``model.onnx`` and is run by the onnxruntime backend at precision int8.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ubc.artifacts import INPUT_NAME, INT8_ONNX, ONNX, onnx_metadata, stale_reason, with_artifact
+from ubc.bundle import Bundle
+from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
+
+#: MinMax: the activation ranges seen on the calibration slices. Percentile/Entropy clip
+#: outliers but need a histogram pass per tensor (minutes at 224 px on 2 cores).
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def _reader(batches: CalibrationBatches) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._iter = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._iter, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+        def rewind(self) -> None:
+            self._iter = iter(batches)
+
+    return Reader()
+
+
+def _embed_metadata(path: Path, bundle: Bundle) -> None:
+    """The quantiser keeps the graph, not always the ``ubc.*`` metadata: write it again."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in {"ubc.arch": bundle.arch, "ubc.precision": "int8",
+                       **onnx_metadata(bundle.meta)}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def to_int8_onnx(bundle: Bundle, *, calib: np.ndarray, batch: int = 8,
+                 method: str = "minmax") -> ExportResult:
+    """Quantise ``model.onnx`` to ``model.int8.onnx`` (atomic; sha256 and description in
+    meta.json). ``calib``: preprocessed slices float32 [N, 1, H, W], N >= ``batch`` (a few
+    hundred is plenty; ``ubc.data.sample_slices``)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    check_arch(bundle)
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"method must be one of {', '.join(CALIBRATION_METHODS)}, "
+                         f"got {method!r}")
+    if not bundle.has(ONNX) or stale_reason(bundle, ONNX):
+        raise ValueError(f"{bundle.path}: INT8 ONNX is quantised from an up-to-date "
+                         f"model.onnx; export it first: `ubc-export {bundle.path} --onnx`")
+    batches = CalibrationBatches(calib, batch, bundle.preprocessing.size)
+    start = time.perf_counter()
+    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}[method]
+
+    def write(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="ubc-int8-") as work:
+            out = Path(work) / "model.int8.onnx"
+            quantize_static(str(bundle.file(ONNX)), str(out), _reader(batches),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=calibrate,
+                            # Not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops the
+                            # collected ranges at that count instead of folding them in.
+                            # Memory is small anyway: MinMax keeps per-tensor min/max only.
+                            extra_options={"CalibTensorRangeSymmetric": False})
+            _embed_metadata(out, bundle)
+            tmp.write_bytes(out.read_bytes())
+
+    entry = artifact_entry(bundle, "onnx-int8", precision="int8", quantiser="onnxruntime",
+                           quant_format="QDQ", per_channel=True, activations="int8",
+                           weights="int8", calibration=method,
+                           calibration_slices=len(batches) * batch,
+                           onnx_sha256=bundle.meta["files"][ONNX])
+    path = bundle.write_file(INT8_ONNX, write,
+                             artifacts=with_artifact(bundle.meta, INT8_ONNX, **entry))
+    return ExportResult(INT8_ONNX, path, time.perf_counter() - start, entry)

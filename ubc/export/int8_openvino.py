@@ -1,0 +1,67 @@
+"""INT8 OpenVINO IR: NNCF's post-training quantisation of the bundle's ``model.onnx``.
+
+NNCF (``pip install nncf``) reads the model through OpenVINO, inserts FakeQuantize nodes
+where OpenVINO's CPU plugin has integer kernels (AMX, VNNI or AVX2, chosen by the plugin
+at compile time on the machine that runs it), calibrates activation ranges on preprocessed
+slices (the ``--calib`` data) and corrects biases. The IR is two files, ``model.int8.xml``
+(graph) and ``model.int8.bin`` (weights), each with its sha256 in meta.json; the openvino
+backend runs them at precision int8.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ubc.artifacts import (
+    INT8_OPENVINO,
+    INT8_OPENVINO_WEIGHTS,
+    ONNX,
+    onnx_metadata,
+    stale_reason,
+    with_artifact,
+)
+from ubc.bundle import Bundle
+from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
+
+INSTALL_HINT = "pip install nncf (with ubc[openvino])"
+
+
+def to_int8_openvino(bundle: Bundle, *, calib: np.ndarray) -> ExportResult:
+    """Quantise ``model.onnx`` into ``model.int8.xml`` + ``model.int8.bin`` (each atomic,
+    the weights first: a killed export leaves no graph without its weights). ``calib``:
+    preprocessed slices float32 [N, 1, H, W] (fed one at a time, as NNCF's statistics
+    expect)."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as exc:
+        raise ImportError(f"INT8 OpenVINO needs nncf and openvino ({INSTALL_HINT})") from exc
+    check_arch(bundle)
+    if not bundle.has(ONNX) or stale_reason(bundle, ONNX):
+        raise ValueError(f"{bundle.path}: INT8 OpenVINO is quantised from an up-to-date "
+                         f"model.onnx; export it first: `ubc-export {bundle.path} --onnx`")
+    slices = list(CalibrationBatches(calib, 1, bundle.preprocessing.size))
+    start = time.perf_counter()
+    model = ov.Core().read_model(str(bundle.file(ONNX)))
+    quantised = nncf.quantize(model, nncf.Dataset(slices), subset_size=len(slices),
+                              preset=nncf.QuantizationPreset.MIXED)
+    for key, value in {"ubc.arch": bundle.arch, **onnx_metadata(bundle.meta)}.items():
+        quantised.set_rt_info(value, ["ubc", key.removeprefix("ubc.")])
+    with tempfile.TemporaryDirectory(prefix="ubc-ov-int8-") as work:
+        xml = Path(work) / INT8_OPENVINO
+        ov.save_model(quantised, str(xml), compress_to_fp16=False)
+        weights = xml.with_suffix(".bin")
+        bundle.write_file(INT8_OPENVINO_WEIGHTS, lambda tmp: tmp.write_bytes(weights.read_bytes()))
+        entry = artifact_entry(bundle, "openvino-int8", precision="int8", quantiser="nncf",
+                               nncf=nncf.__version__, openvino=ov.get_version(),
+                               preset="mixed", calibration_slices=len(slices),
+                               weights_file=INT8_OPENVINO_WEIGHTS,
+                               weights_file_sha256=bundle.meta["files"][INT8_OPENVINO_WEIGHTS],
+                               onnx_sha256=bundle.meta["files"][ONNX])
+        path = bundle.write_file(INT8_OPENVINO, lambda tmp: tmp.write_bytes(xml.read_bytes()),
+                                 artifacts=with_artifact(bundle.meta, INT8_OPENVINO, **entry))
+    return ExportResult(INT8_OPENVINO, path, time.perf_counter() - start, entry)
