@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .target_nifti import PREPROCESS_REFUSALS  # one list for every volume reader
+
 NAME = "dicom"
 INSTRUMENT = ("ubc", "pydicom")
 SEEDS = Path(__file__).resolve().parent / "corpus" / NAME
 REGRESSIONS = Path(__file__).resolve().parent / "regressions" / NAME
 SIZE = (32, 32)
-PREPROCESS_REFUSALS = ("NaN/Inf voxels", "no foreground", "foreground is constant",
-                       "unsupported volume dtype", "beyond the native core's limits")
 
 
 def prepare() -> Callable[[bytes], None]:
