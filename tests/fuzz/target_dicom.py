@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .target_nifti import PREPROCESS_REFUSALS  # one list for every volume reader
+from .target_nifti import check_slices  # one slice check for every volume reader
 
 NAME = "dicom"
 INSTRUMENT = ("ubc", "pydicom")
 SEEDS = Path(__file__).resolve().parent / "corpus" / NAME
 REGRESSIONS = Path(__file__).resolve().parent / "regressions" / NAME
-SIZE = (32, 32)
 
 
 def prepare() -> Callable[[bytes], None]:
@@ -36,7 +35,6 @@ def prepare() -> Callable[[bytes], None]:
     import logging
 
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    from ubc import preprocess
     from ubc.errors import UBCInputError
     from ubc.io.conformance import check_volume
     from ubc.io.dicom import is_dicom_file, load_series, read_header
@@ -66,13 +64,7 @@ def prepare() -> Callable[[bytes], None]:
         assert volume.data.ndim == 3 and min(volume.data.shape) > 0
         assert len(sources) == volume.data.shape[volume_axis(volume)]
         assert all(math.isfinite(s) and s > 0 for s in volume.spacing), volume.spacing
-        try:
-            out = preprocess.slices(volume.data, volume.spacing, size=SIZE, threads=1)
-        except (ValueError, TypeError) as exc:
-            if not any(words in str(exc) for words in PREPROCESS_REFUSALS):
-                raise
-            return
-        assert np.isfinite(out).all()
+        check_slices(volume)
 
     return one_input
 

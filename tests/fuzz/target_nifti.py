@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,6 @@ def prepare() -> Callable[[bytes], None]:
 
     # nibabel logs each header problem it fixes: noise at thousands of inputs per second.
     logging.getLogger("nibabel").setLevel(logging.ERROR)
-    from ubc import preprocess
     from ubc.errors import UBCInputError
     from ubc.io import load_volume
 
@@ -56,13 +56,21 @@ def prepare() -> Callable[[bytes], None]:
         assert volume.data.ndim == 3 and min(volume.data.shape) > 0, volume.data.shape
         assert all(math.isfinite(s) and s > 0 for s in volume.spacing), volume.spacing
         assert np.isfinite(volume.affine).all(), volume.affine
-        try:
-            out = preprocess.slices(volume.data, volume.spacing, size=SIZE, threads=1)
-        except (ValueError, TypeError) as exc:
-            if not any(words in str(exc) for words in PREPROCESS_REFUSALS):
-                raise
-            return
-        assert out.shape == (volume.data.shape[2], 1, *SIZE), out.shape
-        assert np.isfinite(out).all()
+        check_slices(volume)
 
     return one_input
+
+
+def check_slices(volume: Any) -> None:
+    """The volume's model slices are finite, or ``ubc.preprocess`` refuses it with one of
+    ``PREPROCESS_REFUSALS`` (shared by every volume reader's target)."""
+    from ubc import preprocess
+
+    try:
+        out = preprocess.slices(volume.data, volume.spacing, size=SIZE, threads=1)
+    except (ValueError, TypeError) as exc:
+        if not any(words in str(exc) for words in PREPROCESS_REFUSALS):
+            raise
+        return
+    assert out.shape == (volume.data.shape[2], 1, *SIZE), out.shape
+    assert np.isfinite(out).all()
