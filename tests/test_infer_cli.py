@@ -162,7 +162,7 @@ def test_demo_end_to_end_then_reuses_its_bundle(tmp_path: Path,
     from ubc.cli.demo import main as demo
 
     args = ["--workdir", str(tmp_path / "demo"), "--train-cases", "8", "--test-cases", "2",
-            "--shape", "64", "64", "24", "--epochs", "1"]
+            "--shape", "64", "64", "24", "--steps", "4"]
     assert demo(args) == 0
     first = capsys.readouterr().out
     assert "training a small UBC bundle" in first and "accuracy vs the phantoms' truth" in first

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ubc.io import load_volume
-from ubc.synth import SynthConfig, phantom, write_archive
+from ubc.synth import SynthConfig, _smooth_field, looks_hgg, phantom, write_archive
 
 SMALL = (64, 64, 24)
 
@@ -28,7 +28,8 @@ def test_phantom_is_a_skull_stripped_head_with_one_lesion(grade: int) -> None:
     lesion = seg > 0
     assert lesion.sum() > 50
     oedema = seg == 2
-    assert flair[oedema].mean() > 1.2 * flair[brain & ~lesion].mean()  # FLAIR-bright
+    # FLAIR-bright (an LGG border fades into the tissue, so its mean is only ~1.15-1.4x)
+    assert flair[oedema].mean() > 1.1 * flair[brain & ~lesion].mean()
 
 
 def test_grades_differ_in_structure_not_in_size() -> None:
@@ -52,6 +53,50 @@ def test_grades_differ_in_structure_not_in_size() -> None:
     assert lgg_codes[2] > 2 * lgg_codes[1]  # LGG: mostly oedema-like
     ratio = np.mean(areas[1]) / np.mean(areas[0])
     assert 0.65 < ratio < 1.35
+
+
+def test_smooth_fields_have_zero_mean() -> None:
+    """A field's mean is not a random gain: exp(bias * field) must not rescale a whole case."""
+    means = [float(_smooth_field(np.random.default_rng(i), (64, 64, 40), (3, 3, 3)).mean())
+             for i in range(50)]
+    assert max(abs(m) for m in means) < 0.1
+
+
+def test_nuisance_does_not_depend_on_the_grade() -> None:
+    """Unlabelled bright spots appear in both grades and the noise level varies per case."""
+    def spots_and_noise(grade: int, seed: int) -> tuple[int, float]:
+        config = SynthConfig(overlap=0, spots=3)
+        flair, seg, _ = phantom(seed, grade=grade, shape=(96, 96, 40), config=config)
+        bare, _, _ = phantom(seed, grade=grade, shape=(96, 96, 40),
+                             config=SynthConfig(overlap=0, spots=0))
+        changed = (flair != bare) & (seg == 0)
+        background = flair[(flair > 0) & (seg == 0)]
+        return int(changed.sum()), float(np.percentile(background, 75) - np.median(background))
+
+    for grade in (0, 1):
+        found = [spots_and_noise(grade, seed) for seed in range(8)]
+        assert sum(n > 0 for n, _ in found) >= 3  # spots in several cases of each grade
+    # the spots draw comes after the grade's lesion: with 0 spots the rest is identical
+    assert phantom(2, grade=1, shape=SMALL)[1].tolist() == \
+        phantom(2, grade=1, shape=SMALL, config=SynthConfig(spots=0))[1].tolist()
+
+
+def test_hgg_core_keeps_a_minimum_radius() -> None:
+    """The necrotic core (label 1) keeps a radius of about 2 pixels of 3 mm on its widest
+    slice in a BraTS-size head (min_core_mm = 6; the lobulated border costs up to ~10 %)."""
+    for seed in range(4):
+        _f, seg, _ = phantom(seed, grade=1, shape=(240, 240, 64), config=SynthConfig(overlap=0))
+        widest = max((seg[:, :, z] == 1).sum() for z in range(seg.shape[2]))
+        assert np.sqrt(widest / np.pi) >= 5.4, seed
+
+
+def test_appearance_is_known_and_overlaps_at_the_configured_rate() -> None:
+    config = SynthConfig(overlap=0.1)
+    flips = [looks_hgg(np.random.SeedSequence([0, i]), i % 2, config) != bool(i % 2)
+             for i in range(400)]
+    assert 0.06 < np.mean(flips) < 0.14
+    _f, seg, _ = phantom(3, grade=0, shape=SMALL, config=SynthConfig(overlap=1.0))
+    assert looks_hgg(3, 0, SynthConfig(overlap=1.0)) and (seg == 4).any()
 
 
 def test_every_phantom_has_a_lesion() -> None:

@@ -163,6 +163,61 @@ def test_deep_supervision_trains_and_leaves_a_plain_model() -> None:
     build_model("ubc-resnet34").load_state_dict(inference_state_dict(result.model))
 
 
+def test_a_step_budget_decays_every_tenth_and_reads_the_test_once() -> None:
+    config = TrainConfig(steps=10, eval_every=4, batch_size=4, lr=1e-3, size=(32, 32),
+                         threads=1)
+    result = fit(_tiny_set(size=32), config, val=_tiny_set(size=32), test=_tiny_set(size=32),
+                 progress=False)
+    assert [e.step for e in result.history] == [4, 8, 10]  # every 4 steps and the last one
+    assert [e.test is not None for e in result.history] == [False, False, True]
+    assert all(e.val is not None and "patient_auc" in e.val for e in result.history)
+    # decay x0.9 every step (10 % of 10); the lr logged is the one the last step used
+    assert [e.lr for e in result.history] == pytest.approx([1e-3 * 0.9 ** k for k in (3, 7, 9)])
+    assert result.epochs == 5  # 2 batches per pass over 8 slices
+
+
+def test_presets_count_steps_unless_epochs_are_asked_for() -> None:
+    quick = TrainConfig.preset("quick")
+    assert quick.steps == 500 and quick.lr == 1e-3 and quick.augment
+    assert TrainConfig.preset("quick", epochs=2).steps is None  # explicit epochs win
+    assert TrainConfig.preset("quick", epochs=2, steps=7).steps == 7
+    assert TrainConfig.preset("paper").steps is None and TrainConfig.preset("paper").lr == 2e-5
+
+
+def test_augmentation_moves_image_and_mask_together() -> None:
+    from ubc.training import _augment
+
+    data = _tiny_set(size=32)
+    images, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks).float()
+    out_images, out_masks = _augment(images, masks, torch.Generator().manual_seed(3))
+    assert not torch.equal(out_images, images)
+    for i in range(len(images)):  # the bright square is where the mask went
+        inside = out_images[i][out_masks[i] > 0]
+        outside = out_images[i][out_masks[i] == 0]
+        assert inside.max() > outside.max() + 0.5
+        assert int(out_masks[i].sum()) == int(masks[i].sum())  # flips and shifts keep area
+    again = _augment(images, masks, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], out_images)  # seeded
+
+
+def test_segment_first_and_sub_region_masks() -> None:
+    data = _tiny_set(size=32)
+    three = replace(data, masks=np.repeat(data.masks, 3, axis=1))
+    config = TrainConfig(steps=4, eval_every=2, batch_size=4, lr=1e-3, size=(32, 32),
+                         threads=1, segment_first=2, mask_channels=3)
+    result = fit(three, config, val=data, progress=False)
+    assert result.model.net.segmentation_head[0].out_channels == 3
+    assert result.history[-1].val is not None and result.history[-1].val["dice"] is not None
+    probs = predict(result.model, data.images)[1]
+    assert probs is not None and probs.shape == data.masks.shape  # the union of channels
+    with pytest.raises(ValueError, match="mask_channels"):
+        TrainConfig(arch="resnet34", mask_channels=3)
+    with pytest.raises(ValueError, match="union-mask"):
+        from ubc.training import train
+
+        train("unused", "unused", config)
+
+
 @pytest.fixture(scope="module")
 def cli_bundle(phantom_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ubc.cli.train import main
@@ -179,7 +234,10 @@ def test_cli_bundle_meta_and_files(cli_bundle: Path) -> None:
     assert meta["arch"] == "ubc-resnet34" and meta["class_names"] == ["LGG", "HGG"]
     assert meta["preprocessing"] == {"size": [64, 64], "target_spacing": [1.0, 1.0],
                                      "norm": "zscore"}
-    assert meta["lr"] == 2e-5 and meta["epochs"] == 1 and meta["top_k"] == 5
+    # the quick preset's recipe (train/results/lr.md); --epochs replaced its step budget
+    assert meta["lr"] == 1e-3 and meta["epochs"] == 1 and meta["top_k"] == 5
+    assert meta["training"]["config"]["steps"] is None
+    assert meta["training"]["config"]["augment"] is True
     assert meta["training"]["train"]["patients"] + meta["training"]["test"]["patients"] == 6
     assert 0.0 <= meta["metrics"]["test"]["accuracy"] <= 1.0
     for name in ("weights.pt", "train_log.jsonl", "curves.png"):
@@ -235,12 +293,22 @@ def test_sweep_smoke(tmp_path: Path) -> None:
     import sweep
 
     out = tmp_path / "results"
-    assert sweep.main(["--config", "smoke", "--archive", str(tmp_path / "arch"),
-                       "--out", str(out)]) == 0
+    assert sweep.main(["--config", "smoke", "--archives", str(tmp_path / "arch"),
+                       "--out", str(out), "--workers", "1"]) == 0
     with open(out / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["arch"], r["per_class"]) for r in rows} == {
-        (a, s) for a in ("resnet34", "ubc-resnet34") for s in ("1", "2")}
-    for name in ("sweep.md", "lr_selection.csv", "fig6_accuracy_vs_images_per_class.png",
-                 "fig7_accuracy_vs_dice.png", "command.txt"):
+    stages = {r["stage"] for r in rows}
+    assert stages == {"ceiling", "lr", "sweep", "extensions"}
+    # archs x (3 candidates x 3 seeds + the untrained control's one seed)
+    assert len([r for r in rows if r["stage"] == "lr"]) == 2 * (3 * 3 + 1)
+    assert len([r for r in rows if r["stage"] == "ceiling"]) == 3 * 3
+    sweep_rows = {(r["variant"], r["arch"], r["seed"]) for r in rows if r["stage"] == "sweep"}
+    assert len(sweep_rows) == 2 * 2 * 2  # protocols x archs x seeds
+    for name in ("sweep.md", "lr.md", "gates.md", "fig6_auc_accuracy_vs_size.png",
+                 "difference_vs_size.png", "curves.png", "fig7_accuracy_vs_dice.png"):
         assert (out / name).stat().st_size > 0
+    # resumable: a second run trains nothing and rewrites the same table
+    before = (out / "sweep.csv").read_text()
+    assert sweep.main(["--config", "smoke", "--archives", str(tmp_path / "arch"),
+                       "--out", str(out), "--workers", "1"]) == 0
+    assert (out / "sweep.csv").read_text() == before

@@ -29,6 +29,9 @@ __all__ = ["GRADES", "Case", "CaseSlices", "SliceSet", "case_slices", "discover"
            "split_cases", "subsample", "sample_slices"]
 
 UNLABELLED = -1
+# BraTS codes of the sub-region masks (``mask_channels=3``): necrotic / non-enhancing core,
+# enhancing rim, oedema. The union mask (one channel) is the paper's target.
+SUBREGION_CODES = (1, 4, 2)
 LESION_FREE_SUFFIX = "#lesion-free"  # pseudo-case of a patient's lesion-free slices
 
 
@@ -123,7 +126,8 @@ def _choose(case: Case, volume: Any, seg: Any, top_k: int | None
 
 
 def _preprocessed(case: Case, volume: Any, seg: Any, chosen: np.ndarray,
-                  preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray | None]:
+                  preprocessing: Preprocessing, mask_channels: int = 1
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
     from ubc import preprocess
 
     size, spacing = preprocessing.size, preprocessing.target_spacing
@@ -134,23 +138,30 @@ def _preprocessed(case: Case, volume: Any, seg: Any, chosen: np.ndarray,
         raise UBCInputError(f"{case.image}: cannot preprocess ({exc})") from exc
     masks = None
     if seg is not None:
-        masks = preprocess.mask_slices(seg.data, seg.spacing, size=size, target_spacing=spacing,
-                                       slice_indices=chosen)
+        codes = [None] if mask_channels == 1 else SUBREGION_CODES
+        masks = np.concatenate([preprocess.mask_slices(
+            seg.data if code is None else (seg.data == code).astype(np.uint8), seg.spacing,
+            size=size, target_spacing=spacing, slice_indices=chosen) for code in codes], axis=1)
     return images, masks
 
 
-def case_slices(case: Case, preprocessing: Preprocessing, *, top_k: int | None = 5
-              ) -> CaseSlices:
+def case_slices(case: Case, preprocessing: Preprocessing, *, top_k: int | None = 5,
+                mask_channels: int = 1) -> CaseSlices:
     """Load and preprocess one case: the ``top_k`` slices with the largest lesion area
     (``top_k=None``: every axial slice). A case without a mask gets the ``top_k`` slices with
-    the most brain (foreground) instead. Raises UBCInputError naming the file."""
+    the most brain (foreground) instead. ``mask_channels=3``: the masks are the sub-regions
+    of ``SUBREGION_CODES`` (core, rim, oedema), else the union. Raises UBCInputError naming
+    the file."""
+    if mask_channels not in (1, len(SUBREGION_CODES)):
+        raise ValueError(f"mask_channels must be 1 (union) or 3 (sub-regions), got {mask_channels}")
     volume, seg = _read(case)
     chosen, areas = _choose(case, volume, seg, top_k)
-    images, masks = _preprocessed(case, volume, seg, chosen, preprocessing)
+    images, masks = _preprocessed(case, volume, seg, chosen, preprocessing, mask_channels)
     return CaseSlices(case.case_id, case.label, images, masks, chosen, areas[chosen])
 
 
-def load_lesion_free(case: Case, preprocessing: Preprocessing, n: int) -> CaseSlices | None:
+def load_lesion_free(case: Case, preprocessing: Preprocessing, n: int, *,
+                     mask_channels: int = 1) -> CaseSlices | None:
     """Up to ``n`` brain slices of ``case`` with an empty lesion mask, evenly spaced along z,
     as a mask-only pseudo-case (id ``<case>#lesion-free``, no grade; summaries count it as
     the same patient). Trained on, they teach
@@ -169,21 +180,23 @@ def load_lesion_free(case: Case, preprocessing: Preprocessing, n: int) -> CaseSl
         return None
     picks = np.linspace(0, len(candidates) - 1, min(n, len(candidates))).round().astype(int)
     chosen = candidates[picks]
-    images, masks = _preprocessed(case, volume, seg, chosen, preprocessing)
+    images, masks = _preprocessed(case, volume, seg, chosen, preprocessing, mask_channels)
     return CaseSlices(case.case_id + LESION_FREE_SUFFIX, None, images, masks, chosen,
                       areas[chosen])
 
 
 def load_cases(cases: Iterable[Case], preprocessing: Preprocessing, *, top_k: int | None = 5,
-               lesion_free: int = 0, progress: bool = True) -> SliceSet:
+               lesion_free: int = 0, mask_channels: int = 1, progress: bool = True
+               ) -> SliceSet:
     """``case_slices`` for every case, stacked into one ``SliceSet``; with ``lesion_free`` > 0
     also ``load_lesion_free`` pseudo-cases (mask-only rows)."""
     from tqdm import tqdm
 
     loaded: list[CaseSlices] = []
     for case in tqdm(list(cases), desc="loading", unit="case", disable=not progress):
-        loaded.append(case_slices(case, preprocessing, top_k=top_k))
-        negatives = load_lesion_free(case, preprocessing, lesion_free) if lesion_free else None
+        loaded.append(case_slices(case, preprocessing, top_k=top_k, mask_channels=mask_channels))
+        negatives = load_lesion_free(case, preprocessing, lesion_free,
+                                     mask_channels=mask_channels) if lesion_free else None
         if negatives is not None:
             loaded.append(negatives)
     return stack(loaded)
@@ -194,8 +207,9 @@ def stack(loaded: Sequence[CaseSlices]) -> SliceSet:
     if not loaded:
         raise ValueError("no cases to stack")
     images = np.concatenate([c.images for c in loaded])
-    masks = np.concatenate([c.masks if c.masks is not None else np.zeros_like(c.images,
-                            dtype=np.uint8) for c in loaded])
+    channels = next((c.masks.shape[1] for c in loaded if c.masks is not None), 1)
+    masks = np.concatenate([c.masks if c.masks is not None else np.zeros(
+        (len(c.images), channels, *c.images.shape[2:]), np.uint8) for c in loaded])
     counts = [len(c.images) for c in loaded]
     labels = np.repeat([UNLABELLED if c.label is None else c.label for c in loaded], counts)
     has_mask = np.repeat([c.masks is not None for c in loaded], counts)

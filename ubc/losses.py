@@ -42,8 +42,12 @@ def soft_dice(probs: torch.Tensor, target: torch.Tensor, eps: float = DICE_EPS) 
 
 def soft_dice_loss(mask_logits: torch.Tensor, target: torch.Tensor,
                    has_mask: torch.Tensor | None = None, eps: float = DICE_EPS) -> torch.Tensor:
-    """Mean ``1 - soft_dice`` over the rows with a mask (0, with grad, if there are none)."""
-    loss = 1.0 - soft_dice(torch.sigmoid(mask_logits), target, eps)
+    """Mean ``1 - soft_dice`` over the rows with a mask (0, with grad, if there are none);
+    with several mask channels (sub-regions), Dice per channel, averaged over channels."""
+    rows, channels = mask_logits.shape[:2]
+    probs = torch.sigmoid(mask_logits).reshape(rows * channels, 1, *mask_logits.shape[2:])
+    per_channel = soft_dice(probs, target.reshape(probs.shape), eps).reshape(rows, channels)
+    loss = 1.0 - per_channel.mean(1)
     if has_mask is None:
         return loss.mean()
     weights = has_mask.to(loss.dtype)

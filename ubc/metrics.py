@@ -16,7 +16,8 @@ __all__ = ["Metrics", "wilson_interval", "roc_auc", "dice", "dice_scores", "eval
 class Metrics:
     """Test metrics. ``accuracy_ci``: 95% Wilson interval (low, high). ``dice``: mean Dice
     over slices with a mask (None for the baseline). ``confusion``: rows true, cols predicted
-    (LGG, HGG)."""
+    (LGG, HGG). ``patient_auc``: AUC of each patient's mean P(HGG) (the patients, not
+    their near-duplicate slices, are the independent samples)."""
 
     n_slices: int
     accuracy: float
@@ -26,6 +27,7 @@ class Metrics:
     auc: float
     dice: float | None
     confusion: tuple[tuple[int, int], tuple[int, int]]
+    patient_auc: float = float("nan")
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -87,7 +89,9 @@ def evaluate_predictions(p_hgg: np.ndarray, labels: np.ndarray, patient: np.ndar
     correct = int((pred == y).sum())
     confusion = tuple(tuple(int(((y == t) & (pred == q)).sum()) for q in (0, 1)) for t in (0, 1))
     patients = np.unique(pat)
-    patient_ok = [float(np.mean(p[pat == q]) >= 0.5) == float(y[pat == q][0]) for q in patients]
+    patient_p = np.array([np.mean(p[pat == q]) for q in patients])
+    patient_y = np.array([y[pat == q][0] for q in patients])
+    patient_ok = (patient_p >= 0.5) == patient_y.astype(bool)
     dice = None
     if mask_probs is not None and masks is not None:
         rows = has_mask if has_mask is not None else np.ones(len(masks), bool)
@@ -97,4 +101,5 @@ def evaluate_predictions(p_hgg: np.ndarray, labels: np.ndarray, patient: np.ndar
                    accuracy_ci=wilson_interval(correct, len(y)),
                    patient_accuracy=float(np.mean(patient_ok)) if patients.size else float("nan"),
                    n_patients=int(patients.size), auc=roc_auc(y, p), dice=dice,
-                   confusion=confusion)  # type: ignore[arg-type]
+                   confusion=confusion,  # type: ignore[arg-type]
+                   patient_auc=roc_auc(patient_y, patient_p) if patients.size else float("nan"))

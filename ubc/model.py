@@ -25,15 +25,17 @@ class UBC(nn.Module):
     ``deep_supervision=True`` adds a 1x1 mask head on each of the four coarser decoder
     outputs (training only: ``forward_aux`` returns their logits; ``forward`` and the
     exported graph are unchanged, and ``inference_state_dict`` drops the extra heads).
+    ``mask_channels=3``: sub-region masks (core, rim, oedema) as separate decoder channels,
+    a training experiment (bundles and engines hold the one-channel model).
     """
 
-    def __init__(self, deep_supervision: bool = False) -> None:
+    def __init__(self, deep_supervision: bool = False, mask_channels: int = 1) -> None:
         super().__init__()
         self.net = smp.Unet(
             "resnet34",
             encoder_weights=None,  # the paper trains from scratch; never touch a hub
             in_channels=1,
-            classes=1,
+            classes=mask_channels,
             aux_params={"classes": NUM_CLASSES},
         )
         self._taps: list[torch.Tensor] = []
@@ -41,7 +43,8 @@ class UBC(nn.Module):
         if deep_supervision:
             blocks = list(self.net.decoder.blocks)[:-1]
             self.aux_heads = nn.ModuleList(
-                nn.Conv2d(b.conv2[0].out_channels, 1, kernel_size=1) for b in blocks)
+                nn.Conv2d(b.conv2[0].out_channels, mask_channels, kernel_size=1)
+                for b in blocks)
             for block in blocks:
                 block.register_forward_hook(lambda _m, _i, out: self._taps.append(out))
 
@@ -77,13 +80,14 @@ class ResNet34Classifier(nn.Module):
         return self.head(self.encoder(x)[-1]), None
 
 
-def build_model(arch: str = "ubc-resnet34", *, deep_supervision: bool = False) -> nn.Module:
+def build_model(arch: str = "ubc-resnet34", *, deep_supervision: bool = False,
+                mask_channels: int = 1) -> nn.Module:
     """A randomly initialised model of the named architecture (``ARCHITECTURES``).
-    ``deep_supervision`` (UBC only) adds training-time mask heads; see ``UBC``."""
-    if deep_supervision and arch != "ubc-resnet34":
-        raise ValueError(f"deep supervision needs a decoder; {arch!r} has none")
+    ``deep_supervision`` and ``mask_channels`` (UBC only): see ``UBC``."""
+    if (deep_supervision or mask_channels != 1) and arch != "ubc-resnet34":
+        raise ValueError(f"deep supervision and mask channels need a decoder; {arch!r} has none")
     if arch == "ubc-resnet34":
-        return UBC(deep_supervision=deep_supervision)
+        return UBC(deep_supervision=deep_supervision, mask_channels=mask_channels)
     if arch == "resnet34":
         return ResNet34Classifier()
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")

@@ -5,6 +5,11 @@ cortical ribbon, two ventricles (dark on FLAIR), smooth tissue texture, a multip
 field, Rician noise and a random scanner gain; plus one lesion whose *grade shows in its
 structure*, not in its size (both grades draw the same size distribution):
 
+Nuisance is explicit and independent of the grade: a per-case noise level drawn from
+``SynthConfig.noise``, a smooth zero-mean bias field, a random scanner gain, and 0 to
+``SynthConfig.spots`` small unlabelled white-matter-hyperintensity-like spots in both grades
+(so "a bright blob exists" is no shortcut to either grade).
+
 - LGG-like: a diffuse, smooth, homogeneous hyperintensity with a blurred border, labelled
   mostly oedema (2) with a small non-enhancing core (1) of the same brightness.
 - HGG-like: an irregular, lobulated lesion with a heterogeneous necrotic core (1, darker),
@@ -44,7 +49,7 @@ import numpy as np
 
 from ubc.atomic import atomic_write_bytes
 
-__all__ = ["GRADES", "SynthConfig", "phantom", "phantom_affine", "write_archive",
+__all__ = ["GRADES", "SynthConfig", "phantom", "looks_hgg", "phantom_affine", "write_archive",
            "write_dicom_archive", "dicom_affine"]
 
 GRADES = ("LGG", "HGG")  # label 0, label 1
@@ -58,23 +63,29 @@ class SynthConfig:
 
     ``lesion_contrast``: oedema brightness above white matter. ``core_contrast``: how much
     darker the HGG necrotic core is than its oedema (0 makes the grade invisible).
-    ``irregularity``: lobulation amplitude of HGG borders. ``noise``: Rician sigma.
-    ``bias``: log-amplitude of the bias field. ``texture``: tissue texture amplitude.
-    ``overlap``: fraction of cases that look like the other grade.
+    ``irregularity``: lobulation amplitude of HGG borders. ``noise``: (min, max) of the
+    per-case Rician sigma. ``bias``: log-amplitude of the bias field. ``texture``: tissue
+    texture amplitude. ``overlap``: fraction of cases that look like the other grade (it
+    caps any classifier's accuracy, and a perfect score's AUC, at about ``1 - overlap``).
     ``lesion_radius``: (min, max) lesion radius as a fraction of the brain's x half-width.
     ``core_size``: radius of the HGG core + rim as a fraction of the lesion radius (the
-    necrotic core is 60 % of that).
+    necrotic core is 60 % of that). ``min_core_mm``: the necrotic core's radius is at least
+    this (6 mm = 2 pixels at the sweep's 3 mm), as long as the core stays inside the lesion.
+    ``spots``: at most this many unlabelled bright spots (``spot_radius_mm``) per case.
     """
 
     lesion_contrast: float = 0.55
-    core_contrast: float = 0.45
+    core_contrast: float = 0.6
     irregularity: float = 0.35
-    noise: float = 0.08
+    noise: tuple[float, float] = (0.05, 0.11)
     bias: float = 0.25
     texture: float = 0.08
     overlap: float = 0.1
     lesion_radius: tuple[float, float] = (0.22, 0.42)
     core_size: float = 0.6
+    min_core_mm: float = 6.0
+    spots: int = 3
+    spot_radius_mm: tuple[float, float] = (1.5, 3.5)
 
 
 def phantom_affine(shape: tuple[int, int, int]) -> np.ndarray:
@@ -107,8 +118,10 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int],
     small = np.tensordot(kx, coarse, axes=(1, 0))  # [X, gy, gz]
     small = np.tensordot(small, ky, axes=(1, 1)).transpose(0, 2, 1)  # [X, Y, gz]
     field = np.ascontiguousarray(small) @ kz.T  # [X, Y, Z], one BLAS call
-    spread = float(field[::3, ::3, ::3].std())  # a strided estimate is enough, and cheap
-    return field * np.float32(1.0 / max(spread, 1e-6))
+    sample = field[::3, ::3, ::3]  # a strided estimate is enough, and cheap
+    # zero mean: otherwise exp(bias * field) is a random global gain (SNR varying ~10x
+    # between cases) and a "bend" of a lesion border scales the whole lesion
+    return (field - np.float32(sample.mean())) * np.float32(1.0 / max(float(sample.std()), 1e-6))
 
 
 def _box(shape: tuple[int, int, int], centre: np.ndarray,
@@ -165,14 +178,14 @@ def _lesion_centre(rng: np.random.Generator, centre: np.ndarray, radii: np.ndarr
 
 
 def _lesion(rng: np.random.Generator, shape: tuple[int, int, int], centre: np.ndarray,
-            radii: np.ndarray, looks_hgg: bool,
+            radii: np.ndarray, hgg_look: bool,
             cfg: SynthConfig) -> tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray]:
     """(box, labels uint8 with BraTS codes 0/1/2/4, FLAIR intensity offset float32), the
     arrays covering only ``box`` of the volume (the lesion's neighbourhood)."""
     lesion_r = float(rng.uniform(*cfg.lesion_radius)) * float(radii[0])
     lc = _lesion_centre(rng, centre, radii, lesion_r)
     lr = lesion_r * rng.uniform(0.8, 1.2, 3).astype(np.float32)
-    if looks_hgg:  # a lobulated border adds area; shrink so both grades match in size
+    if hgg_look:  # a lobulated border adds area; shrink so both grades match in size
         lr *= np.float32(_HGG_SHRINK)
     box = _box(shape, lc, lr * (1.2 + 2 * cfg.irregularity))
     shape = _shape_of(box)
@@ -181,12 +194,15 @@ def _lesion(rng: np.random.Generator, shape: tuple[int, int, int], centre: np.nd
     # Both grades bend their border by the same amount (so sizes match); HGG borders bend at
     # a fine scale (lobulated, finger-like), LGG borders at a coarse one (smooth).
     fine = _bumps(shape, 10, 4)
-    scale, amount = (fine, cfg.irregularity) if looks_hgg else ((3, 3, 3), cfg.irregularity / 2)
+    scale, amount = (fine, cfg.irregularity) if hgg_look else ((3, 3, 3), cfg.irregularity / 2)
     # clipped: a rare extreme of the field would otherwise erase the lesion altogether
     bend = np.clip(_smooth_field(rng, shape, scale), -2.0, 2.0)
     d_edema = d - amount * bend
-    if looks_hgg:
-        d_core = d / cfg.core_size - 0.5 * cfg.irregularity * _smooth_field(rng, shape, fine)
+    if hgg_look:
+        # the core's radius (60 % of core_size) is at least min_core_mm, within 80 % of lr
+        core_size = min(max(cfg.core_size, cfg.min_core_mm / (0.6 * float(lr.min()))), 0.8)
+        d_core = d / core_size - 0.3 * cfg.irregularity * np.clip(
+            _smooth_field(rng, shape, fine), -1.5, 1.5)
         necro = d_core < 0.6
         rim = (d_core < 1.0) & ~necro
         edema = (d_edema < 1.0) & ~necro & ~rim
@@ -205,6 +221,32 @@ def _lesion(rng: np.random.Generator, shape: tuple[int, int, int], centre: np.nd
     return box, labels, offset.astype(np.float32)
 
 
+def _spots(rng: np.random.Generator, shape: tuple[int, int, int], brain: np.ndarray,
+           centre: np.ndarray, radii: np.ndarray, cfg: SynthConfig) -> np.ndarray:
+    """float32 intensity offset of 0..``cfg.spots`` small bright unlabelled white-matter
+    spots (grade-independent nuisance: a bright blob exists in both grades)."""
+    offset = np.zeros(shape, np.float32)
+    for _ in range(int(rng.integers(0, cfg.spots + 1))):
+        at = (centre + rng.uniform(-0.6, 0.6, 3) * radii).astype(np.float32)
+        r = np.full(3, rng.uniform(*cfg.spot_radius_mm), np.float32)
+        box = _box(shape, at, 2 * r)
+        d = _grid(_shape_of(box), at - _origin(box), r)
+        offset[box] += cfg.lesion_contrast * np.exp(-d ** 2)
+    return np.where(brain, offset, 0.0).astype(np.float32)
+
+
+def looks_hgg(seed: int | np.random.SeedSequence, grade: int,
+              config: SynthConfig | None = None) -> bool:
+    """Whether ``phantom(seed, grade=grade, config=config)`` has the HGG appearance (the
+    grade's own, except for the ``overlap`` fraction of cases)."""
+    cfg = config or SynthConfig()
+    return _looks_hgg(np.random.default_rng(seed), grade, cfg)
+
+
+def _looks_hgg(rng: np.random.Generator, grade: int, cfg: SynthConfig) -> bool:
+    return bool(grade) != bool(rng.random() < cfg.overlap)
+
+
 def phantom(seed: int | np.random.SeedSequence, *, grade: int,
             shape: tuple[int, int, int] = (240, 240, 155),
             config: SynthConfig | None = None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -219,16 +261,18 @@ def phantom(seed: int | np.random.SeedSequence, *, grade: int,
         raise ValueError(f"shape must be 3 sizes >= 8 voxels, got {shape}")
     cfg = config or SynthConfig()
     rng = np.random.default_rng(seed)
-    looks_hgg = bool(grade) != bool(rng.random() < cfg.overlap)
+    hgg_look = _looks_hgg(rng, grade, cfg)
     brain, tissue, centre, radii = _brain(rng, shape, cfg)
-    box, box_labels, offset = _lesion(rng, shape, centre, radii, looks_hgg, cfg)
+    box, box_labels, offset = _lesion(rng, shape, centre, radii, hgg_look, cfg)
     labels = np.zeros(shape, np.uint8)
     labels[box] = np.where(brain[box], box_labels, 0)
+    tissue += np.where(labels == 0, _spots(rng, shape, brain, centre, radii, cfg), 0.0)
     tissue[box] += offset
     signal = tissue * np.exp(cfg.bias * _smooth_field(rng, shape, (3, 3, 3)))
+    sigma = np.float32(rng.uniform(*cfg.noise))
     n1 = rng.standard_normal(shape, dtype=np.float32)
     n2 = rng.standard_normal(shape, dtype=np.float32)
-    signal = np.sqrt((signal + cfg.noise * n1) ** 2 + (cfg.noise * n2) ** 2)
+    signal = np.sqrt((signal + sigma * n1) ** 2 + (sigma * n2) ** 2)
     gain = float(rng.uniform(250.0, 900.0))
     flair = np.where(brain, np.clip(np.rint(signal * gain), 1, 32767), 0).astype(np.int16)
     return flair, labels, grade

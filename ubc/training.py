@@ -2,8 +2,11 @@
 
 Recipe: Adam, batch 50, lr x0.9 every 5 epochs, 200 epochs, random initialisation, no
 augmentation, L = a * CE + (1 - a) * SoftDice with a = 0.5 (CE alone for the baseline).
-``TrainConfig.preset`` names the configurations used in this repository ("paper", "quick",
-"sweep"); ``train`` runs the whole job from an archive to a bundle directory.
+A run can instead have a fixed budget of optimiser steps (``TrainConfig.steps``: decay x0.9
+every 10 % of the steps, validation every ``eval_every`` steps, the test read once at the
+final step), which is what a comparison across sample sizes needs. ``TrainConfig.preset``
+names the configurations used in this repository ("paper", "quick", "sweep"); ``train``
+runs the whole job from an archive to a bundle directory.
 """
 
 from __future__ import annotations
@@ -43,12 +46,18 @@ class TrainConfig:
     reads metrics at the plateau, averaged over 5 evaluations).
     ``lesion_free_per_case``: lesion-free brain slices per training case added as mask-only
     rows (``ubc.data.load_lesion_free``); 0 is the paper's protocol (top-k slices only).
+    ``steps``: a fixed optimiser-step budget instead of epochs (see the module docstring).
+    ``augment``: random flips, shifts of up to 1/16 of the slice, intensity scale and gamma
+    (the "regularised" protocol, with ``weight_decay``). ``segment_first``: steps trained on
+    the Dice term alone (a = 0) before the joint loss. ``mask_channels``: 1 (the union mask)
+    or 3 (core, rim, oedema as separate decoder channels; a training experiment: bundles
+    hold the union-mask model).
     """
 
     arch: str = "ubc-resnet34"
     epochs: int = 200
     batch_size: int = 50
-    lr: float = 2e-5  # the paper's "2 * 10^5": 2e-5 won on validation patients (train/README)
+    lr: float = 2e-5  # the paper's "2 * 10^5"; untrained at CPU budgets (train/results/lr.md)
     lr_decay: float = 0.9
     lr_step: int = 5
     alpha: float = 0.5
@@ -66,6 +75,12 @@ class TrainConfig:
     lesion_free_per_case: int = 0
     test_fraction: float = 0.5
     split_seed: int = 0
+    steps: int | None = None
+    eval_every: int = 25
+    augment: bool = False
+    weight_decay: float = 0.0
+    segment_first: int = 0
+    mask_channels: int = 1
 
     def __post_init__(self) -> None:
         from ubc.model import ARCHITECTURES
@@ -82,6 +97,14 @@ class TrainConfig:
                              f"lr_step >= 1 are required; got {self}")
         if self.per_class is not None and self.per_class < 1:
             raise ValueError(f"per_class must be >= 1, got {self.per_class}")
+        if (self.steps is not None and self.steps < 1) or self.eval_every < 1 \
+                or self.weight_decay < 0 or self.segment_first < 0:
+            raise ValueError("steps and eval_every >= 1, weight_decay and segment_first >= 0 "
+                             f"are required; got {self}")
+        if self.mask_channels not in (1, 3) or (self.mask_channels == 3
+                                                 and self.arch != "ubc-resnet34"):
+            raise ValueError("mask_channels is 1 or 3 (sub-regions, ubc-resnet34 only), got "
+                             f"{self.mask_channels} for {self.arch}")
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -89,28 +112,34 @@ class TrainConfig:
 
     @staticmethod
     def preset(name: str, **overrides: Any) -> TrainConfig:
-        """"paper": the paper's recipe at 224x224 (a GPU job). "sweep": the reduced CPU
-        sweep (64x64 at 3 mm: a 240 mm field of view). "quick": a demo bundle in minutes on a
-        CPU (64x64 at 2 mm: a 128 mm field of view, for phantoms of about 160x160 voxels)."""
+        """"paper": the paper's recipe at 224x224 (a GPU job). "sweep": the CPU sweep's
+        recipe (64x64 at 3 mm: a 192 mm field of view, 150 steps at batch 16). "quick": a
+        demo bundle in minutes on a CPU (64x64 at 2 mm: a 128 mm field of view, for
+        phantoms of about 160x160 voxels; 500 steps, regularised)."""
         presets = {
             "paper": TrainConfig(),
-            "sweep": TrainConfig(epochs=10, lr_step=1, min_steps=60, plateau_evals=3,
-                                 size=(64, 64), target_spacing=(3.0, 3.0), threads=1),
-            # lesion-free rows: held-out phantoms scored by ubc-infer went from 6/16 to 9/16
-            # correct with 6 per case (the segmenter stops marking healthy slices, so the
-            # top-k slices are the lesion's); 3 keeps the demo's training under 5 minutes
-            "quick": TrainConfig(epochs=12, batch_size=16, lr_step=1, plateau_evals=1,
-                                 size=(64, 64), target_spacing=(2.0, 2.0),
-                                 lesion_free_per_case=3),
+            # train/sweep.py's CPU recipe: a fixed step budget for every sample size
+            "sweep": TrainConfig(steps=150, batch_size=16, eval_every=25, size=(64, 64),
+                                 target_spacing=(3.0, 3.0), threads=1),
+            # the sweep's recipe (train/results: lr 1e-3 and the regularised protocol are
+            # what the classifier needs to learn at all) at 500 steps; lesion-free rows
+            # teach the segmenter that healthy slices are not lesion (scoring ranks every
+            # slice by predicted lesion area)
+            "quick": TrainConfig(steps=500, batch_size=16, eval_every=50, lr=1e-3,
+                                 size=(64, 64), target_spacing=(2.0, 2.0), augment=True,
+                                 weight_decay=1e-4, lesion_free_per_case=3),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+        if "epochs" in overrides:  # asking for epochs replaces a preset's step budget
+            overrides.setdefault("steps", None)
         return replace(presets[name], **overrides)
 
 
 @dataclass(frozen=True)
 class EpochLog:
-    """One line of the per-epoch log (losses are means over the epoch's batches)."""
+    """One line of the training log, written at each evaluation point (every epoch, or every
+    ``eval_every`` steps); losses are means over the batches since the previous line."""
 
     epoch: int
     lr: float
@@ -121,6 +150,7 @@ class EpochLog:
     seconds: float
     val: dict[str, Any] | None = None
     test: dict[str, Any] | None = None
+    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,22 +210,51 @@ def _to_tensors(data: SliceSet, rows: np.ndarray, device: torch.device
             torch.from_numpy(data.has_mask[rows]).to(device))
 
 
+def _augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "regularised" protocol's augmentation, one draw per row shared by image and mask:
+    flips along both axes, a shift of up to 1/16 of the slice height along each axis (the
+    margin is background), intensity x U(0.9, 1.1) and a gamma of U(0.8, 1.25) on |x|
+    (z-scored slices are signed)."""
+    rows, height = images.shape[0], images.shape[-2]
+    draws = torch.rand(rows, 4, generator=generator)
+    shifts = torch.randint(-(height // 16), height // 16 + 1, (rows, 2), generator=generator)
+    out_images, out_masks = [], []
+    for i in range(rows):
+        dims = [d for d, flip in ((-1, draws[i, 0] < 0.5), (-2, draws[i, 1] < 0.5)) if flip]
+        image, mask = images[i], masks[i]
+        if dims:
+            image, mask = image.flip(dims), mask.flip(dims)
+        shift = (int(shifts[i, 0]), int(shifts[i, 1]))
+        image, mask = image.roll(shift, (-2, -1)), mask.roll(shift, (-2, -1))
+        gamma = float(0.8 ** (1 - 2 * draws[i, 3])) ** -1  # log-uniform in [0.8, 1.25]
+        scale = 0.9 + 0.2 * float(draws[i, 2])
+        out_images.append(scale * image.sign() * image.abs().pow(gamma))
+        out_masks.append(mask)
+    return torch.stack(out_images), torch.stack(out_masks)
+
+
 def _step(model: torch.nn.Module, optimiser: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
-          config: TrainConfig) -> tuple[float, float, float, int]:
-    """One optimiser step; returns (loss, ce, dice loss, correct labelled predictions)."""
+          config: TrainConfig, alpha: float, generator: torch.Generator | None
+          ) -> np.ndarray:
+    """One optimiser step; returns [loss, ce, dice loss, correct labelled predictions,
+    labelled rows]."""
     images, labels, masks, has_mask = batch
+    if generator is not None:
+        images, masks = _augment(images, masks, generator)
     if config.deep_supervision:
         class_logits, mask_logits, aux = model.forward_aux(images)  # type: ignore[operator]
     else:
         (class_logits, mask_logits), aux = model(images), None
-    parts = ubc_loss(class_logits, mask_logits, labels, masks, has_mask, alpha=config.alpha,
+    parts = ubc_loss(class_logits, mask_logits, labels, masks, has_mask, alpha=alpha,
                      aux_mask_logits=aux)
     optimiser.zero_grad(set_to_none=True)
     parts.total.backward()
     optimiser.step()
     known = labels >= 0
     correct = int((class_logits.detach().argmax(1)[known] == labels[known]).sum())
-    return float(parts.total.detach()), parts.ce, parts.dice, correct
+    return np.array([float(parts.total.detach()), parts.ce, parts.dice, correct,
+                     int(known.sum())])
 
 
 @torch.no_grad()
@@ -209,8 +268,8 @@ def predict(model: torch.nn.Module, images: np.ndarray, *, device: torch.device 
     for i in range(0, len(images), batch_size):
         class_logits, mask_logits = model(torch.from_numpy(images[i:i + batch_size]).to(device))
         probs.append(p_hgg_of(class_logits.float().cpu().numpy(), GRADES.index("HGG")))
-        if mask_logits is not None:
-            masks.append(torch.sigmoid(mask_logits.float()).cpu().numpy())
+        if mask_logits is not None:  # sub-region channels: their union, as the mask
+            masks.append(torch.sigmoid(mask_logits.float()).amax(1, keepdim=True).cpu().numpy())
     model.train(was_training)
     return (np.concatenate(probs).astype(np.float64),
             np.concatenate(masks) if masks else None)
@@ -223,12 +282,17 @@ def evaluate(model: torch.nn.Module, data: SliceSet, *, batch_size: int = 64) ->
                                 data.has_mask)
 
 
-def _schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
-    """(epochs, lr_step) with the ``min_steps`` stretch applied."""
-    if steps_per_epoch * config.epochs >= config.min_steps:
-        return config.epochs, config.lr_step
-    factor = math.ceil(config.min_steps / (steps_per_epoch * config.epochs))
-    return config.epochs * factor, config.lr_step * factor
+def _schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]:
+    """(optimiser steps, lr decay every this many steps, evaluation every this many steps):
+    the fixed budget of ``config.steps``, or epochs with the ``min_steps`` stretch applied
+    (evaluation once per epoch)."""
+    if config.steps is not None:
+        return config.steps, max(1, config.steps // 10), config.eval_every
+    epochs, lr_step = config.epochs, config.lr_step
+    if steps_per_epoch * epochs < config.min_steps:
+        factor = math.ceil(config.min_steps / (steps_per_epoch * epochs))
+        epochs, lr_step = epochs * factor, lr_step * factor
+    return epochs * steps_per_epoch, lr_step * steps_per_epoch, steps_per_epoch
 
 
 def _plateau(logs: list[EpochLog]) -> dict[str, Any] | None:
@@ -250,19 +314,20 @@ def _plateau(logs: list[EpochLog]) -> dict[str, Any] | None:
     return out
 
 
-def _epoch_line(epoch: int, lr: float, sums: np.ndarray, n_batches: int, n_labelled: int,
-                seconds: float) -> EpochLog:
-    return EpochLog(epoch=epoch, lr=lr, loss=float(sums[0] / n_batches),
+def _log_line(epoch: int, step: int, lr: float, sums: np.ndarray, n_batches: int,
+              seconds: float) -> EpochLog:
+    return EpochLog(epoch=epoch, step=step, lr=lr, loss=float(sums[0] / n_batches),
                     ce=float(sums[1] / n_batches), dice_loss=float(sums[2] / n_batches),
-                    train_accuracy=float(sums[3] / max(n_labelled, 1)), seconds=seconds)
+                    train_accuracy=float(sums[3] / max(sums[4], 1)), seconds=seconds)
 
 
 def fit(train_set: SliceSet, config: TrainConfig, *, val: SliceSet | None = None,
         test: SliceSet | None = None, log_path: str | os.PathLike[str] | None = None,
         progress: bool = True) -> FitResult:
-    """Train a fresh model on ``train_set``; ``val`` is evaluated every epoch (for choices
-    such as the learning rate), ``test`` only over the last ``plateau_evals`` epochs (the
-    reported numbers). Seeded: the same config and data give the same weights on a CPU."""
+    """Train a fresh model on ``train_set``; ``val`` is evaluated at every evaluation point
+    (for choices such as the learning rate), ``test`` only at the last ``plateau_evals`` of
+    them (one, the final step, with a ``steps`` budget): the reported numbers. Seeded: the
+    same config and data give the same weights on a CPU."""
     from tqdm import tqdm
 
     set_threads(config.threads)
@@ -271,39 +336,50 @@ def fit(train_set: SliceSet, config: TrainConfig, *, val: SliceSet | None = None
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = build_model(config.arch, deep_supervision=config.deep_supervision).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed) if config.augment else None
+    model = build_model(config.arch, deep_supervision=config.deep_supervision,
+                        mask_channels=config.mask_channels).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr,
+                                 weight_decay=config.weight_decay)
     steps_per_epoch = len(_batches(len(train_set), config.batch_size, rng))
-    epochs, lr_step = _schedule(config, steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, lr_step, gamma=config.lr_decay)
+    total, decay_every, eval_every = _schedule(config, steps_per_epoch)
+    evals = sorted({*range(eval_every, total + 1, eval_every), total})
+    test_from = evals[-(1 if config.steps is not None else config.plateau_evals):][0]
+    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, decay_every, gamma=config.lr_decay)
     log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed in finally
     history: list[EpochLog] = []
-    bar = tqdm(range(1, epochs + 1), desc=config.arch, unit="epoch", disable=not progress)
+    queue: list[np.ndarray] = []
+    epoch, n_batches, sums, start = 0, 0, np.zeros(5), time.perf_counter()
+    bar = tqdm(range(1, total + 1), desc=config.arch, unit="step", disable=not progress)
     try:
-        for epoch in bar:
-            start, sums = time.perf_counter(), np.zeros(4)
-            model.train()
-            batches = _batches(len(train_set), config.batch_size, rng)
-            for rows in batches:
-                sums += _step(model, optimiser, _to_tensors(train_set, rows, device), config)
+        model.train()
+        for step in bar:
+            if not queue:
+                queue, epoch = _batches(len(train_set), config.batch_size, rng), epoch + 1
+            alpha = 0.0 if step <= config.segment_first else config.alpha
+            sums += _step(model, optimiser, _to_tensors(train_set, queue.pop(0), device),
+                          config, alpha, generator)
+            n_batches += 1
             lr = optimiser.param_groups[0]["lr"]
             scheduler.step()
-            entry = _epoch_line(epoch, lr, sums, len(batches),
-                                int((train_set.labels >= 0).sum()), time.perf_counter() - start)
+            if step not in evals:
+                continue
+            entry = _log_line(epoch, step, lr, sums, n_batches, time.perf_counter() - start)
             val_m = evaluate(model, val).to_json() if val is not None else None
-            test_m = (evaluate(model, test).to_json()
-                      if test is not None and epoch > epochs - config.plateau_evals else None)
+            test_m = evaluate(model, test).to_json() \
+                if test is not None and step >= test_from else None
             entry = replace(entry, val=val_m, test=test_m)
             history.append(entry)
             if log:
                 log.write(json.dumps(asdict(entry)) + "\n")
                 log.flush()
             bar.set_postfix(_postfix(entry))
+            n_batches, sums, start = 0, np.zeros(5), time.perf_counter()
     finally:
         if log:
             log.close()
-    seconds = float(np.mean([e.seconds for e in history]))
-    return FitResult(model.eval(), history, _plateau(history), epochs, seconds)
+    seconds = float(sum(e.seconds for e in history)) / max(epoch, 1)
+    return FitResult(model.eval(), history, _plateau(history), epoch, seconds)
 
 
 def _postfix(entry: EpochLog) -> dict[str, str]:
@@ -343,6 +419,9 @@ def train(data: str | os.PathLike[str], out: str | os.PathLike[str],
     top-k lesion slices, optionally subsample ``per_class``, train, evaluate on the test
     split and write the bundle at ``out`` (weights, meta.json, per-epoch log, curves PNG)."""
     config = config or TrainConfig()
+    if config.mask_channels != 1:
+        raise ValueError("a bundle holds the union-mask model (mask_channels=1); sub-region "
+                         "masks are a training experiment of fit() (train/sweep.py)")
     train_set, test_set = _load_split(data, config, labels, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

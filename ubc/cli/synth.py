@@ -1,7 +1,7 @@
 """``ubc-synth``: write a BraTS-layout archive of synthetic phantoms (FLAIR + seg + labels),
 or (``--format dicom``) the same phantoms as DICOM studies (FLAIR + a decoy T1 series).
 
-    ubc-synth OUT_DIR --cases 152 --seed 0 [--shape 240 240 155] [--core-contrast 0.45] ...
+    ubc-synth OUT_DIR --cases 152 --seed 0 [--shape 240 240 155] [--core-contrast 0.6] ...
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ def _parser() -> argparse.ArgumentParser:
                         "with a FLAIR and a decoy T1 series (pip install ubc[dicom])")
     knobs = parser.add_argument_group("difficulty knobs (see ubc.synth.SynthConfig)")
     for f in fields(SynthConfig):
-        if f.name == "lesion_radius":
-            knobs.add_argument("--lesion-radius", type=float, nargs=2, default=f.default,
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, tuple):
+            knobs.add_argument(flag, type=float, nargs=2, default=f.default,
                                metavar=("MIN", "MAX"))
         else:
-            knobs.add_argument("--" + f.name.replace("_", "-"), type=float, default=f.default)
+            knobs.add_argument(flag, type=type(f.default), default=f.default)
     return parser
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ubc-synth: --cases must be at least 1", file=sys.stderr)
         return 2
     knobs: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(SynthConfig)}
-    knobs["lesion_radius"] = tuple(knobs["lesion_radius"])
+    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
     config = SynthConfig(**knobs)
     start = time.perf_counter()
     writer = write_dicom_archive if args.format == "dicom" else write_archive

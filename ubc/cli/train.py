@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="paper", help="paper | sweep | quick: defaults that "
                    "the other options override (default: paper)")
     p.add_argument("--arch", choices=ARCHITECTURES)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="train for epochs (replaces a preset's --steps)")
+    p.add_argument("--steps", type=int, help="a fixed optimiser-step budget (lr x0.9 every "
+                   "10 %% of it)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="Adam learning rate (x0.9 every --lr-step epochs)")
     p.add_argument("--lr-step", type=int)
@@ -45,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_FIELDS = {"arch": "arch", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-           "lr_step": "lr_step", "per_class": "per_class", "alpha": "alpha",
+_FIELDS = {"arch": "arch", "epochs": "epochs", "steps": "steps", "batch_size": "batch_size",
+           "lr": "lr", "lr_step": "lr_step", "per_class": "per_class", "alpha": "alpha",
            "deep_supervision": "deep_supervision", "min_steps": "min_steps",
            "test_fraction": "test_fraction", "seed": "seed", "device": "device",
            "threads": "threads"}
