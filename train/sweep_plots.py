@@ -13,6 +13,14 @@ STYLE = {"resnet34": ("tab:blue", "ResNet34"), "ubc-resnet34": ("tab:red", "UBC-
 LINES = {"paper": "-", "regularised": "--"}
 
 
+def _save(fig: Any, path: Path, title: str | None = None) -> None:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def _series(runs: list[dict[str, Any]], arch: str, variant: str, metric: str
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sizes, mean, SD over seeds) of ``metric``."""
@@ -49,10 +57,7 @@ def figure6(runs: list[dict[str, Any]], gates: dict[str, Any], path: Path) -> No
         ax.set_ylabel(name)
         ax.set_ylim(0.3, 1.0)
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Test patients vs training size (mean ± SD over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, "Test patients vs training size (mean ± SD over seeds)")
 
 
 def difference(runs: list[dict[str, Any]], path: Path) -> None:
@@ -81,10 +86,7 @@ def difference(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("labelled images per class")
         ax.set_ylabel(f"UBC - ResNet34, patient {name}")
         ax.legend(fontsize=8)
-    fig.suptitle("Paired difference by seed, 95 % t-interval")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, "Paired difference by seed, 95 % t-interval")
 
 
 def figure7(runs: list[dict[str, Any]], path: Path) -> None:
@@ -99,20 +101,19 @@ def figure7(runs: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("test Dice")
     ax.set_ylabel("test patient accuracy")
     ax.set_title("Every UBC run: accuracy vs Dice")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def curves(runs: list[dict[str, Any]], size: int, path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for r in runs:
-        if r["per_class"] != size or r["variant"] != "paper":
+        if r["per_class"] != size or r["variant"] not in LINES:
             continue
         colour, label = STYLE[r["arch"]]
         steps = [c["step"] for c in r["curve"]]
-        kw = {"color": colour, "alpha": 0.6, "label": label if r["seed"] == 0 else None}
+        kw = {"color": colour, "alpha": 0.6, "ls": LINES[r["variant"]],
+              "label": f"{label} ({r['variant']})" if r["seed"] == 0 else None}
         axes[0].plot(steps, [c["ce"] for c in r["curve"]], **kw)
         if r["arch"] == "ubc-resnet34":
             axes[1].plot(steps, [c["dice_loss"] for c in r["curve"]], **kw)
@@ -123,10 +124,7 @@ def curves(runs: list[dict[str, Any]], size: int, path: Path) -> None:
         ax.set_title(title)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{size} images per class, every seed (when does memorisation start?)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, f"{size} images per class, every seed (when does memorisation start?)")
 
 
 def write_figures(out: Path, runs: dict[str, list[dict[str, Any]]], gates: dict[str, Any]
