@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 import sweep_report  # noqa: E402
 
 from ubc.data import SliceSet, discover, load_cases  # noqa: E402
-from ubc.synth import SynthConfig, looks_hgg, write_archive  # noqa: E402
+from ubc.synth import SynthConfig, case_looks_hgg, write_archive  # noqa: E402
 from ubc.training import TrainConfig  # noqa: E402
 
 ARCHS = ("resnet34", "ubc-resnet34")
@@ -96,9 +96,9 @@ def cache_path(out: Path, split: str) -> Path:
 
 def _appearance(case_ids: tuple[str, ...], labels: np.ndarray, patient: np.ndarray,
                 seed: int, config: SynthConfig) -> np.ndarray:
-    """Per slice: 1 where the phantom has the HGG appearance (see ``ubc.synth.looks_hgg``)."""
-    looks = [looks_hgg(np.random.SeedSequence([seed, int(c.rsplit("_", 1)[1])]),
-                       int(labels[patient == i][0]), config) for i, c in enumerate(case_ids)]
+    """Per slice: 1 where the phantom has the HGG appearance (``ubc.synth.case_looks_hgg``)."""
+    looks = [case_looks_hgg(c, int(labels[patient == i][0]), seed=seed, config=config)
+             for i, c in enumerate(case_ids)]
     return np.asarray(looks, np.int64)[patient]
 
 

@@ -49,8 +49,8 @@ import numpy as np
 
 from ubc.atomic import atomic_write_bytes
 
-__all__ = ["GRADES", "SynthConfig", "phantom", "looks_hgg", "phantom_affine", "write_archive",
-           "write_dicom_archive", "dicom_affine"]
+__all__ = ["GRADES", "SynthConfig", "phantom", "looks_hgg", "case_looks_hgg", "phantom_affine",
+           "write_archive", "write_dicom_archive", "dicom_affine"]
 
 GRADES = ("LGG", "HGG")  # label 0, label 1
 LABELS_FILE = "labels.csv"
@@ -243,6 +243,17 @@ def looks_hgg(seed: int | np.random.SeedSequence, grade: int,
     return _looks_hgg(np.random.default_rng(seed), grade, cfg)
 
 
+def case_looks_hgg(case_id: str, grade: int, *, seed: int,
+                   config: SynthConfig | None = None) -> bool:
+    """``looks_hgg`` of case ``case_id`` of ``write_archive(..., seed=seed, config=config)``."""
+    return looks_hgg(_case_seed(seed, int(case_id.rsplit("_", 1)[1])), grade, config)
+
+
+def _case_seed(seed: int, i: int) -> np.random.SeedSequence:
+    """The seed of case ``i`` of an archive: it depends only on (seed, i)."""
+    return np.random.SeedSequence([seed, i])
+
+
 def _looks_hgg(rng: np.random.Generator, grade: int, cfg: SynthConfig) -> bool:
     return bool(grade) != bool(rng.random() < cfg.overlap)
 
@@ -299,7 +310,7 @@ def _phantoms(cases: int, seed: int, shape: tuple[int, int, int], config: SynthC
 
         iterator = tqdm(iterator, desc="phantoms", unit=unit)
     for i in iterator:
-        flair, seg, grade = phantom(np.random.SeedSequence([seed, i]), grade=grades[i],
+        flair, seg, grade = phantom(_case_seed(seed, i), grade=grades[i],
                                     shape=shape, config=config)
         yield i, f"PH{seed:03d}_{i:04d}", flair, seg, grade
 

@@ -162,11 +162,10 @@ def _mask_figures(row: Any, masks: Path) -> tuple[float, float]:
 def _other_look(case_id: str, grade: str, seed: int) -> bool:
     """Whether held-out phantom ``case_id`` was drawn with the other grade's appearance
     (``SynthConfig.overlap``): no classifier can get such a case right."""
-    from ubc.synth import GRADES, looks_hgg
+    from ubc.synth import GRADES, case_looks_hgg
 
     hgg = GRADES.index(grade)
-    return looks_hgg(np.random.SeedSequence([seed, int(case_id.rsplit("_", 1)[1])]), hgg) \
-        != bool(hgg)
+    return case_looks_hgg(case_id, hgg, seed=seed) != bool(hgg)
 
 
 def report(archive: Path, out_dir: Path, seed: int | None = None) -> float:
