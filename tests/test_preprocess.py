@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -110,6 +112,71 @@ def test_slice_indices_select_the_same_slices():
     every = native.slices(volume, (1, 1, 1), size=(32, 32))
     some = native.slices(volume, (1, 1, 1), size=(32, 32), slice_indices=[7, 2, 2])
     np.testing.assert_array_equal(some, every[[7, 2, 2]])
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("size", [(64, 64), (32, 96)], ids=["aligned", "resampled"])
+def test_runs_of_slice_indices_in_any_order_select_the_same_slices(layout, size):
+    """Consecutive slices are read together (z-fastest volumes by runs of 16, the remainder
+    first): runs up and down, of every length around 16 and 32, repeats and singles."""
+    volume = layouts(random_volume((40, 41, 70), np.int16, np.random.default_rng(3)))[layout]
+    spacing = (1, 1, 1) if size == (64, 64) else (0.9, 1.0, 1.0)
+    every = native.slices(volume, spacing, size=size)
+    indices = [*range(0, 17), *range(40, 7, -1), 3, 3, 69, *range(35, 68), 50, *range(20, 36)]
+    for threads in (1, 3):
+        some = native.slices(volume, spacing, size=size, slice_indices=indices, threads=threads)
+        assert some.tobytes() == every[indices].tobytes()
+
+
+def exact_stats(volume: np.ndarray, norm: str) -> tuple[float, float]:
+    """(offset, scale) of an integer volume as the native core defines them: the z-score from
+    the exact count, sum and sum of squares of the foreground, the percentiles as NumPy's
+    linear ones, low + (high - low) * fraction, evaluated in double precision."""
+    if norm == "none":
+        return 0.0, 1.0
+    foreground = np.sort(volume[volume != 0].astype(np.int64))
+    n = foreground.size
+    if norm == "zscore":
+        total, squares = int(foreground.sum()), int((foreground * foreground).sum())
+        variance = float(n * squares - total * total) / (float(n) * float(n))
+        return total / n, 1.0 / math.sqrt(variance)  # int / int rounds once, as the core does
+
+    def percentile(q: float) -> float:
+        position = q * (n - 1)
+        rank = math.floor(position)
+        low = float(foreground[rank])
+        high = float(foreground[rank + 1]) if rank + 1 < n else low
+        return low + (high - low) * (position - rank)
+
+    low, high = percentile(0.005), percentile(0.995)
+    return low, 1.0 / (high - low)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("norm", ["zscore", "percentile", "none"])
+def test_every_8_and_16_bit_value_normalises_to_the_exact_float(dtype, norm):
+    """Every representable voxel value, in every layout, on 1 and 3 threads, cropped or padded,
+    becomes exactly float32((v - offset) * scale) computed in double precision (clipped to
+    [0, 1] for percentile), and 0 stays 0: vectorised, the normalisation keeps every bit."""
+    info = np.iinfo(dtype)
+    values = np.arange(int(info.min), int(info.max) + 1).astype(dtype)
+    volume = np.random.default_rng(13).permutation(np.resize(values, 64 * 64 * 16))
+    volume = volume.reshape(64, 64, 16)
+    offset, scale = exact_stats(volume, norm)
+    normalised = (volume.astype(np.float64) - offset) * scale
+    if norm == "percentile":
+        normalised = np.clip(normalised, 0.0, 1.0)
+    want = np.where(volume == 0, 0.0, normalised).astype(np.float32).transpose(2, 0, 1)[:, None]
+    padded = np.zeros((16, 1, 96, 32), np.float32)  # x padded by 16 each side, y cropped by 16
+    padded[:, :, 16:80] = want[..., 16:48]
+    variants = {**layouts(volume),
+                "y fastest": np.ascontiguousarray(volume.transpose(2, 0, 1)).transpose(1, 2, 0)}
+    for layout, v in variants.items():
+        for threads in (1, 3):
+            for size, expected in (((64, 64), want), ((96, 32), padded)):
+                got = native.slices(v, (1, 1, 1), size=size, norm=norm, threads=threads)
+                assert got.view(np.uint32).tobytes() == expected.view(np.uint32).tobytes(), \
+                    (layout, threads, size)
 
 
 def test_out_buffer_is_filled_and_returned():

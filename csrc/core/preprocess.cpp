@@ -1,6 +1,7 @@
 #include "preprocess.hpp"
 
 #include "checks.hpp"
+#include "kernels.hpp"
 #include "resample.hpp"
 #include "wide_int.hpp"
 
@@ -24,6 +25,9 @@ using detail::check_indices;
 using detail::check_spacing;
 using detail::check_volume;
 using detail::checked_product;
+using detail::Affine;
+using detail::IntMoments;
+using detail::normalise_value;
 using detail::PlaneResampler;
 using detail::Taps;
 
@@ -214,10 +218,62 @@ NormStats finish_stats(Norm norm, int64_t count, double mean, double variance, d
     return stats;
 }
 
-// 8/16-bit integers: one pass building a histogram per thread (exact integer counts, so the
-// merge order cannot change the result); moments and percentiles are read off it exactly.
+// 8/16-bit integers, z-score: exact count, sum and sum of squares of the foreground (so the
+// order in which threads add them up cannot change the result), in one vectorised pass.
 template <typename T>
-NormStats histogram_stats(const VolumeView& v, Norm norm, int threads) {
+IntMoments int_moments(const VolumeView& v, int threads) {
+    const std::array<size_t, 3> order = memory_order(v);  // order is irrelevant to sums
+    const size_t outer = order[0], middle = order[1], inner = order[2];
+    const int64_t n_mid = v.shape[middle], n_in = v.shape[inner];
+    const int64_t s_mid = v.strides[middle], s_in = v.strides[inner];
+    // Rows of unit stride are read as contiguous runs (from their lowest address), and a plane
+    // of such rows one after the other as one run.
+    const bool unit = std::llabs(s_in) == 1;
+    const bool dense_plane = unit && std::llabs(s_mid) == n_in;
+    IntMoments total;
+    std::mutex merge;
+    parallel_for(v.shape[outer], threads, [&](int64_t begin, int64_t end) {
+        IntMoments m;
+        for (int64_t i = begin; i < end; ++i) {
+            const T* plane = static_cast<const T*>(v.data) + i * v.strides[outer];
+            if (dense_plane) {
+                const T* first = plane + std::min<int64_t>(0, (n_mid - 1) * s_mid) +
+                                 std::min<int64_t>(0, (n_in - 1) * s_in);
+                detail::add_moments(first, n_mid * n_in, m);
+                continue;
+            }
+            for (int64_t j = 0; j < n_mid; ++j) {
+                const T* row = plane + j * s_mid;
+                if (unit) {
+                    detail::add_moments(s_in == 1 ? row : row - (n_in - 1), n_in, m);
+                } else {
+                    for (int64_t k = 0; k < n_in; ++k) detail::add_moments(row + k * s_in, 1, m);
+                }
+            }
+        }
+        std::lock_guard<std::mutex> lock(merge);
+        total.count += m.count;
+        total.sum += m.sum;
+        total.sum_sq += m.sum_sq;
+    });
+    return total;
+}
+
+NormStats zscore_stats(const IntMoments& m) {
+    if (m.count == 0) return finish_stats(Norm::zscore, 0, 0.0, 0.0, 0.0, 0.0);
+    const double n = static_cast<double>(m.count);
+    const double mean = static_cast<double>(m.sum) / n;
+    const auto abs_sum = static_cast<uint64_t>(m.sum < 0 ? -m.sum : m.sum);
+    const detail::U128 numerator = detail::subtract(
+        detail::multiply(m.sum_sq, static_cast<uint64_t>(m.count)), detail::multiply(abs_sum, abs_sum));
+    const double variance = detail::to_double(numerator) / (n * n);
+    return finish_stats(Norm::zscore, m.count, mean, variance, 0.0, 0.0);
+}
+
+// 8/16-bit integers, percentiles: one pass building a histogram per thread (exact integer
+// counts, so the merge order cannot change the result); percentiles are read off it exactly.
+template <typename T>
+NormStats percentile_stats(const VolumeView& v, int threads) {
     constexpr int64_t kOffset = -static_cast<int64_t>(std::numeric_limits<T>::min());
     constexpr size_t kBins = size_t{1} << (8 * sizeof(T));
     std::vector<std::vector<int64_t>> partial;
@@ -246,22 +302,9 @@ NormStats histogram_stats(const VolumeView& v, Norm norm, int threads) {
     std::vector<int64_t> hist(kBins, 0);
     for (const auto& h : partial)
         for (size_t b = 0; b < kBins; ++b) hist[b] += h[b];
-    // Exact sums: |v| <= 2^16 and count <= kMaxVoxels = 2^30, so sum fits 47 bits, sum_sq 62.
-    int64_t count = 0, sum = 0;
-    uint64_t sum_sq = 0;
-    for (size_t b = 0; b < kBins; ++b) {
-        const int64_t value = static_cast<int64_t>(b) - kOffset;
-        count += hist[b];
-        sum += value * hist[b];
-        sum_sq += static_cast<uint64_t>(value * value) * static_cast<uint64_t>(hist[b]);
-    }
-    if (count == 0 || norm == Norm::none) return finish_stats(norm, count, 0.0, 0.0, 0.0, 0.0);
-    const double n = static_cast<double>(count);
-    const double mean = static_cast<double>(sum) / n;
-    const auto abs_sum = static_cast<uint64_t>(sum < 0 ? -sum : sum);
-    const detail::U128 numerator = detail::subtract(
-        detail::multiply(sum_sq, static_cast<uint64_t>(count)), detail::multiply(abs_sum, abs_sum));
-    const double variance = detail::to_double(numerator) / (n * n);
+    int64_t count = 0;
+    for (size_t b = 0; b < kBins; ++b) count += hist[b];
+    if (count == 0) return finish_stats(Norm::percentile, 0, 0.0, 0.0, 0.0, 0.0);
     // NumPy's linear percentile: the value of rank floor(q (n - 1)) and the next one.
     auto value_at_rank = [&](int64_t rank) {
         int64_t seen = 0;
@@ -278,9 +321,7 @@ NormStats histogram_stats(const VolumeView& v, Norm norm, int threads) {
         const double high = rank + 1 < count ? value_at_rank(rank + 1) : low;
         return low + (high - low) * (position - static_cast<double>(rank));
     };
-    const double low = norm == Norm::percentile ? percentile(0.005) : 0.0;
-    const double high = norm == Norm::percentile ? percentile(0.995) : 0.0;
-    return finish_stats(norm, count, mean, variance, low, high);
+    return finish_stats(Norm::percentile, count, 0.0, 0.0, percentile(0.005), percentile(0.995));
 }
 
 // Wider integers and floats: per-slice mean and squared deviations (two passes over a slice
@@ -309,66 +350,111 @@ template <typename T>
 NormStats typed_stats(const VolumeView& v, Norm norm, int threads) {
     if constexpr (kHistogrammable<T>) {
         if (norm == Norm::none) return {};
-        return histogram_stats<T>(v, norm, threads);
+        if (norm == Norm::zscore) return zscore_stats(int_moments<T>(v, threads));
+        return percentile_stats<T>(v, threads);
     } else {
         return moment_stats<T>(v, norm, threads);
     }
 }
 
-float normalise_value(double value, const NormStats& stats, bool clip) {
-    if (value == 0.0) return 0.0f;  // background stays exactly 0
-    double n = (value - stats.offset) * stats.scale;
-    if (clip) n = std::clamp(n, 0.0, 1.0);
-    return static_cast<float>(n);
+bool z_is_fastest(const VolumeView& v) {
+    const int64_t sz = std::llabs(v.strides[2]);
+    return sz < std::llabs(v.strides[0]) && sz < std::llabs(v.strides[1]);
 }
 
-// Maps a voxel value to its normalised float. 8/16-bit inputs go through a table of every
-// representable value (at most 256 KiB, built once per volume), so a voxel costs one lookup.
+// out[b * out_row + a] = in[a * in_row + b * step] for a < na, b < nb, by kTile x kTile tiles
+// (partial ones and steps other than +-1 element by element).
 template <typename T>
-class Normaliser {
-public:
-    Normaliser(const NormStats& stats, Norm norm) : stats_(stats), clip_(norm == Norm::percentile) {
-        if constexpr (kHistogrammable<T>) {
-            table_.resize(size_t{1} << (8 * sizeof(T)));
-            for (size_t b = 0; b < table_.size(); ++b)
-                table_[b] = normalise_value(static_cast<double>(static_cast<int64_t>(b) + kMin), stats_, clip_);
+void transpose(const T* in, int64_t na, int64_t nb, int64_t in_row, int64_t step, T* out,
+               int64_t out_row) {
+    constexpr int64_t kTile = detail::kTile;
+    const int64_t whole = std::llabs(step) == 1 ? na / kTile : 0;  // whole tiles along a
+    for (int64_t b0 = 0; b0 < nb; b0 += kTile) {
+        const int64_t nb1 = std::min(kTile, nb - b0);
+        const T* src = in + b0 * step;
+        T* dst = out + b0 * out_row;
+        int64_t a0 = 0;
+        if (nb1 == kTile && whole > 0) {
+            if (step == 1)
+                detail::transpose_tiles(src, in_row, whole, dst, out_row);
+            else  // read the runs forwards, and write the rows bottom up
+                detail::transpose_tiles(src - (kTile - 1), in_row, whole,
+                                        dst + (kTile - 1) * out_row, -out_row);
+            a0 = whole * kTile;
         }
+        for (int64_t b = 0; b < nb1; ++b)
+            for (int64_t a = a0; a < na; ++a) dst[b * out_row + a] = src[a * in_row + b * step];
     }
-    float operator()(T value) const {
-        if constexpr (kHistogrammable<T>)
-            return table_[static_cast<size_t>(static_cast<int64_t>(value) - kMin)];
-        else
-            return normalise_value(static_cast<double>(value), stats_, clip_);
-    }
+}
 
-private:
-    static constexpr int64_t kMin = static_cast<int64_t>(std::numeric_limits<T>::min());
-    NormStats stats_;
-    bool clip_;
-    std::vector<float> table_;
-};
-
-// Normalises slices indices[0..count) into zero-padded [nx + 2, ny + 2] buffers. When z is the
-// volume's fastest axis (a C-ordered (x, y, z) array, or a sagittal file reoriented), the block
-// is read along z so that each cache line is used once, not once per slice.
+// Normalises voxels (x0 + x, y0 + y), x < nx, y < ny, of slices indices[0..count) into
+// out[s * out_plane + x * out_row + y]. Rows along y are normalised in place when y is the
+// faster in-plane axis, else from a buffer that tiles transpose them into: blocks of rows of
+// a slice when x is fastest (Fortran order), and when z is (a C-ordered (x, y, z) array)
+// runs of up to kTile consecutive slices of a few rows, so that each cache line of the input
+// is read once and the output is written in runs of rows.
 template <typename T>
-void normalise_block(const VolumeView& v, const int64_t* indices, int64_t count,
-                     const Normaliser<T>& normalise, std::vector<float>& padded, int64_t row_len) {
-    const int64_t plane = (v.shape[0] + 2) * row_len;
-    const T* data = static_cast<const T*>(v.data);
-    if (count == 1) {
-        for_each_voxel<T>(v, indices[0], [&](int64_t x, int64_t y, T value) {
-            padded[static_cast<size_t>((x + 1) * row_len + (y + 1))] = normalise(value);
-        });
+void normalise_slices(const VolumeView& v, const int64_t* indices, int64_t count, int64_t x0,
+                      int64_t nx, int64_t y0, int64_t ny, float* out, int64_t out_plane,
+                      int64_t out_row, const Affine& f) {
+    constexpr int64_t kTile = detail::kTile;
+    const int64_t sx = v.strides[0], sy = v.strides[1], sz = v.strides[2];
+    const T* data = static_cast<const T*>(v.data) + x0 * sx + y0 * sy;
+    const bool z_fast = z_is_fastest(v);
+    if (!z_fast && std::llabs(sy) <= std::llabs(sx)) {
+        for (int64_t s = 0; s < count; ++s)
+            for (int64_t x = 0; x < nx; ++x) {
+                const T* src = data + indices[s] * sz + x * sx;
+                float* dst = out + s * out_plane + x * out_row;
+                if (sy == 1) {
+                    detail::normalise_row(src, ny, dst, f);
+                } else {
+                    for (int64_t y = 0; y < ny; ++y)
+                        dst[y] = normalise_value(static_cast<double>(src[y * sy]), f);
+                }
+            }
         return;
     }
-    for (int64_t x = 0; x < v.shape[0]; ++x)
-        for (int64_t y = 0; y < v.shape[1]; ++y) {
-            const T* column = data + x * v.strides[0] + y * v.strides[1];
-            float* dst = padded.data() + (x + 1) * row_len + (y + 1);
-            for (int64_t j = 0; j < count; ++j)
-                dst[j * plane] = normalise(column[indices[j] * v.strides[2]]);
-        }
+    if (!z_fast) {
+        std::vector<T> rows(static_cast<size_t>(kTile * ny));
+        for (int64_t s = 0; s < count; ++s)
+            for (int64_t xa = 0; xa < nx; xa += kTile) {
+                const int64_t xb = std::min(kTile, nx - xa);
+                transpose(data + indices[s] * sz + xa * sx, ny, xb, sy, sx, rows.data(), ny);
+                for (int64_t x = 0; x < xb; ++x)
+                    detail::normalise_row(rows.data() + x * ny, ny,
+                                          out + s * out_plane + (xa + x) * out_row, f);
+            }
+        return;
+    }
+    // Maximal runs of consecutive slices (start, length, direction +-1), read kTile at a time
+    // (the remainder first, so that it can still read a whole tile when the run goes on).
+    std::vector<std::array<int64_t, 3>> runs;
+    for (int64_t s = 0; s < count;) {
+        const int64_t d = s + 1 < count && indices[s + 1] == indices[s] - 1 ? -1 : 1;
+        int64_t length = 1;
+        while (s + length < count && indices[s + length] == indices[s] + length * d) ++length;
+        runs.push_back({s, length, d});
+        s += length;
+    }
+    const int64_t block = std::clamp(int64_t{32768} / ny, int64_t{1}, int64_t{8});  // rows of x
+    std::vector<T> rows(static_cast<size_t>(kTile * block * ny));  // [slice][x][y]
+    for (int64_t xa = 0; xa < nx; xa += block) {
+        const int64_t xb = std::min(block, nx - xa);
+        for (const auto& [first, length, d] : runs)
+            for (int64_t s = first; s < first + length;) {
+                const int64_t n = s == first && length % kTile != 0 ? length % kTile : kTile;
+                const int64_t read = std::min(kTile, first + length - s);
+                for (int64_t x = 0; x < xb; ++x)
+                    transpose(data + indices[s] * sz + (xa + x) * sx, ny, read, sy, d * sz,
+                              rows.data() + x * ny, xb * ny);
+                for (int64_t j = 0; j < n; ++j)
+                    for (int64_t x = 0; x < xb; ++x)
+                        detail::normalise_row(rows.data() + (j * xb + x) * ny, ny,
+                                              out + (s + j) * out_plane + (xa + x) * out_row, f);
+                s += n;
+            }
+    }
 }
 
 // Input index of each output pixel when the taps fall exactly on input pixel centres (same
@@ -383,62 +469,33 @@ std::vector<int64_t> aligned_index(const Taps& taps, int64_t n_in) {
     return index;
 }
 
-// Offsets (elements) of the valid entries of an aligned index, and the valid range [lo, hi):
-// the index is monotonic, so the pixels inside the input form one run.
+// The output pixels [lo, hi) of an aligned index that lie inside the input, which read the
+// consecutive input pixels first, first + 1, ...; false if the index is not of that form.
 struct AlignedAxis {
-    int64_t lo = 0, hi = 0;
-    std::vector<int64_t> offset;  // offset[o] = index[o] * stride, for o in [lo, hi)
+    int64_t lo = 0, hi = 0, first = 0;
 };
 
-AlignedAxis aligned_axis(const std::vector<int64_t>& index, int64_t stride) {
-    AlignedAxis axis;
-    axis.offset.resize(index.size(), 0);
-    while (axis.lo < static_cast<int64_t>(index.size()) && index[static_cast<size_t>(axis.lo)] < 0) ++axis.lo;
+bool aligned_axis(const std::vector<int64_t>& index, AlignedAxis& axis) {
+    const auto n = static_cast<int64_t>(index.size());
+    auto at = [&](int64_t o) { return index[static_cast<size_t>(o)]; };
+    while (axis.lo < n && at(axis.lo) < 0) ++axis.lo;
     axis.hi = axis.lo;
-    while (axis.hi < static_cast<int64_t>(index.size()) && index[static_cast<size_t>(axis.hi)] >= 0) {
-        axis.offset[static_cast<size_t>(axis.hi)] = index[static_cast<size_t>(axis.hi)] * stride;
-        ++axis.hi;
-    }
-    return axis;
+    if (axis.lo < n) axis.first = at(axis.lo);
+    while (axis.hi < n && at(axis.hi) == axis.first + (axis.hi - axis.lo)) ++axis.hi;
+    for (int64_t o = axis.hi; o < n; ++o)
+        if (at(o) >= 0) return false;
+    return n > 0;
 }
 
-// The aligned case needs no interpolation: each output pixel is one normalised input voxel.
-// With x the faster input axis, kTile output rows are filled column by column (see
-// for_each_voxel) so that reads run along x and writes stay within kTile cache lines.
-template <typename T>
-void copy_aligned_slice(const VolumeView& v, int64_t k, const Normaliser<T>& normalise,
-                        const AlignedAxis& rows, const AlignedAxis& cols, int64_t n_rows,
-                        int64_t n_cols, float* out) {
-    constexpr int64_t kTile = 32;
-    const T* base = static_cast<const T*>(v.data) + k * v.strides[2];
+// Zero outside rows [rows.lo, rows.hi) and columns [cols.lo, cols.hi) of an output slice.
+void zero_borders(const AlignedAxis& rows, const AlignedAxis& cols, int64_t n_rows,
+                  int64_t n_cols, float* out) {
     std::fill(out, out + rows.lo * n_cols, 0.0f);
     std::fill(out + rows.hi * n_cols, out + n_rows * n_cols, 0.0f);
     for (int64_t h = rows.lo; h < rows.hi; ++h) {
         std::fill(out + h * n_cols, out + h * n_cols + cols.lo, 0.0f);
         std::fill(out + h * n_cols + cols.hi, out + (h + 1) * n_cols, 0.0f);
     }
-    const int64_t* row_offset = rows.offset.data();
-    const int64_t* col_offset = cols.offset.data();
-    if (std::llabs(v.strides[1]) <= std::llabs(v.strides[0])) {
-        for (int64_t h = rows.lo; h < rows.hi; ++h) {
-            const T* src = base + row_offset[h];
-            float* dst = out + h * n_cols;
-            for (int64_t w = cols.lo; w < cols.hi; ++w) dst[w] = normalise(src[col_offset[w]]);
-        }
-        return;
-    }
-    for (int64_t h0 = rows.lo; h0 < rows.hi; h0 += kTile) {
-        const int64_t h1 = std::min(rows.hi, h0 + kTile);
-        for (int64_t w = cols.lo; w < cols.hi; ++w) {
-            const T* src = base + col_offset[w];
-            for (int64_t h = h0; h < h1; ++h) out[h * n_cols + w] = normalise(src[row_offset[h]]);
-        }
-    }
-}
-
-bool z_is_fastest(const VolumeView& v) {
-    const int64_t sz = std::llabs(v.strides[2]);
-    return sz < std::llabs(v.strides[0]) && sz < std::llabs(v.strides[1]);
 }
 
 }  // namespace
@@ -474,27 +531,33 @@ void slices(const VolumeView& volume, const SliceGeometry& g, Norm norm,
     const auto block_floats = static_cast<size_t>(checked_product(block, padded_plane, kMaxPadded, "slice block"));
     // Copying without interpolation is exact only when no axis downsamples (a 2x downsampling
     // would align too, and decimate).
-    const auto ix = resampler.bilinear() ? aligned_index(resampler.row_taps(), nx) : std::vector<int64_t>{};
-    const auto iy = resampler.bilinear() ? aligned_index(resampler.col_taps(), ny) : std::vector<int64_t>{};
-    const bool aligned = !ix.empty() && !iy.empty() && !z_fast;
-    const AlignedAxis aligned_rows = aligned_axis(ix, volume.strides[0]);
-    const AlignedAxis aligned_cols = aligned_axis(iy, volume.strides[1]);
+    AlignedAxis rows, cols;
+    const bool aligned_geometry =
+        resampler.bilinear() && aligned_axis(aligned_index(resampler.row_taps(), nx), rows) &&
+        aligned_axis(aligned_index(resampler.col_taps(), ny), cols);
+    const Affine f{stats.offset, stats.scale, norm == Norm::percentile};
     dispatch(volume.dtype, [&](auto tag) {
         using T = decltype(tag);
-        const Normaliser<T> normalise(stats, norm);
-        if (aligned) {
+        // The bilinear path gives a copy's bits (1 x + 0 y = x) but for a -0 (an underflow of a
+        // float voxel's normalisation), so float volumes with z fastest keep interpolating.
+        if (aligned_geometry && (!z_fast || std::is_integral_v<T>)) {
             parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
                 for (int64_t s = begin; s < end; ++s)
-                    copy_aligned_slice<T>(volume, slice_indices[s], normalise, aligned_rows,
-                                          aligned_cols, g.size[0], g.size[1], out + s * plane);
+                    zero_borders(rows, cols, g.size[0], g.size[1], out + s * plane);
+                if (end > begin && rows.hi > rows.lo && cols.hi > cols.lo)
+                    normalise_slices<T>(volume, slice_indices + begin, end - begin, rows.first,
+                                        rows.hi - rows.lo, cols.first, cols.hi - cols.lo,
+                                        out + begin * plane + rows.lo * g.size[1] + cols.lo,
+                                        plane, g.size[1], f);
             });
             return;
         }
         parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
-            std::vector<float> padded(block_floats, 0.0f), scratch;
+            std::vector<float> padded(block_floats, 0.0f), scratch;  // the zero ring stays
             for (int64_t s = begin; s < end; s += block) {
                 const int64_t count = std::min(block, end - s);
-                normalise_block<T>(volume, slice_indices + s, count, normalise, padded, row_len);
+                normalise_slices<T>(volume, slice_indices + s, count, 0, nx, 0, ny,
+                                    padded.data() + row_len + 1, padded_plane, row_len, f);
                 for (int64_t j = 0; j < count; ++j)
                     resampler.run(padded.data() + j * padded_plane, row_len,
                                   out + (s + j) * plane, g.size[1], 1, scratch);

@@ -1,0 +1,182 @@
+// Plain loops over contiguous arrays for the compiler's auto-vectoriser (no table lookups, only
+// selects it can turn into blends), each compiled for baseline x86-64, AVX2 and AVX-512
+// (target attributes) and picked at run time for the CPU, so the build assumes no ISA. Every
+// version does the same IEEE double arithmetic, (v - offset) * scale with nothing to contract
+// into a fused multiply-add, hence the same bits on every CPU. CMakeLists.txt compiles this
+// file with -fno-trapping-math, without which GCC does not vectorise the selects; no value
+// changes.
+#include "kernels.hpp"
+
+#include <cstring>
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define UBC_X86 1
+#define UBC_AVX2 __attribute__((target("avx2")))
+#define UBC_AVX512 __attribute__((target("avx2,avx512f,avx512bw,avx512dq,avx512vl")))
+#else
+#define UBC_AVX2
+#define UBC_AVX512
+#endif
+
+namespace ubc::detail {
+namespace {
+
+enum class Isa { baseline, avx2, avx512 };
+
+Isa detect_isa() {
+#ifdef UBC_X86
+    __builtin_cpu_init();  // the checks also ask the OS for the AVX / AVX-512 registers
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        return Isa::avx512;
+    if (__builtin_cpu_supports("avx2")) return Isa::avx2;
+#endif
+    return Isa::baseline;
+}
+
+Isa isa() {
+    static const Isa detected = detect_isa();
+    return detected;
+}
+
+// The bodies are inlined into each ISA's version, and so compiled for it.
+
+template <bool kClip, typename T>
+[[gnu::always_inline]] inline void normalise_lanes(const T* __restrict in, int64_t n,
+                                                   float* __restrict out, const Affine& f) {
+    const Affine g{f.offset, f.scale, kClip};
+    for (int64_t i = 0; i < n; ++i) out[i] = normalise_value(static_cast<double>(in[i]), g);
+}
+
+template <typename T>
+[[gnu::always_inline]] inline void row_body(const T* in, int64_t n, float* out, const Affine& f) {
+    if (f.clip)
+        normalise_lanes<true>(in, n, out, f);
+    else
+        normalise_lanes<false>(in, n, out, f);
+}
+
+// out[2 i] = in[i], out[2 i + 1] = in[i + half]: an interleave, which vectorises.
+template <typename T>
+[[gnu::always_inline]] inline void perfect_shuffle(const T* __restrict in, T* __restrict out) {
+    constexpr int64_t kHalf = kTile * kTile / 2;
+    for (int64_t i = 0; i < kHalf; ++i) {
+        out[2 * i] = in[i];
+        out[2 * i + 1] = in[i + kHalf];
+    }
+}
+
+template <typename T>
+[[gnu::always_inline]] inline void transpose_body(const T* in, int64_t in_row, T* out,
+                                                  int64_t out_row) {
+    alignas(64) T a[kTile * kTile];
+    alignas(64) T b[kTile * kTile];
+    for (int64_t r = 0; r < kTile; ++r)
+        for (int64_t c = 0; c < kTile; ++c) a[r * kTile + c] = in[r * in_row + c];
+    // A perfect shuffle rotates the 8 bits of an entry's index (row, column) left by one, so
+    // four of them swap row and column: a transpose made of interleaves.
+    perfect_shuffle(a, b);
+    perfect_shuffle(b, a);
+    perfect_shuffle(a, b);
+    perfect_shuffle(b, a);
+    for (int64_t r = 0; r < kTile; ++r)
+        std::memcpy(out + r * out_row, a + r * kTile, sizeof(T) * kTile);
+}
+
+// Blocks of 2^15 values keep the count and sum of a block within int32 lanes (|v| < 2^16).
+template <typename T>
+[[gnu::always_inline]] inline void moments_body(const T* __restrict in, int64_t n, IntMoments& m) {
+    constexpr int64_t kBlock = int64_t{1} << 15;
+    for (int64_t start = 0; start < n; start += kBlock) {
+        const int64_t stop = std::min(n, start + kBlock);
+        int32_t count = 0, sum = 0;
+        uint64_t sum_sq = 0;
+        for (int64_t i = start; i < stop; ++i) {
+            const int32_t v = in[i];
+            const auto u = static_cast<uint32_t>(v);  // u * u = v^2 < 2^32, exact modulo 2^32
+            count += v != 0;
+            sum += v;
+            sum_sq += u * u;
+        }
+        m.count += count;
+        m.sum += sum;
+        m.sum_sq += sum_sq;
+    }
+}
+
+template <typename T>
+UBC_AVX2 void row_avx2(const T* in, int64_t n, float* out, const Affine& f) {
+    row_body(in, n, out, f);
+}
+template <typename T>
+UBC_AVX512 void row_avx512(const T* in, int64_t n, float* out, const Affine& f) {
+    row_body(in, n, out, f);
+}
+
+template <typename T>
+[[gnu::always_inline]] inline void tiles_body(const T* in, int64_t in_row, int64_t count, T* out,
+                                              int64_t out_row) {
+    for (int64_t t = 0; t < count; ++t)
+        transpose_body(in + t * kTile * in_row, in_row, out + t * kTile, out_row);
+}
+
+template <typename T>
+UBC_AVX2 void tiles_avx2(const T* in, int64_t in_row, int64_t count, T* out, int64_t out_row) {
+    tiles_body(in, in_row, count, out, out_row);
+}
+template <typename T>
+UBC_AVX512 void tiles_avx512(const T* in, int64_t in_row, int64_t count, T* out, int64_t out_row) {
+    tiles_body(in, in_row, count, out, out_row);
+}
+
+template <typename T>
+UBC_AVX2 void moments_avx2(const T* in, int64_t n, IntMoments& m) { moments_body(in, n, m); }
+template <typename T>
+UBC_AVX512 void moments_avx512(const T* in, int64_t n, IntMoments& m) { moments_body(in, n, m); }
+
+}  // namespace
+
+template <typename T>
+void normalise_row(const T* in, int64_t n, float* out, const Affine& f) {
+    switch (isa()) {
+        case Isa::avx512: return row_avx512(in, n, out, f);
+        case Isa::avx2: return row_avx2(in, n, out, f);
+        case Isa::baseline: break;
+    }
+    row_body(in, n, out, f);
+}
+
+template <typename T>
+void transpose_tiles(const T* in, int64_t in_row, int64_t count, T* out, int64_t out_row) {
+    switch (isa()) {
+        case Isa::avx512: return tiles_avx512(in, in_row, count, out, out_row);
+        case Isa::avx2: return tiles_avx2(in, in_row, count, out, out_row);
+        case Isa::baseline: break;
+    }
+    tiles_body(in, in_row, count, out, out_row);
+}
+
+template <typename T>
+void add_moments(const T* in, int64_t n, IntMoments& m) {
+    switch (isa()) {
+        case Isa::avx512: return moments_avx512(in, n, m);
+        case Isa::avx2: return moments_avx2(in, n, m);
+        case Isa::baseline: break;
+    }
+    moments_body(in, n, m);
+}
+
+#define UBC_INSTANTIATE(T)                                                \
+    template void normalise_row<T>(const T*, int64_t, float*, const Affine&); \
+    template void transpose_tiles<T>(const T*, int64_t, int64_t, T*, int64_t);
+UBC_INSTANTIATE(uint8_t)
+UBC_INSTANTIATE(int16_t)
+UBC_INSTANTIATE(uint16_t)
+UBC_INSTANTIATE(int32_t)
+UBC_INSTANTIATE(float)
+UBC_INSTANTIATE(double)
+template void add_moments<uint8_t>(const uint8_t*, int64_t, IntMoments&);
+template void add_moments<int16_t>(const int16_t*, int64_t, IntMoments&);
+template void add_moments<uint16_t>(const uint16_t*, int64_t, IntMoments&);
+
+}  // namespace ubc::detail
