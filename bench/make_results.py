@@ -88,7 +88,15 @@ def render() -> str:
         plot = path.with_suffix(".png")
         lines.append(to_markdown(doc, title=title, plot=f"results/{plot.name}"
                                  if plot.is_file() else None))
-    return "\n".join(lines)
+    return portable("\n".join(lines))
+
+
+def portable(text: str) -> str:
+    """``text`` without this machine's paths: the repository root becomes ``.``, the team's
+    folder beside it ``..`` and the home folder ``~``."""
+    for path, name in ((HERE.parent, "."), (HERE.parents[1], ".."), (Path.home(), "~")):
+        text = text.replace(f"{path}/", f"{name}/")
+    return text
 
 
 def _where(doc: dict) -> str:

@@ -180,6 +180,8 @@ def test_renderers(report, tmp_path):
         assert variant in text
     assert "not measured: tensorrt" in text and "fastest on cpu" in text
     assert 'load(backend="auto") picks' in text and "measured winner" in text
+    busy = report["pipeline"]["stage_seconds"]["engine"] / report["pipeline"]["wall_seconds"]
+    assert f"engine busy {busy:.0%}" in text  # how much of the run the engine was fed
     markdown = to_markdown(report, plot="plot.png")
     assert "| backend | prec | batch |" in markdown and "![throughput" in markdown
     png = write_plot(report, tmp_path / "plot.png")

@@ -367,6 +367,36 @@ def test_cpu_class_and_native_bf16_from_flags() -> None:
     assert native_bf16(frozenset()) is None  # unknown: the runtime is asked instead
 
 
+def test_isa_cap_files_this_cpu_as_the_capped_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ubc.devices import ISA_CAP_ENV, _proc_flags, cpu_class, native_bf16
+
+    if "avx512f" not in _proc_flags():
+        pytest.skip("this CPU has no AVX-512 to cap")
+    monkeypatch.setenv(ISA_CAP_ENV, "AVX2")
+    assert (cpu_class(), native_bf16()) == ("avx2", False)
+    monkeypatch.setenv(ISA_CAP_ENV, "AVX512_CORE")
+    assert cpu_class() == "avx512"
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+def test_openvino_honours_the_isa_cap_of_ubc_bench() -> None:
+    """What ``ubc-bench --max-isa avx2`` relies on: OpenVINO, started under the cap, no
+    longer offers bf16 on a CPU that has it."""
+    import subprocess
+    import sys
+
+    from ubc.devices import native_bf16
+
+    if not native_bf16():
+        pytest.skip("this CPU has no native bf16 to cap away")
+    script = ("import sys; from ubc.cli.bench import cap_isa; cap_isa('avx2'); "
+              "import openvino as ov; "
+              "print(ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert "FP32" in out and "BF16" not in out, out
+
+
 def test_gpu_check_records_after_every_section(tmp_path: Path) -> None:
     import importlib.util as iu
 

@@ -148,6 +148,17 @@ def test_int8_openvino_ir_through_nncf(int8_bundle: Path, tmp_path: Path,
     exporter("int8-openvino")(bundle, calib=engine_slices[::2])
     entry = bundle.meta["artifacts"]["model.int8.xml"]
     assert entry["weights_file"] == "model.int8.bin" and bundle.has("model.int8.bin")
+    # the layers ONNX Runtime's INT8 keeps in fp32 are found, every one, in OpenVINO's graph
+    import onnx
+    import openvino as ov
+
+    from ubc.export.int8_onnx import fp32_nodes
+    from ubc.export.int8_openvino import fp32_ops
+
+    kept = fp32_ops(ov.Core().read_model(str(path / "model.onnx")), path / "model.onnx")
+    assert {name.removesuffix("/WithoutBiases") for name in kept} == \
+        set(fp32_nodes(onnx.load(str(path / "model.onnx"))))
+    assert entry["fp32_nodes"] == len(kept)
     assert "FakeQuantize" in (path / "model.int8.xml").read_text()
     with load(bundle, backend="openvino", precision="int8", threads=1) as engine:
         got = engine.infer(engine_slices)

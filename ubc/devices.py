@@ -7,6 +7,7 @@ run time: users have AMX Xeons and AVX2-only EPYCs, nothing may assume either.""
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -120,9 +121,29 @@ def isa_compatible(built: str, here: str) -> bool:
         _X86_ISA_RANK[here] >= _X86_ISA_RANK[built]
 
 
-@lru_cache(maxsize=1)
+#: The instruction-set cap that oneDNN (PyTorch's and OpenVINO's convolutions) honours; ubc
+#: honours it too, so that a run capped at AVX2 on an AMX Xeon (``ubc-bench --max-isa avx2``)
+#: is filed and reported as an AVX2 machine.
+ISA_CAP_ENV = "ONEDNN_MAX_CPU_ISA"
+# Per cap (oneDNN's names), the flags of the instruction sets above it.
+_AMX = {"amx_tile", "amx_int8", "amx_bf16", "amx_fp16"}
+_AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni",
+           "avx512_bf16", "avx512_fp16"}
+_ABOVE_CAP = {"avx2": _AMX | _AVX512 | {"avx_vnni"}, "avx2_vnni": _AMX | _AVX512,
+              "avx512_core": _AMX | {"avx512_vnni", "avx512_bf16", "avx512_fp16"},
+              "avx512_core_vnni": _AMX | {"avx512_bf16", "avx512_fp16"},
+              "avx512_core_bf16": _AMX | {"avx512_fp16"}}
+
+
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty elsewhere)."""
+    """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty elsewhere), less
+    those above the ``ONEDNN_MAX_CPU_ISA`` cap when one is set."""
+    cap = os.environ.get(ISA_CAP_ENV, "").lower()
+    return _proc_flags() - frozenset(_ABOVE_CAP.get(cap, ()))
+
+
+@lru_cache(maxsize=1)
+def _proc_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

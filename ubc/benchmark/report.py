@@ -233,10 +233,11 @@ def unavailable_line(item: dict[str, Any]) -> str:
 def pipeline_line(p: dict[str, Any]) -> str:
     shape = "x".join(map(str, p["volume_shape"]))
     volumes = "volume" if p["cases"] == 1 else "volumes"
+    busy = p["stage_seconds"].get("engine", 0.0) / p["wall_seconds"] if p["wall_seconds"] else 0.0
     return (f"ubc-infer pipeline: {p['cases']} {volumes} of {shape} in {p['wall_seconds']:.1f} s"
             f" = {p['volumes_per_second']:.3f} volumes/s, {p['slices_per_second']:.1f} "
-            f"slices/s ({p['backend']} {p['precision']}, batch {p['batch_size']}"
-            f"{', ' + str(p['failed']) + ' failed' if p['failed'] else ''})")
+            f"slices/s, engine busy {busy:.0%} ({p['backend']} {p['precision']}, batch "
+            f"{p['batch_size']}{', ' + str(p['failed']) + ' failed' if p['failed'] else ''})")
 
 
 def write_json(doc: Doc, path: str | os.PathLike[str]) -> Path:

@@ -27,6 +27,7 @@ from ubc.benchmark.machine import (
 from ubc.benchmark.plan import BenchOptions, Cell, plan
 from ubc.benchmark.results import BenchReport, EngineRow, PipelineRow, PrepRow, Unavailable
 from ubc.bundle import Bundle
+from ubc.devices import ISA_CAP_ENV
 from ubc.engine.registry import BASELINE
 
 Progress = Callable[[str], None]
@@ -158,6 +159,11 @@ def _notes(rows: list[EngineRow], failed: list[Unavailable], bundle: Bundle,
                      "other processes competed for the CPU, so the figures are noisy and "
                      "multi-threaded runtimes suffer most; rerun on an idle machine to "
                      "compare runs")
+    cap = os.environ.get(ISA_CAP_ENV)
+    if cap:
+        notes.append(f"instruction sets capped at {cap} ({ISA_CAP_ENV}): PyTorch and "
+                     "OpenVINO honour the cap; ONNX Runtime's kernels do not, so its rows "
+                     "are this CPU's full instruction set")
     if not any(r.baseline for r in rows):
         notes.append(f"the baseline ({BASELINE} fp32) did not run: no speed-ups are shown")
     if not bundle.meta.get("training"):

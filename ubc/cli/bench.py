@@ -13,6 +13,10 @@ from ubc.errors import UBCError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+#: --max-isa: oneDNN's cap and PyTorch's ATen kernel set for each (ubc.devices.ISA_CAP_ENV)
+ISA_CAPS = {"avx2": "avx2", "avx2_vnni": "avx2", "avx512_core": "avx512",
+            "avx512_core_vnni": "avx512", "avx512_core_bf16": "avx512"}
+
 _EPILOG = """\
 every variant x precision x batch size this machine can run is timed; the others are
 listed with the reason (a package to install, an artifact to export). Eager PyTorch fp32
@@ -101,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intra-op threads of every runtime (default: each runtime's own)")
     p.add_argument("--parity-slices", type=int, default=64, metavar="N",
                    help="slices for the parity check (default 64; 0 skips it)")
+    p.add_argument("--max-isa", choices=sorted(ISA_CAPS), metavar="ISA",
+                   help="cap the vector instruction set (one of " + ", ".join(sorted(ISA_CAPS))
+                   + "): measures an older CPU on this one, e.g. avx2 on an AMX Xeon; "
+                   "oneDNN (PyTorch, OpenVINO) honours it, ONNX Runtime does not")
     p.add_argument("--in-process", action="store_true",
                    help="run every backend in this process (faster, less isolated)")
     p.add_argument("--no-preprocess", action="store_true", help="skip the preprocessing rows")
@@ -167,10 +175,25 @@ def _run(args: argparse.Namespace, command: str) -> int:
     return EXIT_FAILED if benchmark.fatal(doc) else EXIT_OK
 
 
+def cap_isa(isa: str) -> None:
+    """Cap the instruction set of this process and the backends' processes it starts; before
+    torch or OpenVINO is imported, since both read the cap once."""
+    import os
+
+    from ubc.devices import ISA_CAP_ENV
+
+    if "torch" in sys.modules or "openvino" in sys.modules:
+        raise ValueError("--max-isa must be applied before torch or OpenVINO is imported")
+    os.environ[ISA_CAP_ENV] = os.environ["OV_CPU_MAX_ISA"] = isa.upper()
+    os.environ["ATEN_CPU_CAPABILITY"] = ISA_CAPS[isa]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ubc-bench``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.max_isa:
+        cap_isa(args.max_isa)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:

@@ -3,16 +3,19 @@
 NNCF (``pip install nncf``) reads the model through OpenVINO, inserts FakeQuantize nodes
 where OpenVINO's CPU plugin has integer kernels (AMX, VNNI or AVX2, chosen by the plugin
 at compile time on the machine that runs it), calibrates activation ranges on preprocessed
-slices (the ``--calib`` data) and corrects biases. The IR is two files, ``model.int8.xml``
+slices (the ``--calib`` data) and corrects biases; the layers the ONNX Runtime INT8 keeps
+in fp32 stay fp32 here too (``fp32_ops``). The IR is two files, ``model.int8.xml``
 (graph) and ``model.int8.bin`` (weights), each with its sha256 in meta.json; the openvino
 backend runs them at precision int8.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +29,20 @@ from ubc.artifacts import (
 )
 from ubc.bundle import Bundle
 from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
+from ubc.export.int8_onnx import fp32_nodes
 
 INSTALL_HINT = "pip install nncf (with ubc[openvino])"
+
+
+def fp32_ops(model: Any, onnx_path: Path) -> list[str]:
+    """The OpenVINO ops of ``int8_onnx.fp32_nodes`` (the layers both INT8 artifacts keep in
+    fp32): OpenVINO keeps an ONNX node's name, and a convolution with a bias becomes
+    ``NAME/WithoutBiases`` plus an Add named ``NAME``."""
+    import onnx
+
+    present = {op.get_friendly_name() for op in model.get_ops()}
+    return [name for node in fp32_nodes(onnx.load(str(onnx_path)))
+            for name in (node, f"{node}/WithoutBiases") if name in present]
 
 
 def to_int8_openvino(bundle: Bundle, *, calib: np.ndarray) -> ExportResult:
@@ -46,9 +61,12 @@ def to_int8_openvino(bundle: Bundle, *, calib: np.ndarray) -> ExportResult:
                          f"model.onnx; export it first: `ubc-export {bundle.path} --onnx`")
     slices = list(CalibrationBatches(calib, 1, bundle.preprocessing.size))
     start = time.perf_counter()
+    nncf.set_log_level(logging.WARNING)  # not a line per op it leaves in fp32
     model = ov.Core().read_model(str(bundle.file(ONNX)))
+    keep = fp32_ops(model, bundle.file(ONNX))
     quantised = nncf.quantize(model, nncf.Dataset(slices), subset_size=len(slices),
-                              preset=nncf.QuantizationPreset.MIXED)
+                              preset=nncf.QuantizationPreset.MIXED,
+                              ignored_scope=nncf.IgnoredScope(names=keep))
     for key, value in {"ubc.arch": bundle.arch, **onnx_metadata(bundle.meta)}.items():
         quantised.set_rt_info(value, ["ubc", key.removeprefix("ubc.")])
     with tempfile.TemporaryDirectory(prefix="ubc-ov-int8-") as work:
@@ -59,6 +77,7 @@ def to_int8_openvino(bundle: Bundle, *, calib: np.ndarray) -> ExportResult:
         entry = artifact_entry(bundle, "openvino-int8", precision="int8", quantiser="nncf",
                                nncf=nncf.__version__, openvino=ov.get_version(),
                                preset="mixed", calibration_slices=len(slices),
+                               fp32_nodes=len(keep),
                                weights_file=INT8_OPENVINO_WEIGHTS,
                                weights_file_sha256=bundle.meta["files"][INT8_OPENVINO_WEIGHTS],
                                onnx_sha256=bundle.meta["files"][ONNX])
