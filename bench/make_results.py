@@ -68,6 +68,8 @@ def render() -> str:
     docs = []
     for path in sorted(RESULTS.glob("*.json"), key=lambda p: (p.stem != "cpu", p.stem)):
         doc = json.loads(path.read_text())
+        if "schema" not in doc:  # another benchmark's figures (bench_serve.py's serve*.json)
+            continue
         problems = validate(doc)
         if problems:
             raise SystemExit(f"{path}: not a current ubc-bench report "

@@ -177,13 +177,16 @@ def _notes(rows: list[EngineRow], failed: list[Unavailable], bundle: Bundle,
                     if r.calls_per_batch > 1})
     if split:
         notes.append(f"batches larger than the engine's max_batch ran split: {', '.join(split)}")
-    bad = {r.label: r.informational for r in rows
-           if r.parity is not None and not r.parity.passed}
+    from ubc.parity import GATED
+
+    bad = {r.label: r.informational or (r.device.partition(":")[0], r.precision) in GATED
+           for r in rows if r.parity is not None and not r.parity.passed}
     if any(not info for info in bad.values()):
         notes.append(f"PARITY FAILED: {', '.join(k for k, i in bad.items() if not i)} "
                      "(backend=\"auto\" could pick it; see the parity columns)")
     if any(bad.values()):
-        notes.append(f"parity failed (informational, never picked by backend=\"auto\"): "
+        notes.append(f"parity failed (informational, or a reduced CPU precision below its "
+                     f"gate: never picked by backend=\"auto\"): "
                      f"{', '.join(k for k, i in bad.items() if i)}")
     notes += [f"{f.name} {f.precision} failed{' (informational)' if f.informational else ''}"
               f": {f.reason}" for f in failed]
