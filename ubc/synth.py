@@ -40,10 +40,9 @@ from __future__ import annotations
 import csv
 import gzip
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -302,27 +301,21 @@ def _nifti_gz(data: np.ndarray, path: Path) -> None:
 def _phantoms(cases: int, seed: int, shape: tuple[int, int, int], config: SynthConfig | None,
               progress: bool, unit: str) -> Iterator[tuple[int, str, np.ndarray, np.ndarray, int]]:
     """``(i, case id, flair, seg, grade)`` of the archive's cases, in order."""
+    if cases < 1:
+        raise ValueError(f"cases must be >= 1, got {cases}")
     grades = _grades(cases, seed)
-    for i in _progress(range(cases), progress, unit):
+    iterator: Iterable[int] = range(cases)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="phantoms", unit=unit)
+    for i in iterator:
         flair, seg, grade = phantom(_case_seed(seed, i), grade=grades[i],
                                     shape=shape, config=config)
-        yield i, _case_id(seed, i), flair, seg, grade
+        yield i, f"PH{seed:03d}_{i:04d}", flair, seg, grade
 
 
-def _case_id(seed: int, i: int) -> str:
-    return f"PH{seed:03d}_{i:04d}"
-
-
-def _progress(items: Iterable[Any], progress: bool, unit: str, total: int | None = None
-              ) -> Iterable[Any]:
-    if not progress:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc="phantoms", unit=unit, total=total)
-
-
-def _write_labels(root: Path, header: list[str], rows: Sequence[tuple[str, ...]]) -> None:
+def _write_labels(root: Path, header: list[str], rows: list[tuple[str, ...]]) -> None:
     with open(root / LABELS_FILE, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
@@ -331,48 +324,28 @@ def _write_labels(root: Path, header: list[str], rows: Sequence[tuple[str, ...]]
 
 def write_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: int = 0,
                   shape: tuple[int, int, int] = (240, 240, 155),
-                  config: SynthConfig | None = None, progress: bool = False,
-                  workers: int = 1) -> Path:
+                  config: SynthConfig | None = None, progress: bool = False) -> Path:
     """Write ``cases`` phantoms (half LGG, half HGG, order shuffled by ``seed``) in the
     BraTS 2019 layout under ``out_dir`` plus ``labels.csv``; returns ``out_dir``.
 
-    Case ``i`` depends only on (seed, i), so a larger archive extends a smaller one, and
-    ``workers`` processes (0: one per core) write the same bytes as one.
+    Case ``i`` depends only on (seed, i), so a larger archive extends a smaller one.
     """
     root = Path(out_dir)
-    grades = _grades(cases, seed)
-    jobs = [(root, seed, i, grades[i], shape, config) for i in range(cases)]
-    workers = workers if workers > 0 else len(os.sched_getaffinity(0))
-    if workers == 1 or cases == 1:
-        rows = [_write_case(*job) for job in _progress(jobs, progress, "case")]
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
-        # spawn: the caller may be a process that has started threads (torch, a server)
-        with ProcessPoolExecutor(min(workers, cases), mp_context=get_context("spawn")) as pool:
-            done = pool.map(_write_case, *zip(*jobs, strict=True))
-            rows = list(_progress(done, progress, "case", total=cases))
+    rows: list[tuple[str, ...]] = []
+    for _i, case_id, flair, seg, grade in _phantoms(cases, seed, shape, config, progress,
+                                                    "case"):
+        root.mkdir(parents=True, exist_ok=True)
+        folder = root / GRADES[grade] / case_id
+        folder.mkdir(parents=True, exist_ok=True)
+        _nifti_gz(flair, folder / f"{case_id}_flair.nii.gz")
+        _nifti_gz(seg, folder / f"{case_id}_seg.nii.gz")
+        rows.append((case_id, GRADES[grade]))
     _write_labels(root, ["case_id", "grade"], rows)
     return root
 
 
-def _write_case(root: Path, seed: int, i: int, grade: int, shape: tuple[int, int, int],
-                config: SynthConfig | None) -> tuple[str, str]:
-    """Case ``i`` of ``write_archive``: its two files; (case id, grade name)."""
-    flair, seg, grade = phantom(_case_seed(seed, i), grade=grade, shape=shape, config=config)
-    case_id = _case_id(seed, i)
-    folder = root / GRADES[grade] / case_id
-    folder.mkdir(parents=True, exist_ok=True)
-    _nifti_gz(flair, folder / f"{case_id}_flair.nii.gz")
-    _nifti_gz(seg, folder / f"{case_id}_seg.nii.gz")
-    return case_id, GRADES[grade]
-
-
 def _grades(cases: int, seed: int) -> list[int]:
     """Balanced grades for case 0..cases-1: pairs (LGG, HGG) in a seeded order per pair."""
-    if cases < 1:
-        raise ValueError(f"cases must be >= 1, got {cases}")
     grades = []
     for pair in range((cases + 1) // 2):
         flip = np.random.default_rng([seed, 1_000_003, pair]).random() < 0.5

@@ -95,7 +95,7 @@ def prepare_bundle(config: DemoConfig) -> Path:
         return path
     start = _step(f"1/4 writing {config.train_cases} training phantoms {config.shape}")
     archive = write_archive(config.workdir / "train", config.train_cases, seed=config.seed,
-                            shape=config.shape, progress=True, workers=0)
+                            shape=config.shape, progress=True)
     _done(start)
     start = _step("2/4 training a small UBC bundle (preset 'quick')")
     partial = path.with_name(f".{path.name}.partial")
@@ -221,7 +221,7 @@ def run_demo(config: DemoConfig) -> int:
     start = _step(f"4/4 scoring {config.test_cases} held-out phantoms with ubc-infer")
     heldout_seed = config.seed + 1000
     heldout = write_archive(config.workdir / "heldout", config.test_cases,
-                            seed=heldout_seed, shape=config.shape, workers=0)
+                            seed=heldout_seed, shape=config.shape)
     code = run_infer(bundle, heldout, config.workdir / "scored", config.backend)
     _done(start)
     print()

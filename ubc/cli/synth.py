@@ -25,8 +25,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155),
                         metavar=("X", "Y", "Z"), help="volume size in 1 mm voxels")
-    parser.add_argument("--workers", type=int, default=0, help="processes writing NIfTI "
-                        "cases (default 0: one per core; the bytes do not depend on it)")
     parser.add_argument("--format", choices=("nifti", "dicom"), default="nifti",
                         help="nifti (default): the BraTS layout; dicom: one study per case "
                         "with a FLAIR and a decoy T1 series (pip install ubc[dicom])")
@@ -50,11 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
     config = SynthConfig(**knobs)
     start = time.perf_counter()
-    common = {"seed": args.seed, "shape": tuple(args.shape), "config": config, "progress": True}
-    if args.format == "dicom":
-        root = write_dicom_archive(args.out_dir, args.cases, **common)
-    else:
-        root = write_archive(args.out_dir, args.cases, workers=args.workers, **common)
+    writer = write_dicom_archive if args.format == "dicom" else write_archive
+    root = writer(args.out_dir, args.cases, seed=args.seed, shape=tuple(args.shape),
+                  config=config, progress=True)
     print(f"wrote {args.cases} phantoms to {root} in {time.perf_counter() - start:.1f} s "
           f"(labels: {root / 'labels.csv'})")
     return 0
