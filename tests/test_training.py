@@ -174,11 +174,14 @@ def test_a_step_budget_decays_every_tenth_and_reads_the_test_once() -> None:
     # decay x0.9 every step (10 % of 10); the lr logged is the one the last step used
     assert [e.lr for e in result.history] == pytest.approx([1e-3 * 0.9 ** k for k in (3, 7, 9)])
     assert result.epochs == 5  # 2 batches per pass over 8 slices
+    warm = fit(_tiny_set(size=32), replace(config, warmup=4, lr_decay=0.5), progress=False)
+    # a linear ramp over 4 steps (lr/5 .. 4 lr/5), then lr x0.5 every step
+    assert [e.lr for e in warm.history] == pytest.approx([8e-4, 1.25e-4, 3.125e-5])
 
 
 def test_presets_count_steps_unless_epochs_are_asked_for() -> None:
     quick = TrainConfig.preset("quick")
-    assert quick.steps == 500 and quick.lr == 1e-3 and quick.augment
+    assert quick.steps == 500 and quick.lr == 1e-3 and quick.augment and quick.warmup == 50
     assert TrainConfig.preset("quick", epochs=2).steps is None  # explicit epochs win
     assert TrainConfig.preset("quick", epochs=2, steps=7).steps == 7
     assert TrainConfig.preset("paper").steps is None and TrainConfig.preset("paper").lr == 2e-5

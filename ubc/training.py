@@ -49,7 +49,8 @@ class TrainConfig:
     ``steps``: a fixed optimiser-step budget instead of epochs (see the module docstring).
     ``augment``: random flips, shifts of up to 1/16 of the slice, intensity scale and gamma
     (the "regularised" protocol, with ``weight_decay``). ``segment_first``: steps trained on
-    the Dice term alone (a = 0) before the joint loss. ``mask_channels``: 1 (the union mask)
+    the Dice term alone (a = 0) before the joint loss. ``warmup``: steps over which the
+learning rate rises linearly to ``lr`` before the decay schedule. ``mask_channels``: 1 (the union mask)
     or 3 (core, rim, oedema as separate decoder channels; a training experiment: bundles
     hold the union-mask model).
     """
@@ -81,6 +82,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     segment_first: int = 0
     mask_channels: int = 1
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         from ubc.model import ARCHITECTURES
@@ -98,8 +100,9 @@ class TrainConfig:
         if self.per_class is not None and self.per_class < 1:
             raise ValueError(f"per_class must be >= 1, got {self.per_class}")
         if (self.steps is not None and self.steps < 1) or self.eval_every < 1 \
-                or self.weight_decay < 0 or self.segment_first < 0:
-            raise ValueError("steps and eval_every >= 1, weight_decay and segment_first >= 0 "
+                or self.weight_decay < 0 or self.segment_first < 0 or self.warmup < 0:
+            raise ValueError("steps and eval_every >= 1, weight_decay, segment_first and "
+                             "warmup >= 0 "
                              f"are required; got {self}")
         if self.mask_channels not in (1, 3) or (self.mask_channels == 3
                                                  and self.arch != "ubc-resnet34"):
@@ -122,12 +125,14 @@ class TrainConfig:
             "sweep": TrainConfig(steps=150, batch_size=16, eval_every=25, size=(64, 64),
                                  target_spacing=(3.0, 3.0), threads=1),
             # the sweep's recipe (train/results: lr 1e-3 and the regularised protocol are
-            # what the classifier needs to learn at all) at 500 steps; lesion-free rows
-            # teach the segmenter that healthy slices are not lesion (scoring ranks every
-            # slice by predicted lesion area)
+            # what the classifier needs to learn at all) at 500 steps, with a warm-up (the
+            # class head starts sooner) and a steeper decay (the last weights settle);
+            # lesion-free rows teach the segmenter that healthy slices are not lesion
+            # (scoring ranks every slice by predicted lesion area)
             "quick": TrainConfig(steps=500, batch_size=16, eval_every=50, lr=1e-3,
-                                 size=(64, 64), target_spacing=(2.0, 2.0), augment=True,
-                                 weight_decay=1e-4, lesion_free_per_case=3),
+                                 warmup=50, lr_decay=0.7, size=(64, 64),
+                                 target_spacing=(2.0, 2.0), augment=True, weight_decay=1e-4,
+                                 lesion_free_per_case=3),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
@@ -295,6 +300,17 @@ def _schedule(config: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]
     return epochs * steps_per_epoch, lr_step * steps_per_epoch, steps_per_epoch
 
 
+def _scheduler(optimiser: torch.optim.Optimizer, config: TrainConfig, decay_every: int
+               ) -> torch.optim.lr_scheduler.LRScheduler:
+    """x ``lr_decay`` every ``decay_every`` steps, after a linear ramp over ``warmup``."""
+    decay = torch.optim.lr_scheduler.StepLR(optimiser, decay_every, gamma=config.lr_decay)
+    if not config.warmup:
+        return decay
+    ramp = torch.optim.lr_scheduler.LinearLR(optimiser, start_factor=1 / (config.warmup + 1),
+                                             total_iters=config.warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimiser, [ramp, decay], [config.warmup])
+
+
 def _plateau(logs: list[EpochLog]) -> dict[str, Any] | None:
     """Mean of the numeric test metrics over the epochs that were evaluated on test."""
     evaluated = [e.test for e in logs if e.test is not None]
@@ -339,13 +355,14 @@ def fit(train_set: SliceSet, config: TrainConfig, *, val: SliceSet | None = None
     generator = torch.Generator().manual_seed(config.seed) if config.augment else None
     model = build_model(config.arch, deep_supervision=config.deep_supervision,
                         mask_channels=config.mask_channels).to(device)
+    # fused: one kernel for every parameter (on 2 CPU cores 17 ms a step instead of 60-130)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr,
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay, fused=True)
     steps_per_epoch = len(_batches(len(train_set), config.batch_size, rng))
     total, decay_every, eval_every = _schedule(config, steps_per_epoch)
     evals = sorted({*range(eval_every, total + 1, eval_every), total})
     test_from = evals[-(1 if config.steps is not None else config.plateau_evals):][0]
-    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, decay_every, gamma=config.lr_decay)
+    scheduler = _scheduler(optimiser, config, decay_every)
     log = open(log_path, "w") if log_path else None  # noqa: SIM115 - closed in finally
     history: list[EpochLog] = []
     queue: list[np.ndarray] = []
