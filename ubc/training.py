@@ -50,9 +50,9 @@ class TrainConfig:
     ``augment``: random flips, shifts of up to 1/16 of the slice, intensity scale and gamma
     (the "regularised" protocol, with ``weight_decay``). ``segment_first``: steps trained on
     the Dice term alone (a = 0) before the joint loss. ``warmup``: steps over which the
-learning rate rises linearly to ``lr`` before the decay schedule. ``mask_channels``: 1 (the union mask)
-    or 3 (core, rim, oedema as separate decoder channels; a training experiment: bundles
-    hold the union-mask model).
+    learning rate rises linearly to ``lr`` before the decay schedule. ``mask_channels``: 1
+    (the union mask) or 3 (core, rim, oedema as separate decoder channels; a training
+    experiment: bundles hold the union-mask model).
     """
 
     arch: str = "ubc-resnet34"
