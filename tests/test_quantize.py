@@ -44,7 +44,7 @@ def test_int8_onnx_is_per_channel_qdq_recorded_and_runs(int8_bundle: Path,
     assert bundle.meta["files"]["model.int8.onnx"] == sha256_of(int8_bundle / "model.int8.onnx")
     assert (entry["precision"], entry["quant_format"], entry["calibration_slices"],
             entry["calibration_batch"], entry["ranges"]) == \
-        ("int8", "QDQ", 32, 8, "mean of batch min/max")
+        ("int8", "QDQ", 32, 8, "min/max of all batches")
     model = onnx.load(str(int8_bundle / "model.int8.onnx"))
     ops = [n.op_type for n in model.graph.node]
     # every convolution but the input one, the encoder's last stage (7) and the mask head
