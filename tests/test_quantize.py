@@ -159,10 +159,11 @@ def test_int8_openvino_ir_through_nncf(int8_bundle: Path, tmp_path: Path,
 
     kept = fp32_ops(ov.Core().read_model(str(path / "model.onnx")), path / "model.onnx")
     found = {name.removesuffix("/WithoutBiases") for name in kept}
-    graph = onnx.load(str(path / "model.onnx")).graph
-    wanted = set(fp32_nodes(onnx.load(str(path / "model.onnx"))))
+    onnx_model = onnx.load(str(path / "model.onnx"))
+    wanted = set(fp32_nodes(onnx_model))
     # by its own name, or (the nodes that write an output) by the output's name
-    assert all(n.name in found or set(n.output) & found for n in graph.node if n.name in wanted)
+    assert all(n.name in found or set(n.output) & found
+               for n in onnx_model.graph.node if n.name in wanted)
     assert {"class_logits", "mask_logits"} <= found
     assert entry["fp32_nodes"] == len(kept)
     assert "FakeQuantize" in (path / "model.int8.xml").read_text()

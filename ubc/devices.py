@@ -11,6 +11,7 @@ import os
 import platform
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from ubc.artifacts import GpuInfo
 
@@ -125,21 +126,34 @@ def isa_compatible(built: str, here: str) -> bool:
 #: honours it too, so that a run capped at AVX2 on an AMX Xeon (``ubc-bench --max-isa avx2``)
 #: is filed and reported as an AVX2 machine.
 ISA_CAP_ENV = "ONEDNN_MAX_CPU_ISA"
-# Per cap (oneDNN's names), the flags of the instruction sets above it.
-_AMX = {"amx_tile", "amx_int8", "amx_bf16", "amx_fp16"}
-_AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni",
-           "avx512_bf16", "avx512_fp16"}
-_ABOVE_CAP = {"avx2": _AMX | _AVX512 | {"avx_vnni"}, "avx2_vnni": _AMX | _AVX512,
-              "avx512_core": _AMX | {"avx512_vnni", "avx512_bf16", "avx512_fp16"},
-              "avx512_core_vnni": _AMX | {"avx512_bf16", "avx512_fp16"},
-              "avx512_core_bf16": _AMX | {"avx512_fp16"}}
+_AMX = frozenset({"amx_tile", "amx_int8", "amx_bf16", "amx_fp16"})
+_AVX512 = frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni",
+                     "avx512_bf16", "avx512_fp16"})
+
+
+class IsaCap(NamedTuple):
+    """What one ``ONEDNN_MAX_CPU_ISA`` cap means: the CPU flags of the instruction sets above
+    it, and the ATen kernel set (``ATEN_CPU_CAPABILITY``) PyTorch should use under it."""
+
+    above: frozenset[str]
+    aten: str
+
+
+#: The caps ubc knows, by oneDNN's names (``ubc-bench --max-isa``).
+ISA_CAPS = {
+    "avx2": IsaCap(_AMX | _AVX512 | {"avx_vnni"}, "avx2"),
+    "avx2_vnni": IsaCap(_AMX | _AVX512, "avx2"),
+    "avx512_core": IsaCap(_AMX | {"avx512_vnni", "avx512_bf16", "avx512_fp16"}, "avx512"),
+    "avx512_core_vnni": IsaCap(_AMX | {"avx512_bf16", "avx512_fp16"}, "avx512"),
+    "avx512_core_bf16": IsaCap(_AMX | {"avx512_fp16"}, "avx512"),
+}
 
 
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty elsewhere), less
     those above the ``ONEDNN_MAX_CPU_ISA`` cap when one is set."""
     cap = os.environ.get(ISA_CAP_ENV, "").lower()
-    return _proc_flags() - frozenset(_ABOVE_CAP.get(cap, ()))
+    return _proc_flags() - (ISA_CAPS[cap].above if cap in ISA_CAPS else frozenset())
 
 
 @lru_cache(maxsize=1)

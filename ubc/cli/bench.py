@@ -9,13 +9,11 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from ubc.devices import ISA_CAPS
 from ubc.errors import UBCError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-#: --max-isa: oneDNN's cap and PyTorch's ATen kernel set for each (ubc.devices.ISA_CAP_ENV)
-ISA_CAPS = {"avx2": "avx2", "avx2_vnni": "avx2", "avx512_core": "avx512",
-            "avx512_core_vnni": "avx512", "avx512_core_bf16": "avx512"}
 
 _EPILOG = """\
 every variant x precision x batch size this machine can run is timed; the others are
@@ -185,7 +183,7 @@ def cap_isa(isa: str) -> None:
     if "torch" in sys.modules or "openvino" in sys.modules:
         raise ValueError("--max-isa must be applied before torch or OpenVINO is imported")
     os.environ[ISA_CAP_ENV] = os.environ["OV_CPU_MAX_ISA"] = isa.upper()
-    os.environ["ATEN_CPU_CAPABILITY"] = ISA_CAPS[isa]
+    os.environ["ATEN_CPU_CAPABILITY"] = ISA_CAPS[isa].aten
 
 
 def main(argv: Sequence[str] | None = None) -> int:

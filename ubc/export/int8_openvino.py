@@ -4,10 +4,9 @@ NNCF (``pip install nncf``) reads the model through OpenVINO, inserts FakeQuanti
 where OpenVINO's CPU plugin has integer kernels (AMX, VNNI or AVX2, chosen by the plugin
 at compile time on the machine that runs it), calibrates activation ranges on batches of
 preprocessed slices (the ``--calib`` data, ``CALIBRATION_BATCH`` at a time) and corrects
-biases; the layers the ONNX Runtime INT8 keeps
-in fp32 stay fp32 here too (``fp32_ops``). The IR is two files, ``model.int8.xml``
-(graph) and ``model.int8.bin`` (weights), each with its sha256 in meta.json; the openvino
-backend runs them at precision int8.
+biases; the layers the ONNX Runtime INT8 keeps in fp32 stay fp32 here too (``fp32_ops``).
+The IR is two files, ``model.int8.xml`` (graph) and ``model.int8.bin`` (weights), each
+with its sha256 in meta.json; the openvino backend runs them at precision int8.
 """
 
 from __future__ import annotations
