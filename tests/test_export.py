@@ -165,6 +165,9 @@ def test_cli_usage_errors(tmp_path: Path, exported_bundle: Path,
     assert main([str(exported_bundle), "--check", "--slices-from",
                  str(tmp_path / "nope.npy")]) == 2
     assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(exported_bundle), "--retime"])
+    assert exit_info.value.code == 2 and "--retime goes with --cpu" in capsys.readouterr().err
 
 
 @pytest.mark.slow

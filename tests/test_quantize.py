@@ -208,3 +208,37 @@ def test_export_cpu_on_a_trained_bundle_gates_times_and_auto_picks(
     with load(bundle.path, device="cpu") as engine:
         assert f"{engine.selection.variant}:{engine.precision}" == fastest
     assert "now picks" in out
+    # --retime: the same artifacts timed again, interleaved, nothing re-exported or re-gated
+    assert main([str(bundle.path), "--cpu", "--retime", "--timing-seconds", "0.2"]) == 0
+    again = Bundle(bundle.path).meta
+    assert again["files"] == meta["files"] and again["parity"] == meta["parity"]
+    retimed = again["timing"][cpu_class()]
+    assert retimed.keys() == timed.keys()
+    assert all(len(r["rounds"]) == 3 and r["measured"] >= timed[k]["measured"]
+               for k, r in retimed.items())
+
+
+def test_time_engines_interleaves_rounds(exported_bundle: Path,
+                                         engine_slices: np.ndarray) -> None:
+    """Every engine runs once per round, in turn (a drifting host biases none of them)."""
+    from itertools import groupby
+
+    from ubc.export.cpu import TIMING_ROUNDS, time_engines
+
+    calls: list[str] = []
+
+    class Recorded:
+        def __init__(self, name: str, engine: object) -> None:
+            self.name, self.engine = name, engine
+
+        def infer(self, batch: np.ndarray) -> object:
+            calls.append(self.name)
+            return self.engine.infer(batch)  # type: ignore[attr-defined]
+
+    with load(exported_bundle, backend="onnxruntime", threads=1) as ort, \
+            load(exported_bundle, backend="torch", device="cpu") as eager:
+        rounds = time_engines({"ort": Recorded("ort", ort), "eager": Recorded("eager", eager)},
+                              engine_slices[:3], 4, 0.3)
+    assert [len(r) for r in rounds.values()] == [TIMING_ROUNDS, TIMING_ROUNDS]
+    assert all(speed > 0 for r in rounds.values() for speed in r)
+    assert [name for name, _ in groupby(calls)] == ["ort", "eager"] * (1 + TIMING_ROUNDS)

@@ -38,7 +38,8 @@ it still exists, else on phantoms; bf16 needs no file and is checked where the C
 natively), checks each one's slices (--slices-from) and cases (6 phantoms + --held-out),
 times the passing ones at the scoring batch size, records it all in meta.json under this
 CPU's class, and says what backend='auto' now picks. A bf16 or INT8 artifact below its
-gate is recorded as such and never picked by auto.
+gate is recorded as such and never picked by auto. The timing interleaves the artifacts in
+rounds (a host whose speed drifts biases none); --retime repeats only that.
 
 exit codes: 0 done (and every check passed, CPU bf16/INT8 gates aside), 1 a parity check
 failed, 2 usage error or unusable bundle.
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "several sets")
     p.add_argument("--timing-seconds", type=float, default=3.0, metavar="S",
                    help="with --cpu: timing per artifact (default 3 s)")
+    p.add_argument("--retime", action="store_true",
+                   help="with --cpu: only time again what passed its gates (on a new CPU, "
+                   "or a quieter moment than the export's), and record it")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
                    help="TensorRT plan precision (default fp16)")
     p.add_argument("--max-batch", type=int, default=32, metavar="N",
@@ -118,6 +122,8 @@ def _run_cpu(args: argparse.Namespace) -> int:
     from ubc.parity import MIN_SLICES, case_volumes, fatal_failures, format_table, slices_from
 
     bundle = Bundle(args.bundle)
+    if args.retime:
+        return _retime(bundle, args)
     prep = bundle.preprocessing
     trained_on = str(bundle.meta.get("training", {}).get("data") or "")
     calib_paths = args.calib or ([trained_on] if trained_on and Path(trained_on).is_dir()
@@ -137,6 +143,22 @@ def _run_cpu(args: argparse.Namespace) -> int:
     chosen = _auto_choice(bundle)
     print(f"backend='auto' on this CPU ({report.cpu_class}) now picks {chosen}")
     return EXIT_PARITY if fatal_failures(report.parity) else EXIT_OK
+
+
+def _retime(bundle: Bundle, args: argparse.Namespace) -> int:
+    """``--cpu --retime``: ``ubc.export.cpu.time_passing`` alone (artifacts and gates as
+    meta.json records them)."""
+    from ubc.devices import cpu_class
+    from ubc.export.cpu import CpuExport, scoring_batch, time_passing
+    from ubc.parity import MIN_SLICES, slices_from
+
+    slices, _ = slices_from(args.slices_from or [], bundle.preprocessing, MIN_SLICES, seed=0)
+    report = CpuExport(cpu_class=cpu_class())
+    print(f"timing what passed on this CPU ({report.cpu_class}) ...", flush=True)
+    time_passing(bundle, report, slices, scoring_batch(bundle), args.timing_seconds, None,
+                 lambda line: print(line, flush=True))
+    print(f"backend='auto' on this CPU ({report.cpu_class}) now picks {_auto_choice(bundle)}")
+    return EXIT_OK
 
 
 def _phantom_archive(folder: Path, prep: Preprocessing) -> str:
@@ -218,7 +240,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ubc-export``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.retime and not args.cpu:
+        parser.error("--retime goes with --cpu")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

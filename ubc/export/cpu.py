@@ -7,9 +7,11 @@
 2. parity of every CPU candidate (``ubc.engine.registry.parity_candidates``) against eager
    PyTorch fp32: the slice gates (``ubc.parity.TOLERANCES``) and the case gates
    (``ubc.parity.case_parity``: no case of the held-out sets changes status or class);
-3. a short timing of each one that passed, at the bundle's scoring batch size, recorded in
-   meta.json under this CPU's class (``ubc.devices.cpu_class``), from which
-   ``ubc.engine.load(backend="auto")`` picks the fastest.
+3. a short timing of each one that passed, at the bundle's scoring batch size, in
+   interleaved rounds (``time_engines``), recorded in meta.json under this CPU's class
+   (``ubc.devices.cpu_class``), from which ``ubc.engine.load(backend="auto")`` picks the
+   fastest. ``time_passing`` alone (``ubc-export --cpu --retime``) times again what passed,
+   on a new CPU or at a quieter moment.
 """
 
 from __future__ import annotations
@@ -53,18 +55,43 @@ def scoring_batch(bundle: Bundle) -> int:
     return int(bundle.meta.get("scoring", {}).get("batch_size", SCORING_BATCH))
 
 
-def time_engine(engine: Any, slices: np.ndarray, batch: int, seconds: float) -> float:
-    """Slices/s of ``engine.infer`` at ``batch`` (host in, host out), after 2 warm-up calls,
-    over at least 3 calls and ``seconds``."""
-    reps = -(-batch // len(slices))
-    data = np.ascontiguousarray(np.concatenate([slices] * reps)[:batch])
-    for _ in range(2):
+#: rounds of interleaved timing (``time_engines``)
+TIMING_ROUNDS = 3
+
+
+def time_engine(engine: Any, slices: np.ndarray, batch: int, seconds: float, *,
+                warmup: int = 2, min_calls: int = 3) -> float:
+    """Slices/s of ``engine.infer`` at ``batch`` (host in, host out), after ``warmup``
+    calls, over at least ``min_calls`` calls and ``seconds``."""
+    data = _batch_of(slices, batch)
+    for _ in range(warmup):
         engine.infer(data)
     calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < seconds:
+    while calls < min_calls or time.perf_counter() - start < seconds:
         engine.infer(data)
         calls += 1
     return calls * batch / (time.perf_counter() - start)
+
+
+def time_engines(engines: dict[str, Any], slices: np.ndarray, batch: int,
+                 seconds: float) -> dict[str, list[float]]:
+    """Slices/s of each engine per round: ``TIMING_ROUNDS`` rounds in which every engine in
+    turn runs for ``seconds / TIMING_ROUNDS`` (at least one call), after 2 warm-up calls
+    each. Interleaved, so that a host whose speed drifts during the run (a neighbour's
+    load, turbo) biases no engine against another."""
+    for engine in engines.values():
+        time_engine(engine, slices, batch, 0.0, warmup=1, min_calls=1)
+    rounds: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(TIMING_ROUNDS):
+        for name, engine in engines.items():
+            rounds[name].append(time_engine(engine, slices, batch, seconds / TIMING_ROUNDS,
+                                            warmup=0, min_calls=1))
+    return rounds
+
+
+def _batch_of(slices: np.ndarray, batch: int) -> np.ndarray:
+    reps = -(-batch // len(slices))
+    return np.ascontiguousarray(np.concatenate([slices] * reps)[:batch])
 
 
 def _fresh(bundle: Bundle, name: str) -> bool:
@@ -134,10 +161,9 @@ def _variant_options(backend: str, artifact: str) -> dict[str, Any]:
     return {"artifact": "torchscript" if artifact == TORCHSCRIPT else "eager"}
 
 
-def _time_passing(bundle: Bundle, report: CpuExport, slices: np.ndarray, batch: int,
-                  seconds: float, threads: int | None, say: Callable[[str], None]) -> None:
-    """Time the reference and every candidate that passed its gates; record them."""
-    from ubc.engine import load
+def _timed_runs(bundle: Bundle, report: CpuExport) -> list[tuple[Any, str]]:
+    """(variant, precision) of the reference and of every candidate whose artifact passed
+    its gates (in this run's ``report.parity`` when it has any, and in meta.json)."""
     from ubc.engine.registry import BASELINE, VARIANTS, parity_state
     from ubc.parity import ParityResult
 
@@ -152,28 +178,46 @@ def _time_passing(bundle: Bundle, report: CpuExport, slices: np.ndarray, batch: 
             if cls.unavailable(bundle, "cpu", precision, **variant.options) is not None:
                 continue
             artifact = cls.artifact_for(bundle, "cpu", precision, **variant.options)
-            if (variant.backend, precision, artifact) in passed and \
-                    parity_state(bundle, variant, "cpu", precision, artifact) == "passed":
-                runs.append((variant, precision))
-    load_average = [round(x, 2) for x in os.getloadavg()]
-    from ubc.devices import cpu_model
+            if (report.parity and (variant.backend, precision, artifact) not in passed) or \
+                    parity_state(bundle, variant, "cpu", precision, artifact) != "passed":
+                continue
+            runs.append((variant, precision))
+    return runs
 
-    for variant, precision in runs:
-        kwargs = dict(variant.options)
-        if variant.threads and threads is not None:
-            kwargs["threads"] = threads
-        if variant.any_batch:
-            kwargs["max_batch"] = batch
-        with load(bundle, backend=variant.backend, device="cpu", precision=precision,
-                  **kwargs) as engine:
-            speed = time_engine(engine, slices, batch, seconds)
-            artifact = engine.artifact
-        report.timings[timing_key(variant.name, precision)] = {
-            "slices_per_s": round(speed, 2), "batch": batch, "threads": threads,
-            "artifact": artifact, "sha256": bundle.meta["files"].get(artifact, ""),
-            "cpu": cpu_model(), "load_average": load_average,
-            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        say(f"  {variant.label} {precision}: {speed:.1f} slices/s at batch {batch}")
+
+def time_passing(bundle: Bundle, report: CpuExport, slices: np.ndarray, batch: int,
+                 seconds: float, threads: int | None, say: Callable[[str], None]) -> None:
+    """Time the reference and every candidate that passed its gates, interleaved
+    (``time_engines``); record the median round of each under this CPU class."""
+    from contextlib import ExitStack
+
+    from ubc.devices import cpu_model
+    from ubc.engine import load
+
+    runs = _timed_runs(bundle, report)
+    load_average = [round(x, 2) for x in os.getloadavg()]
+    with ExitStack() as stack:
+        engines = {}
+        for variant, precision in runs:
+            kwargs = dict(variant.options)
+            if variant.threads and threads is not None:
+                kwargs["threads"] = threads
+            if variant.any_batch:
+                kwargs["max_batch"] = batch
+            engines[timing_key(variant.name, precision)] = stack.enter_context(
+                load(bundle, backend=variant.backend, device="cpu", precision=precision,
+                     **kwargs))
+        rounds = time_engines(engines, slices, batch, seconds)
+        for (variant, precision), (key, engine) in zip(runs, engines.items(), strict=True):
+            speed = float(np.median(rounds[key]))
+            report.timings[key] = {
+                "slices_per_s": round(speed, 2), "rounds": [round(r, 2) for r in rounds[key]],
+                "batch": batch, "threads": threads, "artifact": engine.artifact,
+                "sha256": bundle.meta["files"].get(engine.artifact, ""), "cpu": cpu_model(),
+                "load_average": load_average,
+                "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            say(f"  {variant.label} {precision}: {speed:.1f} slices/s at batch {batch} "
+                f"(rounds: {', '.join(f'{r:.1f}' for r in rounds[key])})")
     entries = dict(bundle.meta.get("timing", {}))
     entries[report.cpu_class] = report.timings
     bundle.update_meta(timing=entries)
@@ -199,6 +243,6 @@ def export_cpu(bundle: Bundle, *, calib: np.ndarray, slices: np.ndarray, source:
     record_parity(bundle, results)
     report.parity.extend(results)
     say(f"timing what passed on this CPU ({report.cpu_class}) ...")
-    _time_passing(bundle, report, slices, batch or scoring_batch(bundle), seconds, threads,
-                  say)
+    time_passing(bundle, report, slices, batch or scoring_batch(bundle), seconds, threads,
+                 say)
     return report
