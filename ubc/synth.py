@@ -327,7 +327,7 @@ def _each_phantom(cases: int, seed: int, shape: tuple[int, int, int],
         pool.shutdown(cancel_futures=True)
 
 
-def _write_labels(root: Path, header: list[str], rows: list[tuple[str, ...]]) -> None:
+def _write_labels(root: Path, header: list[str], rows: list[_Row]) -> None:
     with open(root / LABELS_FILE, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)

@@ -37,7 +37,7 @@ class DemoConfig:
     workdir: Path = Path("ubc-demo")
     train_cases: int = 240
     # 96, not 32: on 32 cases the accuracy's binomial SD is ~0.06 (one draw of 32 read 0.78
-    # while 96 cases of two seeds read 0.86 for the same model); about 25 s more scoring
+    # while 96 cases of two seeds read 0.86 for the same model); about 30 s more scoring
     test_cases: int = 96
     shape: tuple[int, int, int] = (160, 160, 64)
     steps: int | None = None

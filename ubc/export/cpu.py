@@ -59,18 +59,13 @@ def scoring_batch(bundle: Bundle) -> int:
 TIMING_ROUNDS = 3
 
 
-def time_engine(engine: Any, slices: np.ndarray, batch: int, seconds: float, *,
-                warmup: int = 2, min_calls: int = 3) -> float:
-    """Slices/s of ``engine.infer`` at ``batch`` (host in, host out), after ``warmup``
-    calls, over at least ``min_calls`` calls and ``seconds``."""
+def time_engine(engine: Any, slices: np.ndarray, batch: int, seconds: float) -> float:
+    """Slices/s of ``engine.infer`` at ``batch`` (host in, host out), after 2 warm-up calls,
+    over at least 3 calls and ``seconds``."""
     data = _batch_of(slices, batch)
-    for _ in range(warmup):
+    for _ in range(2):
         engine.infer(data)
-    calls, start = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < seconds:
-        engine.infer(data)
-        calls += 1
-    return calls * batch / (time.perf_counter() - start)
+    return _speed(engine, data, seconds, min_calls=3)
 
 
 def time_engines(engines: dict[str, Any], slices: np.ndarray, batch: int,
@@ -79,17 +74,28 @@ def time_engines(engines: dict[str, Any], slices: np.ndarray, batch: int,
     turn runs for ``seconds / TIMING_ROUNDS`` (at least one call), after 2 warm-up calls
     each. Interleaved, so that a host whose speed drifts during the run (a neighbour's
     load, turbo) biases no engine against another."""
+    data = _batch_of(slices, batch)
     for engine in engines.values():
-        time_engine(engine, slices, batch, 0.0, warmup=1, min_calls=1)
+        for _ in range(2):
+            engine.infer(data)
     rounds: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(TIMING_ROUNDS):
         for name, engine in engines.items():
-            rounds[name].append(time_engine(engine, slices, batch, seconds / TIMING_ROUNDS,
-                                            warmup=0, min_calls=1))
+            rounds[name].append(_speed(engine, data, seconds / TIMING_ROUNDS, min_calls=1))
     return rounds
 
 
+def _speed(engine: Any, data: np.ndarray, seconds: float, min_calls: int) -> float:
+    """Slices/s of ``engine.infer(data)`` over at least ``min_calls`` calls and ``seconds``."""
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < seconds:
+        engine.infer(data)
+        calls += 1
+    return calls * len(data) / (time.perf_counter() - start)
+
+
 def _batch_of(slices: np.ndarray, batch: int) -> np.ndarray:
+    """``batch`` slices, ``slices`` repeated as often as needed (C-contiguous)."""
     reps = -(-batch // len(slices))
     return np.ascontiguousarray(np.concatenate([slices] * reps)[:batch])
 
