@@ -182,6 +182,7 @@ def test_a_step_budget_decays_every_tenth_and_reads_the_test_once() -> None:
 def test_presets_count_steps_unless_epochs_are_asked_for() -> None:
     quick = TrainConfig.preset("quick")
     assert quick.steps == 500 and quick.lr == 1e-3 and quick.augment and quick.warmup == 50
+    assert quick.batch_size == 8
     assert TrainConfig.preset("quick", epochs=2).steps is None  # explicit epochs win
     assert TrainConfig.preset("quick", epochs=2, steps=7).steps == 7
     assert TrainConfig.preset("paper").steps is None and TrainConfig.preset("paper").lr == 2e-5

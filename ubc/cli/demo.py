@@ -8,7 +8,7 @@
    and overlays;
 5. print the result table and the accuracy (and mask Dice) against the phantoms' truth.
 
-Under 10 minutes on 2 CPU cores from a fresh clone; seconds on a second run.
+About 3 minutes on 2 CPU cores from a fresh clone; seconds on a second run.
 """
 
 from __future__ import annotations
