@@ -17,6 +17,7 @@ from ubc.errors import BundleError
 from ubc.losses import classification_loss, soft_dice, soft_dice_loss, ubc_loss
 from ubc.metrics import dice_scores, evaluate_predictions, roc_auc, wilson_interval
 from ubc.model import build_model, model_from_bundle
+from ubc.plots import curve_axis
 from ubc.training import TrainConfig, fit, predict
 
 
@@ -174,6 +175,9 @@ def test_a_step_budget_decays_every_tenth_and_reads_the_test_once() -> None:
     # decay x0.9 every step (10 % of 10); the lr logged is the one the last step used
     assert [e.lr for e in result.history] == pytest.approx([1e-3 * 0.9 ** k for k in (3, 7, 9)])
     assert result.epochs == 5  # 2 batches per pass over 8 slices
+    unit, at = curve_axis(result.history)  # the curves PNG: one point per log line
+    assert unit == "optimiser step" and [at(e) for e in result.history] == [4, 8, 10]
+    assert curve_axis([replace(e, step=0) for e in result.history])[0] == "epoch"
     warm = fit(_tiny_set(size=32), replace(config, warmup=4, lr_decay=0.5), progress=False)
     # a linear ramp over 4 steps (lr/5 .. 4 lr/5), then lr x0.5 every step
     assert [e.lr for e in warm.history] == pytest.approx([8e-4, 1.25e-4, 3.125e-5])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -16,28 +16,38 @@ def _pyplot() -> Any:
     return plt
 
 
+def curve_axis(history: Sequence[Any]) -> tuple[str, Callable[[Any], int]]:
+    """(axis label, x of a log line) for training curves: the optimiser step where every
+    line records one (a step budget logs several lines an epoch), else the epoch."""
+    if history and all(e.step for e in history):
+        return "optimiser step", lambda e: int(e.step)
+    return "epoch", lambda e: int(e.epoch)
+
+
 def plot_curves(history: Sequence[Any], path: str | os.PathLike[str], *, title: str = "") -> None:
-    """Loss (total, CE, Dice) and accuracy (train, val, test) per epoch, saved as PNG."""
+    """Loss (total, CE, Dice) and accuracy (train, val, test) per log line against
+    ``curve_axis``, saved as PNG."""
     plt = _pyplot()
-    epochs = [e.epoch for e in history]
+    unit, at = curve_axis(history)
+    x = [at(e) for e in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [e.loss for e in history], label="loss")
-    ax_loss.plot(epochs, [e.ce for e in history], label="CE")
+    ax_loss.plot(x, [e.loss for e in history], label="loss")
+    ax_loss.plot(x, [e.ce for e in history], label="CE")
     if any(e.dice_loss for e in history):
-        ax_loss.plot(epochs, [e.dice_loss for e in history], label="1 - soft Dice")
-    ax_loss.set_xlabel("epoch")
+        ax_loss.plot(x, [e.dice_loss for e in history], label="1 - soft Dice")
+    ax_loss.set_xlabel(unit)
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [e.train_accuracy for e in history], label="train accuracy")
+    ax_acc.plot(x, [e.train_accuracy for e in history], label="train accuracy")
     for split in ("val", "test"):
-        points = [(e.epoch, getattr(e, split)) for e in history if getattr(e, split)]
+        points = [(at(e), getattr(e, split)) for e in history if getattr(e, split)]
         if points:
             ax_acc.plot([p[0] for p in points], [p[1]["accuracy"] for p in points], "o-",
                         label=f"{split} accuracy")
             if points[0][1].get("dice") is not None:
                 ax_acc.plot([p[0] for p in points], [p[1]["dice"] for p in points], "s--",
                             label=f"{split} Dice")
-    ax_acc.set_xlabel("epoch")
+    ax_acc.set_xlabel(unit)
     ax_acc.set_ylim(0, 1.02)
     ax_acc.legend()
     fig.suptitle(title, fontsize=9)
