@@ -33,11 +33,6 @@ from ubc.export.common import ExportResult
 
 log = logging.getLogger(__name__)
 
-#: slices per engine call when scoring (``ubc.scoring.pipeline``: the engine's max_batch,
-#: at most 32); a bundle may record its own under meta["scoring"]["batch_size"]
-SCORING_BATCH = 32
-
-
 @dataclass(frozen=True)
 class CpuExport:
     """What ``export_cpu`` did: artifacts written, formats skipped (and why), parity
@@ -51,8 +46,11 @@ class CpuExport:
 
 
 def scoring_batch(bundle: Bundle) -> int:
-    """The batch size the bundle is scored at (and timed at)."""
-    return int(bundle.meta.get("scoring", {}).get("batch_size", SCORING_BATCH))
+    """The batch size the bundle is scored at (and timed at): what its meta.json records
+    under scoring.batch_size, else the scoring stages' ``MAX_BATCH``."""
+    from ubc.scoring.stages import MAX_BATCH
+
+    return int(bundle.meta.get("scoring", {}).get("batch_size", MAX_BATCH))
 
 
 #: rounds of interleaved timing (``time_engines``)

@@ -40,6 +40,7 @@ from ubc.scoring.stages import (
     CaseWork,
     RunContext,
     accumulate,
+    batch_size_for,
     finish_case,
     load_case,
     prepare_case,
@@ -133,7 +134,7 @@ class Pipeline:
         self.engine = engine
         self.context = context
         self.options = options or PipelineOptions()
-        self.batch_size = self.options.batch_size or min(engine.max_batch, 32)
+        self.batch_size = batch_size_for(engine.max_batch, self.options.batch_size)
         self.stats = PipelineStats()
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -43,6 +43,7 @@ from ubc.scoring.stages import (
     CaseWork,
     RunContext,
     accumulate,
+    batch_size_for,
     finish_case,
     load_case,
     original_grid_mask,
@@ -154,7 +155,7 @@ class Predictor:
             self.bundle, engine.backend, engine.precision, top_k=self.options.top_k,
             min_lesion_ml=self.options.min_lesion_ml,
             preprocess_threads=self.options.preprocess_threads)
-        self.max_batch = max_batch or min(engine.max_batch, 32)
+        self.max_batch = batch_size_for(engine.max_batch, max_batch)
         self.max_wait_ms, self.max_queue = float(max_wait_ms), int(max_queue)
         self._batcher = Batcher(engine, self.max_batch, self.max_wait_ms / 1000.0,
                                  self.max_queue)

@@ -20,6 +20,7 @@ from ubc.scoring.stages import (
     CaseWork,
     RunContext,
     accumulate,
+    batch_size_for,
     finish_case,
     load_case,
     prepare_case,
@@ -103,7 +104,7 @@ class EngineActor:
         self.engine = engines.load(Bundle(bundle), backend=backend, device=device, **options)
         self.context = dataclasses.replace(context, backend=self.engine.backend,
                                            precision=self.engine.precision)
-        self.batch_size = batch_size or min(self.engine.max_batch, 32)
+        self.batch_size = batch_size_for(self.engine.max_batch, batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()

@@ -20,6 +20,7 @@ from ubc.scoring.stages import (
     CaseWork,
     RunContext,
     accumulate,
+    batch_size_for,
     finish_case,
 )
 
@@ -53,7 +54,7 @@ class Scorer:
             self.bundle, engine.backend, engine.precision, top_k=self.options.top_k,
             min_lesion_ml=self.options.min_lesion_ml,
             preprocess_threads=self.options.preprocess_threads)
-        self.batch_size = self.options.batch_size or min(engine.max_batch, 32)
+        self.batch_size = batch_size_for(engine.max_batch, self.options.batch_size)
 
     def _infer(self, work: CaseWork, context: RunContext) -> None:
         slices, work.slices = work.slices, None

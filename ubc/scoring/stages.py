@@ -32,7 +32,17 @@ from ubc.scoring.discover import Case, case_identity, safe_path
 from ubc.scoring.result import ERROR, NO_LESION, OK, CaseResult
 
 __all__ = ["RunContext", "CaseWork", "load_case", "prepare_case", "accumulate", "finish_case",
-           "original_grid_mask"]
+           "original_grid_mask", "batch_size_for"]
+
+#: slices per engine call when the caller does not say: more buys no speed on the CPU
+#: runtimes and costs memory (bench/RESULTS.md, batches 8 and 32)
+MAX_BATCH = 32
+
+
+def batch_size_for(engine_max_batch: int, requested: int | None = None) -> int:
+    """Slices per engine call: ``requested``, else the engine's max_batch, at most
+    ``MAX_BATCH``."""
+    return requested or min(engine_max_batch, MAX_BATCH)
 
 
 @dataclass(frozen=True)
