@@ -3,6 +3,7 @@ tests (64 x 64, TorchScript + ONNX): small volumes, few calls, one thread per ru
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -332,3 +333,36 @@ def test_cuda_rows_have_device_timing_and_memory(exported_bundle, torch_threads)
         assert row["device"] == "cuda" and row["device_latency"]["p50"] > 0
         assert row["device_peak_mib"] > 0
         assert row["parity"]["passed"] and not row["parity"]["extra"].get("reference")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                    reason="openvino is not installed (pip install ubc[openvino])")
+def test_openvino_profile_counts_the_models_multiply_accumulates(
+        exported_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/openvino_profile.py: its MAC count of the ONNX graph is PyTorch's (a hook on
+    every Conv2d), and it profiles the engine as the openvino backend compiles it."""
+    import openvino as ov
+    import torch
+
+    from bench.openvino_profile import conv_macs, report
+    from ubc.engine import load
+    from ubc.model import model_from_bundle
+
+    bundle = Bundle(exported_bundle)
+    model = model_from_bundle(bundle).eval()
+    counted: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: counted.append(
+        m.weight.numel() * o.shape[2] * o.shape[3])) for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, *bundle.preprocessing.size))
+    for hook in hooks:
+        hook.remove()
+    with load(bundle, backend="openvino", threads=1) as engine:
+        macs = conv_macs(engine.read_model(ov.Core()))
+        assert len(macs) == len(counted)
+        assert sum(m for m, _ in macs.values()) == sum(counted)
+        report(engine, batch=2, calls=1, slices_per_volume=100)
+    out = capsys.readouterr().out
+    assert "model.onnx at fp32, batch 2, 1 threads" in out
+    assert f"{sum(counted) / 1e9:.2f} GMAC per slice" in out

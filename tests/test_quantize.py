@@ -124,6 +124,23 @@ def test_int8_is_picked_only_when_gated_and_timed_fastest(
     bundle.update_meta(timing={})
     with load(bundle, device="cpu", threads=1) as engine:  # none recorded: the static order
         assert (engine.backend, engine.precision) == ("onnxruntime", "fp32")
+    assert "--retime" not in caplog.text
+
+
+def test_timings_of_another_cpu_class_are_not_used_and_say_so(
+        int8_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from ubc.devices import cpu_class
+
+    bundle = Bundle(copy_bundle(int8_bundle, tmp_path))
+    other = "avx2" if cpu_class() != "avx2" else "amx"
+    bundle.update_meta(timing={other: {"onnxruntime:int8": {
+        "slices_per_s": 90.0, "artifact": "model.int8.onnx",
+        "sha256": bundle.meta["files"]["model.int8.onnx"]}}})
+    with caplog.at_level(logging.WARNING, logger="ubc.engine"):
+        with load(bundle, device="cpu", threads=1) as engine:  # an AVX2 figure means nothing
+            assert (engine.backend, engine.precision) == ("onnxruntime", "fp32")  # here
+    assert f"recorded for {other} only, not for this CPU ({cpu_class()})" in caplog.text
+    assert f"ubc-export {bundle.path} --cpu --retime" in caplog.text
 
 
 def test_case_parity_names_changed_cases() -> None:

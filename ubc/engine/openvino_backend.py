@@ -75,14 +75,17 @@ class OpenVinoEngine(Engine):
                                                                    "OPTIMIZATION_CAPABILITIES"):
             raise ValueError("this CPU has no bf16 support; use precision='fp32'")
         self.threads = int(threads or len(os.sched_getaffinity(0)))
-        config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self.threads,
-                  "INFERENCE_PRECISION_HINT": _HINTS[precision]}
-        weights = artifacts_of(bundle.meta).get(self.artifact, {}).get("weights_file")
-        model = core.read_model(str(bundle.file(self.artifact)),
-                                *([str(bundle.file(weights))] if weights else []))
-        self._compiled = core.compile_model(model, "CPU", config)
+        self.config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self.threads,
+                       "INFERENCE_PRECISION_HINT": _HINTS[precision]}
+        self._compiled = core.compile_model(self.read_model(core), "CPU", self.config)
         self._request = self._compiled.create_infer_request()
         self._outputs = [self._compiled.output(name) for name in OUTPUT_NAMES]
+
+    def read_model(self, core: Any) -> Any:
+        """The artifact as an ``openvino.Model`` (graph + weights file where it has one)."""
+        weights = artifacts_of(self.bundle.meta).get(self.artifact, {}).get("weights_file")
+        return core.read_model(str(self.bundle.file(self.artifact)),
+                               *([str(self.bundle.file(weights))] if weights else []))
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         results = self._request.infer([batch])

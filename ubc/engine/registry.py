@@ -9,7 +9,8 @@ The automatic choice is the first variant of the device's order that can run her
 skipping (and saying why) any whose artifact is missing, corrupted, built for another
 machine, or recorded in meta.json as failing its parity check. On the CPU the order is the
 measured one where ``ubc-export --cpu`` recorded timings for this CPU class
-(``ubc.devices.cpu_class``): fastest first, the static order below for those not timed.
+(``ubc.devices.cpu_class``): fastest first, the static order below for those not timed
+(with a warning naming ``ubc-export --cpu --retime`` when only other classes were timed).
 With ``precision="auto"`` the candidates are every checked precision of every variant; a
 reduced precision (bf16, int8, fp16) is then picked only when it passed its parity gate
 and was timed; without timings the choice is the static order at fp32.
@@ -237,6 +238,18 @@ def recorded_speed(bundle: Bundle, variant: Variant, precision: str,
     return float(record["slices_per_s"])
 
 
+def _warn_timed_elsewhere(bundle: Bundle, here: str) -> None:
+    """Say so when the bundle was timed on other CPU classes only (exported on an AVX-512
+    machine, run on an AVX2 one): ``auto`` then falls back to the static order."""
+    elsewhere = sorted(c for c in bundle.meta.get("timing", {}) if c != here
+                       and timings_of(bundle.meta, c))
+    if elsewhere:
+        log.warning("%s: CPU timings recorded for %s only, not for this CPU (%s): backend "
+                    "'auto' takes the static order at fp32; `ubc-export %s --cpu --retime` "
+                    "times the gated artifacts here (seconds each) so that it picks the "
+                    "fastest", bundle.path, ", ".join(elsewhere), here, bundle.path)
+
+
 def candidates(bundle: Bundle, device: str, precision: str) -> list[tuple[Variant, str]]:
     """(variant, precision) pairs ``choose`` tries, in order: on the CPU the ones timed on
     this CPU class fastest first, then the static order (at fp32 only, for "auto")."""
@@ -252,6 +265,8 @@ def candidates(bundle: Bundle, device: str, precision: str) -> list[tuple[Varian
     speeds = {(v.name, p): recorded_speed(bundle, v, p, here) for v, p in pairs}
     timed = sorted((pair for pair in pairs if speeds[pair[0].name, pair[1]] is not None),
                    key=lambda pair: -(speeds[pair[0].name, pair[1]] or 0.0))
+    if not timed:
+        _warn_timed_elsewhere(bundle, here)
     rest = [(v, p) for v, p in pairs if speeds[v.name, p] is None
             and (precision != "auto" or p == "fp32")]
     return timed + rest
