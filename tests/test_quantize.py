@@ -141,6 +141,9 @@ def test_timings_of_another_cpu_class_are_not_used_and_say_so(
             assert (engine.backend, engine.precision) == ("onnxruntime", "fp32")  # here
     assert f"recorded for {other} only, not for this CPU ({cpu_class()})" in caplog.text
     assert f"ubc-export {bundle.path} --cpu --retime" in caplog.text
+    bundle.update_meta(timing=7)  # a malformed record is no timing, not a crash
+    with load(bundle, device="cpu", threads=1) as engine:
+        assert (engine.backend, engine.precision) == ("onnxruntime", "fp32")
 
 
 def test_case_parity_names_changed_cases() -> None:

@@ -175,3 +175,10 @@ def timings_of(meta: dict[str, Any], cpu_class: str) -> dict[str, dict[str, Any]
     entries = meta.get("timing", {})
     recorded = entries.get(cpu_class, {}) if isinstance(entries, dict) else {}
     return recorded if isinstance(recorded, dict) else {}
+
+
+def timed_cpu_classes(meta: dict[str, Any]) -> list[str]:
+    """The CPU classes ``meta["timing"]`` holds timings for, sorted."""
+    entries = meta.get("timing", {})
+    return sorted(c for c in entries if timings_of(meta, c)) if isinstance(entries, dict) \
+        else []

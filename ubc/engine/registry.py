@@ -30,6 +30,7 @@ from ubc.artifacts import (
     parity_key,
     parse_plan_name,
     stale_reason,
+    timed_cpu_classes,
     timing_key,
     timings_of,
 )
@@ -245,12 +246,11 @@ _WARNED_UNTIMED: set[tuple[str, str]] = set()
 def _warn_timed_elsewhere(bundle: Bundle, here: str) -> None:
     """Say so when the bundle was timed on other CPU classes only (exported on an AVX-512
     machine, run on an AVX2 one): ``auto`` then falls back to the static order."""
-    elsewhere = sorted(c for c in bundle.meta.get("timing", {}) if c != here
-                       and timings_of(bundle.meta, c))
+    elsewhere = [c for c in timed_cpu_classes(bundle.meta) if c != here]
     if elsewhere and (str(bundle.path), here) not in _WARNED_UNTIMED:
         _WARNED_UNTIMED.add((str(bundle.path), here))
         log.warning("%s: CPU timings recorded for %s only, not for this CPU (%s): backend "
-                    "'auto' takes the static order at fp32; `ubc-export %s --cpu --retime` "
+                    "'auto' falls back to the static order; `ubc-export %s --cpu --retime` "
                     "times the gated artifacts here (seconds each) so that it picks the "
                     "fastest", bundle.path, ", ".join(elsewhere), here, bundle.path)
 
