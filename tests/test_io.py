@@ -11,6 +11,7 @@ import pytest
 
 from ubc.errors import UBCInputError
 from ubc.io import load_volume, save_mask
+from ubc.io.nifti import encode_mask
 
 RAS = np.diag([1.0, 1.0, 1.0, 1.0])
 
@@ -139,6 +140,17 @@ def test_mask_is_saved_in_the_input_grid(tmp_path, affine):
     assert stored.shape == data.shape and stored.dtype == np.uint8
     np.testing.assert_array_equal(stored, (data % 7 == 0).astype(np.uint8))
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_mask_files_are_the_one_deterministic_encoding(tmp_path):
+    volume = load_volume(write(tmp_path / "v.nii.gz", marked_volume()))
+    mask = (volume.data % 7 == 0).astype(np.uint8)
+    stored = volume.to_original_orientation(mask)
+    for name, compress in (("m.nii.gz", True), ("m.nii", False)):
+        expected = encode_mask(stored, volume.original_affine, compress=compress)
+        assert save_mask(mask, volume, tmp_path / name).read_bytes() == expected
+    with pytest.raises(ValueError, match=r"m\.img: .*name it \.nii\.gz"):
+        save_mask(mask, volume, tmp_path / "m.img")
 
 
 @pytest.mark.real

@@ -180,6 +180,8 @@ def test_predictions_match_ubc_infer_rows(server: Server, phantom_archive: Path,
     expected = nib.load(masks / f"{safe_name(case.case_id)}.nii.gz")
     assert np.array_equal(np.asarray(mask.dataobj), np.asarray(expected.dataobj))
     assert np.allclose(mask.affine, expected.affine) and np.asarray(mask.dataobj).any()
+    # one mask encoder: the very bytes of ubc-infer's mask file
+    assert answer.content == (masks / f"{safe_name(case.case_id)}.nii.gz").read_bytes()
     stats = httpx.get(server.url + "/metrics", headers=AUTH).text
     assert 'ubc_requests_total{endpoint="predict",status="200"}' in stats
 

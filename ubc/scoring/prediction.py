@@ -4,12 +4,12 @@ mask in the input's own grid, orientation and affine."""
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ubc.io.nifti import encode_mask
 from ubc.scoring.result import ERROR, CaseResult
 
 __all__ = ["Prediction"]
@@ -98,12 +98,8 @@ class Prediction:
 
     def mask_nifti(self, *, compress: bool = True) -> bytes:
         """The mask as the bytes of a NIfTI-1 file (.nii.gz unless ``compress`` is False),
-        uint8, in the input's grid with its affine (as ``ubc.io.save_mask`` writes it)."""
-        import nibabel as nib
-
+        uint8, in the input's grid with its affine (``ubc.io.nifti.encode_mask``, which
+        ``ubc.io.save_mask`` writes too)."""
         if self.mask is None:
             raise ValueError(f"{self.case_id}: predicted without a mask (mask=False)")
-        image = nib.Nifti1Image(np.asarray(self.mask, np.uint8), self.affine)
-        image.header.set_xyzt_units("mm")
-        raw = image.to_bytes()
-        return gzip.compress(raw, compresslevel=1) if compress else raw
+        return encode_mask(self.mask, self.affine, compress=compress)

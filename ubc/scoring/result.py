@@ -1,17 +1,25 @@
-"""One row per case: ``CaseResult``, its columns, and its conversion to and from the plain
-values that CSV, JSON lines and Parquet hold."""
+"""One row per case: ``CaseResult``, whose fields are the one declaration of the results
+file's columns (names, order, types), and its conversion to and from the plain values that
+CSV, JSON lines and Parquet hold. The writers, ``Prediction.to_row`` and ubc-serve's answer
+are all derived from it."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OK", "ERROR", "NO_LESION", "STATUSES", "COLUMNS", "CaseResult"]
+__all__ = ["OK", "ERROR", "NO_LESION", "STATUSES", "COLUMNS", "COLUMN_TYPES", "SERVED_COLUMNS",
+           "CaseResult", "value_type"]
 
 OK, ERROR, NO_LESION = "ok", "error", "no_lesion"
 STATUSES = (OK, ERROR, NO_LESION)
+
+# the columns that only a scored archive has: the input file and its identity, the DICOM
+# source, the conformance flags; ubc-serve's answers leave them out
+_ARCHIVE_ONLY = {"served": False}
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ class CaseResult:
     """
 
     case_id: str
-    path: str
+    path: str = field(metadata=_ARCHIVE_ONLY)
     status: str
     error: str | None = None
     p_hgg: float | None = None
@@ -53,13 +61,13 @@ class CaseResult:
     backend: str | None = None
     precision: str | None = None
     seconds: float | None = None
-    input_bytes: int | None = None
-    input_mtime_ns: int | None = None
-    input_digest: str | None = None
-    flags: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    series_description: str | None = None
+    input_bytes: int | None = field(default=None, metadata=_ARCHIVE_ONLY)
+    input_mtime_ns: int | None = field(default=None, metadata=_ARCHIVE_ONLY)
+    input_digest: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
+    flags: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
+    study_uid: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
+    series_uid: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
+    series_description: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -80,38 +88,34 @@ class CaseResult:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> CaseResult:
         """The inverse of ``to_row``; also accepts the strings of a CSV row."""
-        values: dict[str, Any] = {}
-        for name, kind in _KINDS.items():
-            values[name] = _convert(row.get(name), kind, name)
-        return cls(**values)
+        return cls(**{name: _convert(row.get(name), name) for name in COLUMNS})
 
 
-def _convert(value: Any, kind: str, name: str) -> Any:
-    if kind == "ints":
+COLUMNS = tuple(f.name for f in dataclasses.fields(CaseResult))
+COLUMN_TYPES: dict[str, Any] = typing.get_type_hints(CaseResult)
+"""Column -> its type: ``str`` (never empty), ``str | None``, ``int | None``, ``float | None``
+or ``tuple[int, ...]`` (``slices_used``)."""
+SERVED_COLUMNS = tuple(f.name for f in dataclasses.fields(CaseResult)
+                       if f.metadata.get("served", True))
+"""The columns of ubc-serve's answers."""
+
+
+def value_type(column: str) -> Any:
+    """The type of a column's values: str, int, float or tuple[int, ...] (its type without
+    ``| None``)."""
+    hint = COLUMN_TYPES[column]
+    args = typing.get_args(hint)
+    return args[0] if type(None) in args else hint
+
+
+def _convert(value: Any, column: str) -> Any:
+    kind = value_type(column)
+    if kind == tuple[int, ...]:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return ()
         if isinstance(value, str):
             return tuple(int(v) for v in value.replace(";", " ").split())
         return tuple(int(v) for v in value)
     if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return "" if kind == "str!" else None
-    if kind in ("str", "str!"):
-        return str(value)
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
-    raise AssertionError(f"unknown column kind {kind} for {name}")
-
-
-# Column -> how to read it back: "str!" never empty, "str"/"int"/"float" may be empty (None).
-_KINDS = {
-    "case_id": "str!", "path": "str!", "status": "str!", "error": "str", "p_hgg": "float",
-    "predicted_class": "str", "lesion_volume_ml": "float", "slices_total": "int",
-    "slices_scored": "int", "slices_used": "ints", "model": "str", "bundle_sha256": "str",
-    "backend": "str", "precision": "str", "seconds": "float", "input_bytes": "int",
-    "input_mtime_ns": "int", "input_digest": "str", "flags": "str", "study_uid": "str",
-    "series_uid": "str", "series_description": "str",
-}
-COLUMNS = tuple(f.name for f in dataclasses.fields(CaseResult))
-assert COLUMNS == tuple(_KINDS), "keep _KINDS in step with CaseResult's fields"
+        return "" if COLUMN_TYPES[column] is str else None
+    return kind(value)

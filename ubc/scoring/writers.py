@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 from ubc.atomic import atomic_write_bytes
 from ubc.errors import UBCInputError
-from ubc.scoring.result import COLUMNS, CaseResult
+from ubc.scoring.result import COLUMNS, CaseResult, value_type
 
 __all__ = ["FORMATS", "ResultsFile", "open_results", "read_results"]
 
@@ -133,6 +133,12 @@ def _one_line(text: str | None) -> str | None:
     return None if text is None else " ".join(text.splitlines())
 
 
+def _csv_field(value: Any) -> Any:
+    if value is None:
+        return ""
+    return ";".join(map(str, value)) if isinstance(value, list) else value
+
+
 class CsvResults(_LineFile):
     """Comma-separated, a header line, ``slices_used`` as ``12;13;14``, empty = missing."""
 
@@ -141,10 +147,8 @@ class CsvResults(_LineFile):
     def encode(self, result: CaseResult) -> bytes:
         row = result.to_row()
         row["error"] = _one_line(row["error"])
-        row["slices_used"] = ";".join(str(i) for i in row["slices_used"])
         buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerow(
-            "" if row[c] is None else row[c] for c in COLUMNS)
+        csv.writer(buffer, lineterminator="\n").writerow(map(_csv_field, row.values()))
         return buffer.getvalue().encode()
 
     def decode(self, line: str) -> dict[str, Any]:
@@ -177,11 +181,9 @@ def _pyarrow() -> Any:
 
 
 def _schema(pa: Any) -> Any:
-    kinds = {"p_hgg": pa.float64(), "lesion_volume_ml": pa.float64(),
-             "seconds": pa.float64(), "slices_used": pa.list_(pa.int64())}
-    ints = ("slices_total", "slices_scored", "input_bytes", "input_mtime_ns")
-    return pa.schema([(c, kinds.get(c, pa.int64() if c in ints else pa.string()))
-                      for c in COLUMNS])
+    arrow = {str: pa.string(), int: pa.int64(), float: pa.float64(),
+             tuple[int, ...]: pa.list_(pa.int64())}
+    return pa.schema([(c, arrow[value_type(c)]) for c in COLUMNS])
 
 
 class ParquetResults(ResultsFile):

@@ -34,11 +34,12 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
 from ubc.errors import UBCInputError
 from ubc.scoring.prediction import Prediction
 from ubc.scoring.predictor import Overloaded, Predictor
+from ubc.scoring.result import COLUMN_TYPES, SERVED_COLUMNS
 from ubc.serve.metrics import Metrics
 from ubc.serve.upload import TooLarge, check_length, read_body
 
@@ -48,9 +49,6 @@ log = logging.getLogger("ubc.serve")
 ENV_CONFIG = "UBC_SERVE_CONFIG"
 _MB = 1024 * 1024
 RETRY_AFTER_S = 1
-_RESULT_COLUMNS = ("case_id", "status", "error", "p_hgg", "predicted_class",
-                   "lesion_volume_ml", "slices_total", "slices_scored", "slices_used", "model",
-                   "bundle_sha256", "backend", "precision", "seconds")
 
 
 @dataclass(frozen=True)
@@ -93,24 +91,12 @@ class SliceScores(BaseModel):
     p_hgg: list[float]
 
 
-class PredictResponse(BaseModel):
-    """One results-file row (the columns of ``ubc-infer``'s output) plus per-slice scores."""
-
-    case_id: str
-    status: str
-    error: str | None
-    p_hgg: float | None
-    predicted_class: str | None
-    lesion_volume_ml: float | None
-    slices_total: int | None
-    slices_scored: int | None
-    slices_used: list[int]
-    model: str | None
-    bundle_sha256: str | None
-    backend: str | None
-    precision: str | None
-    seconds: float | None
-    slices: SliceScores
+_FIELDS: dict[str, Any] = {**{c: (COLUMN_TYPES[c], ...) for c in SERVED_COLUMNS},
+                           "slices": (SliceScores, ...)}
+PredictResponse = create_model(
+    "PredictResponse", **_FIELDS,
+    __doc__="One results-file row (the columns of ``ubc-infer``'s output) plus per-slice "
+            "scores.")
 
 
 class Problem(BaseModel):
@@ -204,7 +190,7 @@ class _Service:
 
 def _row(prediction: Prediction) -> dict[str, Any]:
     row = prediction.to_row()
-    return {k: row[k] for k in _RESULT_COLUMNS}
+    return {k: row[k] for k in SERVED_COLUMNS}
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -308,7 +294,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def predict(request: Request, case_id: str | None = _CASE_ID) -> Response:
         async def work() -> Response:
             prediction = await service.predict(request, case_id, mask=False)
-            return JSONResponse({**_row(prediction), "slices": prediction.slice_scores()})
+            answer = PredictResponse.model_validate(
+                {**_row(prediction), "slices": prediction.slice_scores()})
+            return JSONResponse(answer.model_dump(mode="json"))
         return await _answer(service, "predict", work)
 
     @app.post("/v1/mask", summary="score one volume, answer its lesion mask as .nii.gz",
