@@ -61,7 +61,7 @@ def device() -> str:
 @pytest.fixture(scope="module")
 def slices(bundle: Bundle) -> np.ndarray:
     """64 preprocessed phantom slices (half through the lesion), as ubc.parity makes them."""
-    from ubc.parity import phantom_slices
+    from ubc.check_data import phantom_slices
 
     return phantom_slices(bundle.preprocessing, 64, seed=0, cases=4)
 

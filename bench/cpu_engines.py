@@ -32,7 +32,7 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 def parity_slices(preprocessing: Any) -> tuple[np.ndarray, str]:
-    from ubc.parity import phantom_slices, volume_slices
+    from ubc.check_data import phantom_slices, volume_slices
 
     volumes = sorted(REAL.glob("*t2f.nii.gz")) + sorted(REAL.glob("*fla*.nii.gz"))
     if volumes:

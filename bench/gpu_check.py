@@ -188,7 +188,7 @@ def _machine(rec: Recorder, device: str) -> bool:
 
 def _slices(rec: Recorder, size: int) -> np.ndarray:
     from ubc.bundle import Preprocessing
-    from ubc.parity import phantom_slices
+    from ubc.check_data import phantom_slices
 
     try:
         slices = phantom_slices(Preprocessing(size=(size, size)), 64)
@@ -239,8 +239,8 @@ def _row(bundle: Any, args: argparse.Namespace, slices: np.ndarray, source: str,
     import torch
 
     from ubc.engine import load
-    from ubc.export.cpu import time_engine
     from ubc.parity import compare
+    from ubc.parity_timing import time_engine
 
     label, backend, precision, options = variant
     parity = compare(bundle, backend, slices, device=args.device, precision=precision,
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rec.save()
         return results
     if args.device != "cpu":
-        from ubc.engine import cuda_memory
+        from ubc import cuda_memory
 
         def round_trip() -> bool:
             data = np.arange(1 << 20, dtype=np.float32)

@@ -99,7 +99,7 @@ def engine_slices() -> np.ndarray:
     """64 preprocessed slices float32 [64, 1, 64, 64] of small phantoms written as NIfTI and
     read back through ubc.io + ubc.preprocess (half of them through the lesion)."""
     from ubc.bundle import Preprocessing
-    from ubc.parity import phantom_slices
+    from ubc.check_data import phantom_slices
 
     return phantom_slices(Preprocessing(size=ENGINE_SIZE, target_spacing=ENGINE_SPACING), 64,
                           seed=3, cases=4, shape=(128, 128, 48))

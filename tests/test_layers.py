@@ -23,9 +23,16 @@ ALLOWED: dict[str, set[str]] = {
     "devices": {"artifacts"},
     "artifacts": {"bundle"},
     # the eager torch backend runs the model code itself (``ubc.model``, imported lazily)
-    "engine": {"artifacts", "bundle", "devices", "model"},
+    "engine": {"artifacts", "bundle", "cuda_memory", "devices", "model"},
+    # writes artifacts; gating and timing them is parity's
+    "export": {"artifacts", "bundle", "cuda_memory", "devices", "model"},
+    # the caller hands in the slices (ubc.check_data, training side)
     "parity": {"artifacts", "bundle", "devices", "engine", "io", "preprocess", "metrics",
-               "scoring", "data", "synth"},
+               "scoring"},
+    "parity_timing": {"artifacts", "bundle", "devices", "engine", "parity", "scoring"},
+    # the ubc-export run: export, then check, gate and time with parity
+    "export_job": {"artifacts", "bundle", "devices", "engine", "export", "parity",
+                   "parity_timing"},
     "scoring": {"artifacts", "bundle", "devices", "engine", "io", "preprocess"},
     "serve": {"artifacts", "bundle", "devices", "engine", "io", "preprocess", "scoring"},
 }

@@ -10,6 +10,7 @@ import pytest
 from conftest import copy_bundle
 
 from ubc.bundle import Bundle, Preprocessing
+from ubc.check_data import volume_slices
 from ubc.engine import load
 from ubc.parity import (
     MIN_SLICES,
@@ -23,7 +24,6 @@ from ubc.parity import (
     format_table,
     measure,
     reference_outputs,
-    volume_slices,
 )
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

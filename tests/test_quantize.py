@@ -243,7 +243,7 @@ def test_time_engines_interleaves_rounds(exported_bundle: Path,
     """Every engine runs once per round, in turn (a drifting host biases none of them)."""
     from itertools import groupby
 
-    from ubc.export.cpu import TIMING_ROUNDS, time_engines
+    from ubc.parity_timing import TIMING_ROUNDS, time_engines
 
     calls: list[str] = []
 

@@ -104,20 +104,62 @@ def with_artifact(meta: dict[str, Any], name: str, **description: Any) -> dict[s
     return entries
 
 
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format, declared: what it writes and needs, and how ``ubc-export`` makes it.
+
+    ``exporter``: "module:function", imported on first use. ``files``: regular expression of
+    the artifact names it writes, whose named groups fill ``rebuild``, the ``ubc-export``
+    arguments that (re)make one of them on this machine. ``help``: the help of its own
+    ``ubc-export --NAME`` option ("": only ``--cpu`` makes it). ``inputs``: the slices it is
+    made from, "example" (traced) and/or "calib" (INT8 calibration). ``packages`` (pip names)
+    and ``install``: what it imports beyond the base install. ``cpu``: a step of
+    ``ubc-export --cpu``, in the order of ``FORMATS``.
+    """
+
+    name: str
+    exporter: str
+    files: str
+    rebuild: str
+    help: str = ""
+    inputs: tuple[str, ...] = ("example",)
+    packages: tuple[str, ...] = ("torch",)
+    install: str = "pip install ubc[export]"
+    cpu: bool = False
+
+
+#: Every export format, in the order they are exported (TensorRT plans and the INT8 forms
+#: are made from model.onnx).
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
+    ExportFormat("torchscript", "ubc.export.torchscript:to_torchscript", r"model\.ts",
+                 "--torchscript", "traced, frozen model.ts", cpu=True),
+    ExportFormat("onnx", "ubc.export.onnx:to_onnx", r"model\.onnx", "--onnx",
+                 "model.onnx, dynamic batch", packages=("torch", "onnx"), cpu=True),
+    ExportFormat("aoti", "ubc.export.aoti:to_aoti", r"model\.(?P<device>cpu|cuda)-.+\.pt2",
+                 "--aoti --device {device}",
+                 "AOTInductor package for --device (compiles for minutes)"),
+    ExportFormat("tensorrt", "ubc.export.tensorrt:to_tensorrt", _PLAN.pattern,
+                 "--tensorrt --precision {precision}",
+                 "TensorRT plan for this GPU (exports the ONNX first if needed)",
+                 inputs=("calib",), packages=("tensorrt", "cuda-bindings"),
+                 install="pip install ubc[tensorrt]"),
+    ExportFormat("int8-onnx", "ubc.export.int8_onnx:to_int8_onnx", r"model\.int8\.onnx",
+                 "--cpu --calib DATA", inputs=("calib",), packages=("onnxruntime", "onnx"),
+                 cpu=True),
+    ExportFormat("int8-openvino", "ubc.export.int8_openvino:to_int8_openvino",
+                 r"model\.int8\.(xml|bin)", "--cpu --calib DATA", inputs=("calib",),
+                 packages=("nncf", "openvino"), install="pip install ubc[openvino] nncf",
+                 cpu=True),
+)}
+
+
 def rebuild_hint(bundle_path: object, name: str) -> str:
-    """The one command that rebuilds artifact ``name`` of a bundle on this machine."""
-    plan = parse_plan_name(name)
-    if plan is not None:
-        return f"ubc-export {bundle_path} --tensorrt --precision {plan['precision']}"
-    if name.endswith(".pt2"):
-        device = "cpu" if name.startswith("model.cpu") else "cuda"
-        return f"ubc-export {bundle_path} --aoti --device {device}"
-    if name in (INT8_ONNX, INT8_OPENVINO, INT8_OPENVINO_WEIGHTS):
-        return f"ubc-export {bundle_path} --cpu --calib DATA"
-    if name == ONNX:
-        return f"ubc-export {bundle_path} --onnx"
-    if name == TORCHSCRIPT:
-        return f"ubc-export {bundle_path} --torchscript"
+    """The one command that rebuilds artifact ``name`` of a bundle on this machine (the
+    ``rebuild`` arguments of the format whose ``files`` it matches)."""
+    for fmt in FORMATS.values():
+        match = re.fullmatch(fmt.files, name)
+        if match:
+            return f"ubc-export {bundle_path} {fmt.rebuild.format(**match.groupdict())}"
     return f"ubc-export {bundle_path}"
 
 

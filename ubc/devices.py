@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -16,6 +17,19 @@ from typing import NamedTuple
 from ubc.artifacts import GpuInfo
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+#: import names of the packages whose pip name is not their import name
+_IMPORT_NAMES = {"cuda-bindings": "cuda"}
+
+
+def missing(packages: Sequence[str], install: str) -> str | None:
+    """Why ``packages`` (pip names) cannot all be imported here, naming the first one that
+    is not installed and the command ``install`` that installs it; None when all are."""
+    for package in packages:
+        if importlib.util.find_spec(_IMPORT_NAMES.get(package, package)) is None:
+            return f"{package} is not installed ({install})"
+    return None
 
 
 def parse_device(device: str) -> tuple[str, int]:

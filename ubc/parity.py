@@ -5,14 +5,16 @@ logit), max |delta P(HGG)|, max |delta| of the mask logits, Dice between the mas
 thresholded at probability 0.5 (logit 0), and the share of slices whose predicted class
 differs. The class-logit tolerance applies to ``max|delta| / max(1, max|reference|)``: the
 plain absolute error for a trained model (|logits| of a few units) and a relative one for a
-randomly initialised network, whose eval-mode logits reach thousands.
+randomly initialised network, whose eval-mode logits reach thousands. Case gates on top:
+no case of the held-out sets changes status or class. The caller hands in the slices and
+the cases (``ubc.check_data`` makes them). ``ubc.parity_timing`` times what passed,
+``ubc.export_job`` is the ``ubc-export`` run (export, check, time).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ubc.artifacts import parity_key
-from ubc.bundle import Bundle, Preprocessing
+from ubc.bundle import Bundle
 from ubc.metrics import dice
 from ubc.scoring.aggregate import p_hgg_of
 
@@ -132,7 +134,7 @@ def _checked_slices(bundle: Bundle, slices: np.ndarray, *, minimum: int) -> np.n
                          f"{bundle.path}, got {getattr(slices, 'shape', type(slices))}")
     if len(slices) < minimum:
         raise ValueError(f"parity needs at least {minimum} slices, got {len(slices)}; make "
-                         "them with ubc.parity.phantom_slices or volume_slices")
+                         "them with ubc.check_data.phantom_slices or volume_slices")
     return np.ascontiguousarray(slices, dtype=np.float32)
 
 
@@ -178,40 +180,6 @@ def record_parity(bundle: Bundle, results: Sequence[ParityResult | Skipped]) -> 
     bundle.update_meta(parity=entries)
 
 
-def phantom_slices(preprocessing: Preprocessing, n: int = MIN_SLICES, *, seed: int = 0,
-                   cases: int = 8, shape: tuple[int, int, int] = (240, 240, 155)
-                   ) -> np.ndarray:
-    """float32 [n, 1, H, W]: slices of synthetic phantoms (``ubc.synth``) written as NIfTI and
-    read back through ``ubc.io`` and ``ubc.preprocess``, half of them through the lesion."""
-    from ubc.data import sample_slices
-    from ubc.synth import write_archive
-
-    with tempfile.TemporaryDirectory(prefix="ubc-parity-") as tmp:
-        archive = write_archive(Path(tmp), cases, seed=seed, shape=shape)
-        return sample_slices(archive, preprocessing, n, seed=seed)
-
-
-def volume_slices(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing,
-                  n: int = MIN_SLICES) -> np.ndarray:
-    """float32 [n, 1, H, W]: the slices with the most brain of real volumes (NIfTI files),
-    spread evenly over the files, through ``ubc.io`` and ``ubc.preprocess``."""
-    from ubc import preprocess
-    from ubc.io import load_volume
-
-    if not paths:
-        raise ValueError("no volume files given")
-    per_file = -(-n // len(paths))
-    out = []
-    for path in paths:
-        volume = load_volume(path)
-        counts = preprocess.foreground_counts(volume.data)
-        picks = np.sort(np.argsort(-counts, kind="stable")[:per_file])
-        out.append(preprocess.slices(volume.data, volume.spacing, size=preprocessing.size,
-                                     target_spacing=preprocessing.target_spacing,
-                                     norm=preprocessing.norm, slice_indices=picks))
-    return np.ascontiguousarray(np.concatenate(out)[:n])
-
-
 @dataclass(frozen=True)
 class Skipped:
     """A backend ``check_bundle`` could not run here, and why."""
@@ -223,22 +191,29 @@ class Skipped:
 
 
 def check_bundle(bundle: Bundle, slices: np.ndarray, *, device: str = "cpu",
-                 source: str = "", record: bool = False) -> list[ParityResult | Skipped]:
+                 source: str = "", held_out: HeldOut = (), record: bool = False
+                 ) -> list[ParityResult | Skipped]:
     """``compare`` every variant and precision ``ubc.engine.registry.parity_candidates``
     lists for ``device`` against one eager reference; those that cannot run here are
-    returned as ``Skipped``. ``record`` writes the results into meta.json."""
+    returned as ``Skipped``. ``held_out``: (name, [(case id, image file)]) sets whose cases
+    must keep their status and class in each (``case_parity``). ``record`` writes the
+    results into meta.json."""
     from ubc.engine.registry import parity_candidates
 
     reference = reference_outputs(bundle, slices)
+    expected = _reference_verdicts(bundle, held_out)
     results: list[ParityResult | Skipped] = []
     for variant, precision in parity_candidates(bundle, device):
         reason = variant.engine_class.unavailable(bundle, device, precision, **variant.options)
         if reason is not None:
             results.append(Skipped(variant.backend, device, precision, reason))
             continue
-        results.append(compare(bundle, variant.backend, slices, device=device,
-                               precision=precision, reference=reference, source=source,
-                               **variant.options))
+        result = compare(bundle, variant.backend, slices, device=device, precision=precision,
+                         reference=reference, source=source, **variant.options)
+        if held_out:
+            result = with_case_parity(result, _case_gates(bundle, result, variant.options,
+                                                          expected, held_out))
+        results.append(result)
     if record:
         record_parity(bundle, results)
     return results
@@ -272,31 +247,6 @@ def format_table(results: Sequence[ParityResult | Skipped]) -> str:
     return "\n".join(lines)
 
 
-def slices_from(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing,
-                n: int = MIN_SLICES, *, seed: int = 0) -> tuple[np.ndarray, str]:
-    """(float32 [n, 1, H, W] slices, a description of where they came from) out of
-    ``paths``: nothing (synthetic phantoms), one ``.npy`` of preprocessed slices, one
-    archive folder (``ubc.data.discover`` layouts) or NIfTI volumes."""
-    if not paths:
-        cases = min(8, max(1, n // 8))
-        return phantom_slices(preprocessing, n, seed=seed, cases=cases), \
-            f"{n} slices of {cases} phantoms (ubc.synth, seed {seed})"
-    files = [Path(p) for p in paths]
-    missing = [str(p) for p in files if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"slice source(s) not found: {', '.join(missing)}")
-    if len(files) == 1 and files[0].suffix == ".npy":
-        slices = np.load(files[0], allow_pickle=False).astype(np.float32)
-        return slices[:n], f"{min(n, len(slices))} slices from {files[0]}"
-    if len(files) == 1 and files[0].is_dir():
-        from ubc.data import sample_slices
-
-        return sample_slices(files[0], preprocessing, n, seed=seed), \
-            f"{n} slices of the archive {files[0]}"
-    return volume_slices(files, preprocessing, n), \
-        f"{n} slices of {', '.join(p.name for p in files)}"
-
-
 @dataclass(frozen=True)
 class CaseParity:
     """Case-level agreement on one set of volumes: each case's status (ok, no_lesion) and
@@ -315,6 +265,8 @@ class CaseParity:
 
 #: (status, predicted class, P(HGG)) of each case, by case id
 Verdicts = dict[str, tuple[str, str | None, float | None]]
+#: named sets of (case id, image file) whose cases must not change status or class
+HeldOut = Sequence[tuple[str, Sequence[tuple[str, Path]]]]
 
 
 def case_volumes(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, Path]]:
@@ -365,6 +317,26 @@ def with_case_parity(result: ParityResult, cases: Sequence[CaseParity]) -> Parit
                                         "passed": c.passed} for c in cases]}
     return replace(result, passed=not failures, failures=tuple(failures), extra=extra)
 
+
+def _reference_verdicts(bundle: Bundle, held_out: HeldOut) -> dict[str, Verdicts]:
+    """Eager PyTorch fp32's verdicts on each held-out set, by set name."""
+    if not held_out:
+        return {}
+    from ubc.engine.torch_backend import TorchEngine
+
+    with TorchEngine(bundle, device="cpu", artifact="eager") as reference:
+        return {name: case_verdicts(bundle, reference, volumes) for name, volumes in held_out}
+
+
+def _case_gates(bundle: Bundle, result: ParityResult, options: Mapping[str, Any],
+                expected: dict[str, Verdicts], held_out: HeldOut) -> list[CaseParity]:
+    """The case parity of each held-out set for the engine ``result`` measured."""
+    from ubc.engine import load
+
+    with load(bundle, backend=result.backend, device=result.device,
+              precision=result.precision, **options) as engine:
+        return [case_parity(expected[name], case_verdicts(bundle, engine, volumes), name)
+                for name, volumes in held_out]
 
 
 def fatal_failures(results: Sequence[ParityResult | Skipped]) -> list[ParityResult]:

@@ -29,9 +29,9 @@ def calibrated_random_bundle(path: str | os.PathLike[str], *,
     import torch
 
     from ubc.bundle import create_bundle
+    from ubc.check_data import phantom_slices
     from ubc.export import export
     from ubc.model import build_model
-    from ubc.parity import phantom_slices
 
     preprocessing = preprocessing or Preprocessing()  # the paper's 224 x 224 at 1 mm
     if slices is None:

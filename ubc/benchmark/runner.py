@@ -52,7 +52,7 @@ def _inputs(bundle: Bundle, archive: Path, options: BenchOptions, folder: Path,
             progress: Progress) -> tuple[Path, str]:
     """Slices of the archive (timing buffers and parity) and, for parity, the eager fp32
     CPU outputs on them, saved for the cells; returns (the .npz, where slices came from)."""
-    from ubc.parity import slices_from
+    from ubc.check_data import slices_from
 
     n = options.parity_slices or 32
     slices, _ = slices_from([archive], bundle.preprocessing, n, seed=options.seed)

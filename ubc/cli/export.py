@@ -1,6 +1,7 @@
 """``ubc-export``: write TorchScript, ONNX, AOTInductor and TensorRT artifacts into a model
-bundle and check each against eager PyTorch (argument parsing only; the work is
-``ubc.export`` and ``ubc.parity``)."""
+bundle and check each against eager PyTorch (argument parsing only: the formats are
+``ubc.artifacts.FORMATS``, the slices come from ``ubc.check_data``, the work is
+``ubc.export_job.run_export``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ubc.artifacts import FORMATS
 from ubc.errors import UBCError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ubc.bundle import Bundle, Preprocessing
+    from ubc.bundle import Bundle
+    from ubc.export.tensorrt import TensorRTOptions
 
 EXIT_OK, EXIT_PARITY, EXIT_USAGE = 0, 1, 2
 
@@ -54,12 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", metavar="BUNDLE", help="model bundle directory (NAME.ubc)")
     formats = p.add_argument_group("formats")
-    formats.add_argument("--torchscript", action="store_true", help="traced, frozen model.ts")
-    formats.add_argument("--onnx", action="store_true", help="model.onnx, dynamic batch")
-    formats.add_argument("--aoti", action="store_true",
-                         help="AOTInductor package for --device (compiles for minutes)")
-    formats.add_argument("--tensorrt", action="store_true",
-                         help="TensorRT plan for this GPU (exports the ONNX first if needed)")
+    for fmt in FORMATS.values():
+        if fmt.help:
+            formats.add_argument(f"--{fmt.name}", action="store_true", help=fmt.help)
     formats.add_argument("--cpu", action="store_true",
                          help="every CPU artifact this machine can run (TorchScript, ONNX, "
                          "INT8 for ONNX Runtime and OpenVINO calibrated on --calib; bf16 "
@@ -103,139 +103,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _formats(args: argparse.Namespace) -> list[str]:
-    chosen = [f for f in ("torchscript", "onnx", "aoti", "tensorrt") if getattr(args, f)]
+    chosen = [name for name, fmt in FORMATS.items() if fmt.help and getattr(args, name)]
     if not chosen and not args.check and not getattr(args, "triton", None):
         args.check = True
         return ["torchscript", "onnx"]
     return chosen
 
 
-def _run_cpu(args: argparse.Namespace) -> int:
-    """``--cpu``: ``ubc.export.cpu.export_cpu`` with the calibration, parity and held-out
-    data of the arguments (defaults: the bundle's training archive when it still exists,
-    else phantoms; phantoms of other seeds for parity and the case gates)."""
+def _run(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
     from ubc.bundle import Bundle
-    from ubc.export.cpu import export_cpu
-    from ubc.parity import MIN_SLICES, case_volumes, fatal_failures, format_table, slices_from
+    from ubc.export_job import ExportJob, run_export
+    from ubc.parity import fatal_failures, format_table
 
     bundle = Bundle(args.bundle)
-    if args.retime:
-        return _retime(bundle, args)
-    prep = bundle.preprocessing
-    trained_on = str(bundle.meta.get("training", {}).get("data") or "")
-    calib_paths = args.calib or ([trained_on] if trained_on and Path(trained_on).is_dir()
-                                 else [])
-    calib, calib_source = slices_from(calib_paths, prep, args.calib_slices, seed=1)
-    print(f"INT8 calibration on {calib_source}", flush=True)
-    slices, source = slices_from(args.slices_from or [], prep,
-                                 max(MIN_SLICES, args.check_slices), seed=0)
+    formats = [] if args.cpu else _formats(args)
+    job = ExportJob(formats=tuple(formats), device=args.device, max_batch=args.max_batch,
+                    tensorrt=_tensorrt_options(args) if "tensorrt" in formats else None,
+                    triton=args.triton, check=args.check, cpu=args.cpu, retime=args.retime,
+                    timing_seconds=args.timing_seconds)
     with tempfile.TemporaryDirectory(prefix="ubc-held-out-") as tmp:
-        sets = [[_phantom_archive(Path(tmp), prep)], *(args.held_out or [])]
-        held_out = [(" ".join(Path(p).name for p in paths), case_volumes(paths))
-                    for paths in sets]
-        report = export_cpu(bundle, calib=calib, slices=slices, source=source,
-                            held_out=held_out, seconds=args.timing_seconds,
-                            say=lambda line: print(line, flush=True))
-    print(format_table(report.parity))
-    chosen = _auto_choice(bundle)
-    print(f"backend='auto' on this CPU ({report.cpu_class}) now picks {chosen}")
-    return EXIT_PARITY if fatal_failures(report.parity) else EXIT_OK
+        report = run_export(bundle, job, say=lambda line: print(line, flush=True),
+                            **_inputs(args, bundle, job.formats_for(bundle), Path(tmp)))
+    if report.parity:
+        print(format_table(report.parity))
+    if report.auto:
+        print(f"backend='auto' on this CPU ({report.cpu_class}) now picks {report.auto}")
+    return EXIT_PARITY if fatal_failures(report.parity) else EXIT_OK  # CPU bf16/int8: gates
 
 
-def _retime(bundle: Bundle, args: argparse.Namespace) -> int:
-    """``--cpu --retime``: ``ubc.export.cpu.time_passing`` alone (artifacts and gates as
-    meta.json records them)."""
-    from ubc.devices import cpu_class
-    from ubc.export.cpu import CpuExport, scoring_batch, time_passing
-    from ubc.parity import MIN_SLICES, slices_from
+def _inputs(args: argparse.Namespace, bundle: Bundle, formats: list[str],
+            tmp: Path) -> dict[str, Any]:
+    """The slices and cases the arguments name for ``run_export``: phantoms unless
+    --slices-from; the INT8 calibration of --cpu on --calib, else the bundle's training
+    archive when it still exists, else phantoms of another seed; 6 held-out phantoms beside
+    the --held-out sets."""
+    from pathlib import Path
 
-    slices, _ = slices_from(args.slices_from or [], bundle.preprocessing, MIN_SLICES, seed=0)
-    report = CpuExport(cpu_class=cpu_class())
-    print(f"timing what passed on this CPU ({report.cpu_class}) ...", flush=True)
-    time_passing(bundle, report, slices, scoring_batch(bundle), args.timing_seconds, None,
-                 lambda line: print(line, flush=True))
-    print(f"backend='auto' on this CPU ({report.cpu_class}) now picks {_auto_choice(bundle)}")
-    return EXIT_OK
+    from ubc.check_data import phantom_archive, slices_from
+    from ubc.parity import MIN_SLICES, case_volumes
 
-
-def _phantom_archive(folder: Path, prep: Preprocessing) -> str:
-    """6 synthetic phantoms (seed 2: neither the calibration's nor the parity's) whose
-    field of view fits the bundle's (1 mm voxels, 48 axial slices)."""
-    from ubc.synth import write_archive
-
-    size, spacing = prep.size, prep.target_spacing
-    shape = (int(size[0] * spacing[0]), int(size[1] * spacing[1]), 48)
-    return str(write_archive(folder / "held-out", 6, seed=2, shape=shape))
-
-
-def _auto_choice(bundle: Bundle) -> str:
-    from ubc.engine.registry import choose
-
-    choice = choose(bundle, "cpu", "auto")
-    return f"{choice.variant} {choice.precision} ({choice.artifact})"
-
-
-def _run(args: argparse.Namespace) -> int:
-    if getattr(args, "cpu", False):
-        return _run_cpu(args)
-    import numpy as np
-
-    from ubc.artifacts import ONNX, stale_reason
-    from ubc.bundle import Bundle
-    from ubc.devices import resolve_device
-    from ubc.export import exporter
-    from ubc.parity import MIN_SLICES, check_bundle, fatal_failures, format_table, slices_from
-
-    bundle = Bundle(args.bundle)
-    formats = _formats(args)
-    device = resolve_device(args.device)
-    if args.triton and "onnx" not in formats and \
-            (not bundle.has(ONNX) or stale_reason(bundle, ONNX)):
-        formats.insert(0, "onnx")
-    if "tensorrt" in formats and "onnx" not in formats and \
-            (not bundle.has(ONNX) or stale_reason(bundle, ONNX)):
-        formats.insert(formats.index("tensorrt"), "onnx")
-    slices, source = None, ""
-    if args.check or {"torchscript", "onnx", "aoti"} & set(formats):
+    prep = bundle.preprocessing
+    if args.cpu and args.retime:
+        return {"slices": slices_from(args.slices_from or [], prep, MIN_SLICES, seed=0)[0]}
+    if args.cpu:
+        trained_on = str(bundle.meta.get("training", {}).get("data") or "")
+        calib, calib_source = slices_from(
+            args.calib or ([trained_on] if trained_on and Path(trained_on).is_dir() else []),
+            prep, args.calib_slices, seed=1)
+        print(f"INT8 calibration on {calib_source}", flush=True)
+        slices, source = slices_from(args.slices_from or [], prep,
+                                     max(MIN_SLICES, args.check_slices), seed=0)
+        sets = [[str(phantom_archive(tmp, prep))], *(args.held_out or [])]
+        return {"slices": slices, "source": source, "calib": calib,
+                "held_out": [(" ".join(Path(p).name for p in paths), case_volumes(paths))
+                             for paths in sets]}
+    inputs: dict[str, Any] = {}
+    if args.check or any("example" in FORMATS[f].inputs for f in formats):
         if args.check and args.check_slices < MIN_SLICES:
             raise ValueError(f"--check-slices must be >= {MIN_SLICES}")
-        # Traced and checked on preprocessed slices (phantoms unless --slices-from).
-        slices, source = slices_from(args.slices_from or [], bundle.preprocessing,
-                                     args.check_slices if args.check else 2)
-        slices = np.ascontiguousarray(slices, dtype=np.float32)
-    for fmt in formats:
-        print(f"exporting {fmt} ...", flush=True)
-        if fmt == "tensorrt":
-            from ubc.export.tensorrt import TensorRTOptions
+        inputs["slices"], inputs["source"] = slices_from(
+            args.slices_from or [], prep, args.check_slices if args.check else 2)
+    if "tensorrt" in formats and args.precision == "int8" and args.calib:
+        inputs["calib"] = slices_from(args.calib, prep, args.calib_slices)[0]
+    return inputs
 
-            options = TensorRTOptions(precision=args.precision, max_batch=args.max_batch,
-                                      opt_batch=args.opt_batch, workspace_gib=args.workspace,
-                                      device=device)
-            calib = None
-            if args.precision == "int8" and args.calib:
-                calib, _ = slices_from(args.calib, bundle.preprocessing, args.calib_slices)
-            result = exporter(fmt)(bundle, options=options, calib=calib)
-        elif fmt == "aoti":
-            result = exporter(fmt)(bundle, device=device, max_batch=args.max_batch,
-                                   example=slices)
-        else:
-            result = exporter(fmt)(bundle, example=slices)
-        size = result.path.stat().st_size / 1e6
-        print(f"  wrote {result.path} ({size:.1f} MB, {result.seconds:.1f} s)")
-    if args.triton:
-        from ubc.export.triton import to_triton
 
-        for folder in to_triton(bundle, args.triton, max_batch=args.max_batch):
-            print(f"  wrote Triton model {folder}")
-    if not args.check or slices is None:
-        return EXIT_OK
-    print(f"checking against eager PyTorch fp32 on {source} ...", flush=True)
-    results = check_bundle(bundle, slices, device=device, source=source, record=True)
-    print(format_table(results))
-    return EXIT_PARITY if fatal_failures(results) else EXIT_OK  # CPU bf16/int8: gates
+def _tensorrt_options(args: argparse.Namespace) -> TensorRTOptions:
+    from ubc.export.tensorrt import TensorRTOptions
+
+    return TensorRTOptions(precision=args.precision, max_batch=args.max_batch,
+                           opt_batch=args.opt_batch, workspace_gib=args.workspace,
+                           device=args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,6 @@ package that does not fit this machine is refused with the command that rebuilds
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import numpy as np
@@ -44,6 +43,8 @@ class AotiEngine(Engine):
     was exported with, recorded in meta.json)."""
 
     backend = "aoti"
+    packages = ("torch",)
+    install = "pip install ubc[train]"
     devices = ("cpu", "cuda")
     precisions = {"cpu": ("fp32",), "cuda": ("fp32",)}
     artifact_kinds = ("aoti",)
@@ -56,22 +57,11 @@ class AotiEngine(Engine):
         return aoti_name("cuda", gpu=gpu_info(index))
 
     @classmethod
-    def unavailable(cls, bundle: Bundle, device: str, precision: str,
-                    **options: Any) -> str | None:
-        if importlib.util.find_spec("torch") is None:
-            return "torch is not installed (pip install ubc[train])"
-        reason = cls.unsupported(device, precision)
-        if reason is not None:
-            return reason
-        name = cls.artifact_for(bundle, device, precision)
-        entry = artifacts_of(bundle.meta).get(name)
-        if not bundle.has(name) or entry is None:
-            return f"the bundle has no {name} for this machine (make it with " \
-                   f"`{rebuild_hint(bundle.path, name)}`)"
+    def unfit(cls, bundle: Bundle, name: str, device: str, precision: str) -> str | None:
         import torch
 
-        built, here = str(entry.get("torch", "?")), torch_series(torch.__version__)
-        if torch_series(built) != here:
+        built = str(artifacts_of(bundle.meta).get(name, {}).get("torch", "?"))
+        if torch_series(built) != torch_series(torch.__version__):
             return f"{name} was compiled with PyTorch {built}, this is {torch.__version__}; " \
                    f"rebuild it: `{rebuild_hint(bundle.path, name)}`"
         return None

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ubc.artifacts import artifacts_of, rebuild_hint
+from ubc.devices import missing
+
 if TYPE_CHECKING:
     from ubc.bundle import Bundle
 
@@ -16,13 +19,17 @@ if TYPE_CHECKING:
 class Engine(ABC):
     """``infer(float32 [B, 1, H, W]) -> (class_logits [B, 2], mask_logits [B, 1, H, W])``.
 
-    Subclasses declare what they can do (``devices``, ``precisions`` per device kind,
-    ``artifact_kinds``: the table ``ubc.engine.registry`` derives its orders from), implement
-    ``_run`` for one batch of at most ``max_batch`` slices; ``infer`` checks the input and
-    splits larger batches.
+    Subclasses declare what they need and can do (``packages`` and ``install``, ``devices``,
+    ``precisions`` per device kind, ``artifact_kinds``: the table ``ubc.engine.registry``
+    derives its orders from, and ``unavailable`` its checks), say which bundle file they
+    run (``artifact_for``) and implement ``_run`` for one batch of at most ``max_batch``
+    slices; ``infer`` checks the input and splits larger batches.
     """
 
     backend: str = "?"
+    #: pip names of the packages it imports, and the command that installs them
+    packages: tuple[str, ...] = ()
+    install: str = ""
     #: device kinds this backend runs on
     devices: tuple[str, ...] = ()
     #: device kind -> the precisions it offers there
@@ -53,9 +60,29 @@ class Engine(ABC):
     @classmethod
     def unavailable(cls, bundle: Bundle, device: str, precision: str,
                     **options: Any) -> str | None:
-        """Why this backend cannot run the bundle here (missing package, artifact, device,
-        precision), or None when it can. Cheap: imports nothing heavy, verifies no hash."""
-        return cls.unsupported(device, precision)
+        """Why this backend cannot run the bundle here (missing package, device, precision,
+        artifact or the weights file its meta.json entry names, then ``unfit``), or None
+        when it can. Cheap: imports nothing heavy, verifies no hash."""
+        reason = missing(cls.packages, cls.install) or cls.unsupported(device, precision)
+        if reason is not None:
+            return reason
+        name = cls.artifact_for(bundle, device, precision, **options)
+        weights = artifacts_of(bundle.meta).get(name, {}).get("weights_file")
+        for needed in (name, weights) if weights else (name,):
+            if not bundle.has(needed):
+                return cls.absent(bundle, needed, device, precision)
+        return cls.unfit(bundle, name, device, precision)
+
+    @classmethod
+    def absent(cls, bundle: Bundle, name: str, device: str, precision: str) -> str:
+        """What to say when the bundle lacks ``name``: the command that makes it."""
+        return f"the bundle has no {name} (make it with `{rebuild_hint(bundle.path, name)}`)"
+
+    @classmethod
+    def unfit(cls, bundle: Bundle, name: str, device: str, precision: str) -> str | None:
+        """Why artifact ``name``, present, cannot run here (built for another machine or
+        runtime, a precision this CPU lacks), or None."""
+        return None
 
     def __init__(self, bundle: Bundle, *, device: str, precision: str,
                  max_batch: int) -> None:

@@ -3,7 +3,6 @@ its INT8 QDQ form ``model.int8.onnx`` (``ubc.export.int8_onnx``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
@@ -21,8 +20,6 @@ from ubc.bundle import Bundle
 from ubc.engine.base import Engine
 from ubc.errors import BundleError
 
-INSTALL_HINT = "pip install onnxruntime"
-
 
 class OnnxRuntimeEngine(Engine):
     """``model.onnx`` in an ONNX Runtime CPU session.
@@ -34,6 +31,8 @@ class OnnxRuntimeEngine(Engine):
     """
 
     backend = "onnxruntime"
+    packages = ("onnxruntime",)
+    install = "pip install onnxruntime"
     devices = ("cpu",)
     precisions = {"cpu": ("fp32", "int8")}
     artifact_kinds = ("onnx", "onnx-int8")
@@ -41,19 +40,6 @@ class OnnxRuntimeEngine(Engine):
     @classmethod
     def artifact_for(cls, bundle: Bundle, device: str, precision: str, **options: Any) -> str:
         return INT8_ONNX if precision == "int8" else ONNX
-
-    @classmethod
-    def unavailable(cls, bundle: Bundle, device: str, precision: str,
-                    **options: Any) -> str | None:
-        if importlib.util.find_spec("onnxruntime") is None:
-            return f"onnxruntime is not installed ({INSTALL_HINT})"
-        reason = cls.unsupported(device, precision)
-        if reason is not None:
-            return reason
-        name = cls.artifact_for(bundle, device, precision)
-        if not bundle.has(name):
-            return f"the bundle has no {name} (make it with `{rebuild_hint(bundle.path, name)}`)"
-        return None
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
                  max_batch: int = 32, threads: int | None = None, spin: bool = False) -> None:

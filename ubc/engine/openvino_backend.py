@@ -3,18 +3,16 @@ INT8 IR ``model.int8.xml`` (``ubc.export.int8_openvino``; optional extra)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import INT8_OPENVINO, ONNX, OUTPUT_NAMES, artifacts_of, rebuild_hint
+from ubc.artifacts import INT8_OPENVINO, ONNX, OUTPUT_NAMES, artifacts_of
 from ubc.bundle import Bundle
 from ubc.devices import native_bf16
 from ubc.engine.base import Engine
 
-INSTALL_HINT = "pip install ubc[openvino]"
 # OpenVINO picks bf16 by itself on CPUs that have it; we say which precision we want. The
 # INT8 IR keeps the ops it does not quantise in fp32: its parity is int8's alone.
 _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -32,6 +30,8 @@ class OpenVinoEngine(Engine):
     """
 
     backend = "openvino"
+    packages = ("openvino",)
+    install = "pip install ubc[openvino]"
     devices = ("cpu",)
     precisions = {"cpu": ("fp32", "bf16", "int8")}
     artifact_kinds = ("onnx", "openvino-int8")
@@ -41,21 +41,9 @@ class OpenVinoEngine(Engine):
         return INT8_OPENVINO if precision == "int8" else ONNX
 
     @classmethod
-    def unavailable(cls, bundle: Bundle, device: str, precision: str,
-                    **options: Any) -> str | None:
-        if importlib.util.find_spec("openvino") is None:
-            return f"openvino is not installed ({INSTALL_HINT})"
-        reason = cls.unsupported(device, precision)
-        if reason is not None:
-            return reason
+    def unfit(cls, bundle: Bundle, name: str, device: str, precision: str) -> str | None:
         if precision == "bf16" and native_bf16() is False:
             return "this CPU has no native bf16 (AVX512-BF16 or AMX); use fp32 or int8"
-        name = cls.artifact_for(bundle, device, precision)
-        weights = artifacts_of(bundle.meta).get(name, {}).get("weights_file")
-        for needed in (name, weights) if weights else (name,):
-            if not bundle.has(needed):
-                return f"the bundle has no {needed} (make it with " \
-                       f"`{rebuild_hint(bundle.path, needed)}`)"
         return None
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",

@@ -1,9 +1,10 @@
 """The one table of ways to run a bundle, and the ``backend="auto"`` choice derived from it.
 
-Each backend class declares what it can do (``devices``, ``precisions`` per device kind,
-``artifact_kinds``); ``VARIANTS`` names the ways to run it (a backend with options), fastest
-first on each device. The automatic order, the parity candidates and the benchmark's
-variants are all read from this table.
+Each backend class declares what it needs and can do (``packages``, ``devices``,
+``precisions`` per device kind, ``artifact_kinds``); ``VARIANTS`` names the ways to run it
+(a backend with options), fastest first on each device: the one entry a new backend adds.
+The backends, the automatic order, the parity candidates and the benchmark's variants are
+all read from this table.
 
 The automatic choice is the first variant of the device's order that can run here,
 skipping (and saying why) any whose artifact is missing, corrupted, built for another
@@ -19,6 +20,7 @@ and was timed; without timings the choice is the static order at fp32.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,25 +41,6 @@ from ubc.engine.base import Engine
 from ubc.errors import BundleError
 
 log = logging.getLogger(__name__)
-
-#: backend name -> "module:class", imported on first use only
-BACKENDS: dict[str, str] = {
-    "torch": "ubc.engine.torch_backend:TorchEngine",
-    "onnxruntime": "ubc.engine.onnxruntime_backend:OnnxRuntimeEngine",
-    "openvino": "ubc.engine.openvino_backend:OpenVinoEngine",
-    "aoti": "ubc.engine.aoti_backend:AotiEngine",
-    "tensorrt": "ubc.engine.tensorrt_backend:TensorRTEngine",
-}
-
-
-def backend_class(name: str) -> type[Engine]:
-    """The engine class of backend ``name`` (imports its module, not its runtime)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    module_name, _, class_name = BACKENDS[name].partition(":")
-    cls: type[Engine] = getattr(importlib.import_module(module_name), class_name)
-    return cls
-
 
 def _frozen(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
@@ -136,6 +119,20 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("torch", "torch", "eager PyTorch (weights.pt + model code)",
             _frozen({"artifact": "eager"}), checked=_TORCH_GPU),
 )}
+#: every backend, each run by a class of ``ubc/engine/<backend>_backend.py``
+BACKENDS = tuple(dict.fromkeys(v.backend for v in VARIANTS.values()))
+
+
+def backend_class(name: str) -> type[Engine]:
+    """The engine class of backend ``name``: the ``Engine`` of ``ubc.engine.<name>_backend``
+    whose ``backend`` is ``name`` (imports its module, not its runtime)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    module = importlib.import_module(f"ubc.engine.{name}_backend")
+    return next(c for _, c in inspect.getmembers(module, inspect.isclass)
+                if issubclass(c, Engine) and c.backend == name)
+
+
 #: eager PyTorch: the baseline every benchmark row is compared with, and on the CPU at
 #: fp32 the parity reference itself
 BASELINE = "torch"

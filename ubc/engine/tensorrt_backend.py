@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ubc import cuda_memory
 from ubc.artifacts import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -26,11 +27,8 @@ from ubc.artifacts import (
 )
 from ubc.bundle import Bundle
 from ubc.devices import gpu_info, parse_device
-from ubc.engine import cuda_memory
 from ubc.engine.base import Engine
 from ubc.errors import BundleError
-
-INSTALL_HINT = "pip install ubc[tensorrt]"
 
 
 def tensorrt_version() -> str | None:
@@ -60,6 +58,8 @@ class TensorRTEngine(Engine):
     plan; ``max_batch`` defaults to the plan's profile maximum and may not exceed it."""
 
     backend = "tensorrt"
+    packages = ("tensorrt", "cuda-bindings")
+    install = "pip install ubc[tensorrt]"
     devices = ("cuda",)
     precisions = {"cuda": PLAN_PRECISIONS}
     artifact_kinds = ("plan",)
@@ -70,18 +70,8 @@ class TensorRTEngine(Engine):
         return plan_name(gpu_info(index), tensorrt_version() or "?", precision)
 
     @classmethod
-    def unavailable(cls, bundle: Bundle, device: str, precision: str,
-                    **options: Any) -> str | None:
-        if importlib.util.find_spec("tensorrt") is None:
-            return f"tensorrt is not installed ({INSTALL_HINT})"
-        if importlib.util.find_spec("cuda") is None:
-            return f"cuda-bindings is not installed ({INSTALL_HINT})"
-        reason = cls.unsupported(device, precision)
-        if reason is not None:
-            return reason
-        name = cls.artifact_for(bundle, device, precision)
-        if bundle.has(name):
-            return None
+    def absent(cls, bundle: Bundle, name: str, device: str, precision: str) -> str:
+        """Names the GPU and TensorRT of the bundle's plan of this precision, if it has one."""
         others = [n for n in artifacts_of(bundle.meta)
                   if (parse_plan_name(n) or {}).get("precision") == precision]
         hint = rebuild_hint(bundle.path, name)

@@ -83,6 +83,8 @@ class TorchEngine(Engine):
     """
 
     backend = "torch"
+    packages = ("torch",)
+    install = "pip install ubc[train]"
     devices = ("cpu", "cuda")
     precisions = {"cpu": ("fp32",), "cuda": ("fp32", "fp16", "bf16")}
     artifact_kinds = ("torchscript", "eager")
@@ -98,17 +100,7 @@ class TorchEngine(Engine):
         return TORCHSCRIPT if artifact == "torchscript" else WEIGHTS
 
     @classmethod
-    def unavailable(cls, bundle: Bundle, device: str, precision: str, *,
-                    artifact: str = "auto", **options: Any) -> str | None:
-        if importlib.util.find_spec("torch") is None:
-            return "torch is not installed (pip install ubc[train])"
-        reason = cls.unsupported(device, precision)
-        if reason is not None:
-            return reason
-        name = cls.artifact_for(bundle, device, precision, artifact=artifact)
-        if not bundle.has(name):
-            return f"the bundle has no {name} (make it with `ubc-export {bundle.path} " \
-                   "--torchscript`)"
+    def unfit(cls, bundle: Bundle, name: str, device: str, precision: str) -> str | None:
         if name == WEIGHTS and importlib.util.find_spec("segmentation_models_pytorch") is None:
             return "eager weights need segmentation-models-pytorch (pip install ubc[train])"
         return None

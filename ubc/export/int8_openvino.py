@@ -35,8 +35,6 @@ from ubc.artifacts import (
 from ubc.bundle import Bundle
 from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
 
-INSTALL_HINT = "pip install nncf (with ubc[openvino])"
-
 #: Slices per calibration sample. NNCF's ranges are the mean over samples of each sample's
 #: min/max, so one slice per sample gives ranges too narrow for the extremes of a batch:
 #: on the trained 224 px bundle (64 parity slices) one slice per sample moved P(HGG) by
@@ -54,11 +52,9 @@ def to_int8_openvino(bundle: Bundle, *, calib: np.ndarray) -> ExportResult:
     """Quantise ``model.onnx`` into ``model.int8.xml`` + ``model.int8.bin`` (each atomic,
     the weights first: a killed export leaves no graph without its weights). ``calib``:
     preprocessed slices float32 [N, 1, H, W], N >= ``CALIBRATION_BATCH``."""
-    try:
-        import nncf
-        import openvino as ov
-    except ImportError as exc:
-        raise ImportError(f"INT8 OpenVINO needs nncf and openvino ({INSTALL_HINT})") from exc
+    import nncf
+    import openvino as ov
+
     check_arch(bundle)
     if not bundle.has(ONNX) or stale_reason(bundle, ONNX):
         raise ValueError(f"{bundle.path}: INT8 OpenVINO is quantised from an up-to-date "

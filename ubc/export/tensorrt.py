@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ubc import cuda_memory
 from ubc.artifacts import (
     CALIB_CACHE,
     INPUT_NAME,
@@ -35,8 +36,6 @@ from ubc.artifacts import (
 from ubc.bundle import Bundle
 from ubc.devices import gpu_info, parse_device, resolve_device
 from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
-
-INSTALL_HINT = "pip install ubc[tensorrt]"
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +79,6 @@ def _check_precision(trt: Any, precision: str) -> None:
 def _calibrator(trt: Any, batches: CalibrationBatches | None, cache: bytes | None) -> Any:
     """An IInt8EntropyCalibrator2 feeding ``batches`` through one device buffer, or
     replaying ``cache`` (a previous calibration of the same weights)."""
-    from ubc.engine import cuda_memory
-
     class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             super().__init__()
@@ -212,10 +209,8 @@ def to_tensorrt(bundle: Bundle, *, options: TensorRTOptions | None = None,
     see ``ubc.data.sample_slices``)."""
     options = options or TensorRTOptions()
     check_arch(bundle)
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise ImportError(f"tensorrt is not installed ({INSTALL_HINT})") from exc
+    import tensorrt as trt
+
     _check_precision(trt, options.precision)
     if not bundle.has(ONNX):
         raise ValueError(f"{bundle.path}: a plan is built from model.onnx; export it first: "
@@ -224,8 +219,6 @@ def to_tensorrt(bundle: Bundle, *, options: TensorRTOptions | None = None,
     if not device.startswith("cuda"):
         raise ValueError("TensorRT plans are built on the GPU that runs them; none is usable "
                          "here")
-    from ubc.engine import cuda_memory
-
     index = parse_device(device)[1]
     cuda_memory.set_device(index)
     gpu = gpu_info(index)

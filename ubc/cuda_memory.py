@@ -1,5 +1,6 @@
 """Device memory, pinned host memory, streams and async copies through cuda-python
-(``cuda.bindings.runtime``), the layer under the TensorRT engine.
+(``cuda.bindings.runtime``), under the TensorRT engine and the TensorRT exporter's INT8
+calibrator.
 
 pycuda is not used: it builds only against a local CUDA toolkit and libcuda, which our
 machines lack (no cuda.h, no -lcuda), while cuda-bindings ships as wheels, comes with torch
