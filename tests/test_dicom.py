@@ -21,7 +21,7 @@ from ubc.io import load_volume  # noqa: E402
 from ubc.io.dicom import find_dicom_files, is_dicom_file, load_series  # noqa: E402
 from ubc.io.dicom_select import SeriesInfo, SeriesSelector, select_series  # noqa: E402
 from ubc.io.dicom_write import SeriesSpec, write_series  # noqa: E402
-from ubc.scoring import ScoringOptions, discover_cases, read_results, score_archive  # noqa: E402
+from ubc.scoring import discover_cases, read_results, score_archive  # noqa: E402
 from ubc.synth import dicom_affine, phantom, phantom_affine, write_dicom_archive  # noqa: E402
 
 
@@ -92,8 +92,8 @@ def test_ubc_synth_format_dicom(tmp_path: Path) -> None:
     assert main([str(tmp_path / "d"), "--cases", "1", "--shape", "16", "16", "8",
                  "--format", "dicom"]) == 0
     (case,) = discover_cases(tmp_path / "d")
-    assert case.study is not None and len(case.study.series) == 2
-    assert case.study.chosen is not None and case.study.chosen.frames == 8
+    assert case.reader.study is not None and len(case.reader.study.series) == 2
+    assert case.reader.study.chosen is not None and case.reader.study.chosen.frames == 8
 
 
 def test_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
@@ -131,11 +131,11 @@ def test_pydicom_dicomdir_study_without_flair_lists_its_series() -> None:
         pytest.skip("pydicom's bundled dicomdirtests are not installed")
     root = Path(dicomdir).parent / "98892003"  # one patient: localizers and MR angiography
     cases = discover_cases(root)
-    assert cases and all(c.study is not None and c.study.error for c in cases)
-    errors = " ".join(c.study.error or "" for c in cases if c.study is not None)
+    assert cases and all(c.reader.study is not None and c.reader.study.error for c in cases)
+    errors = " ".join(c.reader.study.error or "" for c in cases if c.reader.study is not None)
     assert "no MR series" in errors and "FAST LOCALIZER" in errors and "--series-select" in errors
-    angio = [c.study for c in discover_cases(root, series_select="ANGIO")
-             if c.study is not None and c.study.chosen is not None]
+    angio = [c.reader.study for c in discover_cases(root, series_select="ANGIO")
+             if c.reader.study is not None and c.reader.study.chosen is not None]
     assert len(angio) == 1 and angio[0].chosen is not None
     with pytest.raises(UBCInputError, match="mixed orientations"):  # projections, not a stack
         load_series(angio[0].chosen.files)
@@ -223,18 +223,18 @@ def test_discovery_finds_studies_by_content_and_chooses_the_flair(dicom_archive:
     cases = discover_cases(root)
     assert len(cases) == 3
     for case in cases:
-        assert case.study is not None and case.study.chosen is not None
-        assert case.case_id == case.study.study_uid
-        assert case.study.chosen.description == "AX T2 FLAIR"
-        assert {s.description for s in case.study.series} == {"AX T2 FLAIR", "AX T1 SE"}
+        assert case.reader.study is not None and case.reader.study.chosen is not None
+        assert case.case_id == case.reader.study.study_uid
+        assert case.reader.study.chosen.description == "AX T2 FLAIR"
+        assert {s.description for s in case.reader.study.series} == {"AX T2 FLAIR", "AX T1 SE"}
     assert sorted(c.label for c in cases) == [0, 1, 1]  # labels.csv keyed by study uid
     patient = discover_cases(root, case_id="patient")
     assert sorted(c.case_id for c in patient) == [f"PH005_000{i}_20000101" for i in range(3)]
     assert sorted(c.case_id for c in discover_cases(root, case_id="folder")) == \
         ["PH005_0000", "PH005_0001", "PH005_0002"]
     t1 = discover_cases(root, series_select="SeriesDescription=t1;EchoTime<20")
-    assert all(c.study is not None and c.study.chosen is not None
-               and c.study.chosen.description == "AX T1 SE" for c in t1)
+    assert all(c.reader.study is not None and c.reader.study.chosen is not None
+               and c.reader.study.chosen.description == "AX T1 SE" for c in t1)
 
 
 def _info(description: str, **kwargs: object) -> SeriesInfo:
@@ -278,18 +278,18 @@ def test_scoring_a_dicom_archive_writes_seg_equal_to_the_nifti_mask(
         dicom_archive: Path, phantom_archive: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "dicom.jsonl"
     summary = score_archive(tiny_bundle, dicom_archive, out, masks=tmp_path / "masks",
-                            engine=FakeEngine(), options=ScoringOptions(
-                                dicom_seg=tmp_path / "seg"))
+                            engine=FakeEngine(), dicom_seg=tmp_path / "seg")
     assert summary.counts == {"ok": 3}
     from ubc.io.dicom_seg import read_seg
 
     rows = {r.case_id: r for r in read_results(out)}
     for case in discover_cases(dicom_archive):
         row = rows[case.case_id]
-        assert case.study is not None and case.study.chosen is not None
+        study = case.reader.study
+        assert study is not None and study.chosen is not None
         assert row.study_uid == case.case_id and row.series_description == "AX T2 FLAIR"
-        assert row.series_uid == case.study.chosen.series_uid and "series_rule:name" in row.flags
-        _, sources = load_series(case.study.chosen.files)
+        assert row.series_uid == study.chosen.series_uid and "series_rule:name" in row.flags
+        _, sources = load_series(study.chosen.files)
         nifti = np.asarray(nib.load(tmp_path / "masks" / f"{case.case_id}.nii.gz").dataobj)
         seg = read_seg(tmp_path / "seg" / f"{case.case_id}.dcm", sources)
         assert nifti.sum() > 0 and np.array_equal(seg, nifti)

@@ -177,6 +177,23 @@ def test_bad_inputs_raise_and_the_predictor_goes_on(tiny_bundle, volumes) -> Non
         assert predictor.stats().requests == 1
 
 
+def test_a_failed_case_raises_its_original_exception(tiny_bundle) -> None:
+    """A step's failure travels with the case as the exception it was: ``predict`` raises
+    that type (``Scorer`` and the batch job write the step and the type in the row)."""
+    from ubc.io.volume import canonical_volume
+
+    data = np.zeros((32, 32, 6), np.float16)  # a dtype the native core does not read
+    data[8:24, 8:24, 1:5] = np.arange(16 * 16 * 4).reshape(16, 16, 4) % 50 + 10
+    volume = canonical_volume(data, np.eye(4), (1.0, 1.0, 1.0), None)
+    with Predictor(tiny_bundle, engine=FakeEngine()) as predictor:
+        with pytest.raises(TypeError, match="unsupported volume dtype float16"):
+            predictor.predict(volume)
+    with Scorer(tiny_bundle, engine=FakeEngine()) as scorer:
+        row = scorer.score(volume)
+    assert row.status == "error" and row.error is not None
+    assert row.error.startswith("preprocess failed (TypeError: unsupported volume dtype")
+
+
 def test_engine_failure_raises_for_its_callers_only(tiny_bundle, volumes, sequential) -> None:
     with Predictor(tiny_bundle, engine=FakeEngine(max_batch=64, fail_on=1)) as predictor:
         with pytest.raises(RuntimeError, match="simulated accelerator fault"):

@@ -484,3 +484,35 @@ def test_real_volumes_score_and_masks_match_their_files(tmp_path: Path, tiny_bun
             assert result.slices_total == 155 > result.slices_scored > 0
             source, mask = nib.load(path), nib.load(tmp_path / f"{role}.nii.gz")
             assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 64])
+def test_the_packer_hands_every_owner_its_rows_in_order(batch_size: int) -> None:
+    """Owners of 0..9 rows packed into batches: every row lands in exactly one segment, each
+    owner's segments cover its rows in order, ``last`` marks its final one, and an owner
+    without rows leaves no later than the batch that was filling when it came."""
+    from ubc.scoring.packer import Packer
+
+    sizes = [5, 0, 9, 1, 0, 0, 7, 2, 3, 0, 4]
+    packer: Packer[int] = Packer(batch_size, (1, 2, 2))
+    batches = []
+    for owner, size in enumerate(sizes):
+        rows = np.arange(size * 4, dtype=np.float32).reshape(size, 1, 2, 2) + 1000 * owner
+        batches += list(packer.add(owner, rows))
+    last = packer.flush()
+    batches += [last] if last is not None else []
+    assert packer.flush() is None
+    seen: dict[int, list[np.ndarray]] = {owner: [] for owner in range(len(sizes))}
+    order = []
+    for batch in batches:
+        assert len(batch.array) <= batch_size
+        assert sum(s.count for s in batch.segments) == len(batch.array)
+        for segment in batch.segments:
+            seen[segment.owner].append(segment.rows(batch.array))
+            if segment.last:
+                order.append(segment.owner)
+    assert order == list(range(len(sizes)))  # owners leave in the order they came
+    for owner, size in enumerate(sizes):
+        got = np.concatenate(seen[owner]) if seen[owner] else np.zeros((0, 1, 2, 2))
+        want = np.arange(size * 4, dtype=np.float32).reshape(size, 1, 2, 2) + 1000 * owner
+        np.testing.assert_array_equal(got, want)

@@ -5,8 +5,9 @@ Cases come from ``ubc.scoring.discover_cases``, the discovery scoring uses too: 
 2020/2021/2023 (``ROOT/<case>/<case>_flair.nii.gz`` or ``-t2f``, grades from a CSV), or a CSV
 manifest ``case_id,image,mask,label``.
 
-Every case is read by ``ubc.io.load_volume`` and preprocessed by ``ubc.preprocess``, the
-code that scoring runs: there is no train/serve skew. The paper's protocol picks, per case,
+Every case is read by its reader (``ubc.io.readers``: NIfTI, NRRD, a DICOM series) and
+preprocessed by ``ubc.preprocess``, the code that scoring runs: there is no train/serve
+skew. The paper's protocol picks, per case,
 the ``top_k`` axial slices with the largest lesion area (ground-truth mask).
 """
 
@@ -94,12 +95,12 @@ def discover(path: str | os.PathLike[str], *, labels: str | os.PathLike[str] | N
 
 def _read(case: Case) -> tuple[Any, Any]:
     """(image Volume, mask Volume or None), both canonical RAS, same grid."""
-    from ubc.io import load_volume
+    from ubc.io.readers import reader_for_file
 
-    volume = load_volume(case.image)
+    volume = case.reader.load()
     seg = None
     if case.mask is not None:
-        seg = load_volume(case.mask)
+        seg = reader_for_file(case.mask).load()
         if seg.data.shape != volume.data.shape:
             raise UBCInputError(f"{case.mask}: mask shape {seg.data.shape} does not match "
                                 f"image {case.image} {volume.data.shape}")

@@ -53,12 +53,18 @@ def prepare() -> Callable[[bytes], None]:
         except UBCInputError as exc:
             assert str(path) in str(exc), f"error does not name the file: {exc}"
             return
-        assert volume.data.ndim == 3 and min(volume.data.shape) > 0, volume.data.shape
-        assert all(math.isfinite(s) and s > 0 for s in volume.spacing), volume.spacing
-        assert np.isfinite(volume.affine).all(), volume.affine
-        check_slices(volume)
+        check_volume(volume)
 
     return one_input
+
+
+def check_volume(volume: Any) -> None:
+    """A 3-D volume with a finite grid whose slices pass ``check_slices`` (shared by every
+    volume file reader's target)."""
+    assert volume.data.ndim == 3 and min(volume.data.shape) > 0, volume.data.shape
+    assert all(math.isfinite(s) and s > 0 for s in volume.spacing), volume.spacing
+    assert np.isfinite(volume.affine).all(), volume.affine
+    check_slices(volume)
 
 
 def check_slices(volume: Any) -> None:

@@ -1,11 +1,12 @@
 """Fuzz target ``upload``: bytes as ``ubc-serve`` and ``Predictor.predict(bytes)`` receive
 them: content-sniffed (.nii or .nii.gz), loaded, checked and cut into model slices by
-``ubc.scoring.predictor.work_for``, the step before the engine.
+``ubc.scoring.stages`` (``load_case`` + ``prepare_case`` of ``case_for(bytes)``), the step
+before the engine.
 
 Allowed outcomes: model slices that are finite, float32 [S, 1, 32, 32] with S > 0, or the
 case's error, which must name the source ``<in memory>`` and never the temporary file the
 loader may use (a client sees that message in a 422). Anything else (an exception escaping
-``work_for``, a warning) is a finding. The seeds and regressions are the ``nifti`` target's.
+those steps, a warning) is a finding. The seeds and regressions are the ``nifti`` target's.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def prepare() -> Callable[[bytes], None]:
 
     logging.getLogger("nibabel").setLevel(logging.ERROR)
     from ubc.bundle import Preprocessing
-    from ubc.scoring.predictor import IN_MEMORY, work_for
-    from ubc.scoring.stages import RunContext
+    from ubc.io.readers import IN_MEMORY
+    from ubc.scoring.predictor import case_for
+    from ubc.scoring.stages import RunContext, load_case, prepare_case
 
     context = RunContext(model="fuzz", bundle_sha256="0" * 64, backend="none",
                          precision="fp32", preprocessing=Preprocessing(size=SIZE,
@@ -40,13 +42,13 @@ def prepare() -> Callable[[bytes], None]:
     def one_input(data: bytes) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # as pytest runs: a warning is a finding
-            work = work_for(data, context)
-        if work.error is not None:
-            assert work.error.startswith(IN_MEMORY), f"error does not name the source: " \
-                f"{work.error}"
-            assert "ubc-upload-" not in work.error, f"temporary path leaked: {work.error}"
+            prepared = prepare_case(load_case(case_for(data)), context)
+        if prepared.failure is not None:
+            error = prepared.failure.message
+            assert error.startswith(IN_MEMORY), f"error does not name the source: {error}"
+            assert "ubc-upload-" not in error, f"temporary path leaked: {error}"
             return
-        slices = work.slices
+        slices = prepared.slices
         assert slices is not None and slices.dtype == np.float32, slices
         assert slices.ndim == 4 and slices.shape[0] > 0 and slices.shape[1:] == (1, *SIZE)
         assert np.isfinite(slices).all()

@@ -21,7 +21,7 @@ def measure_pipeline(bundle: Bundle, archive: Path, shape: tuple[int, int, int],
     (OpenVINO INT8 at batch 32: 0.47 s against 0.32 s for the calls after it)."""
     from ubc.engine import load
     from ubc.scoring import score_archive
-    from ubc.scoring.stages import batch_size_for
+    from ubc.scoring.packer import batch_size_for
 
     with tempfile.TemporaryDirectory(prefix="ubc-bench-pipeline-") as tmp:
         with load(bundle, backend=backend, device=device) as engine:

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any
 from ubc.errors import UBCError
 
 if TYPE_CHECKING:
-    from ubc.scoring import RunSummary, ScoringOptions
+    from ubc.scoring import OutputSpec, RunSummary, ScoringOptions
 
 EXIT_OK, EXIT_FAILED_CASES, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 _EPILOG = """\
 input:
   a folder tree (BraTS layouts <case>/<case>_flair.nii.gz and <case>/<case>-t2f.nii.gz
-  recognised: the case id is the folder name; otherwise every NIfTI file matching
+  recognised: the case id is the folder name; otherwise every NIfTI or NRRD file matching
   --pattern is a case, its id the path relative to the folder without extension), a text
   file with one path per line, a CSV manifest with columns case_id,image, or a single
-  .nii/.nii.gz file. DICOM files in the folder (found by content, any names and nesting)
+  .nii/.nii.gz/.nrrd/.nhdr file. DICOM files in the folder (found by content, any names and nesting)
   are grouped by study: each study is a case (id: its StudyInstanceUID, see --case-id) and
   its FLAIR series is chosen by rules (see --series-select). A .zip of either is read too.
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle directory")
     p.add_argument("--input", required=True, metavar="PATH",
-                   help="folder, text list, CSV manifest or NIfTI file")
+                   help="folder, text list, CSV manifest, NIfTI or NRRD file")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="results file: .csv, .jsonl or .parquet")
     p.add_argument("--masks", metavar="DIR", help="write each predicted mask as NIfTI here, in "
@@ -193,8 +193,14 @@ def _options(args: argparse.Namespace) -> ScoringOptions:
 
     return ScoringOptions(batch_size=args.batch_size, workers=args.workers, top_k=args.top_k,
                           min_lesion_ml=args.min_lesion_ml, retry_errors=args.retry_errors,
-                          series_select=args.series_select, case_id=args.case_id,
-                          dicom_seg=args.dicom_seg)
+                          series_select=args.series_select, case_id=args.case_id)
+
+
+def _outputs(args: argparse.Namespace) -> OutputSpec:
+    from ubc.scoring import OutputSpec
+
+    return OutputSpec.of(args.out, masks=args.masks, overlays=args.overlays,
+                         dicom_seg=args.dicom_seg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,10 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run, extra = _runner(args, parser)
     try:
-        summary = run(args.model, args.input, args.out, masks=args.masks,
-                      overlays=args.overlays, backend=args.backend, device=args.device,
-                      pattern=args.pattern, limit=args.limit, options=_options(args),
-                      progress=not args.quiet, **extra)
+        summary = run(args.model, args.input, _outputs(args), backend=args.backend,
+                      device=args.device, pattern=args.pattern, limit=args.limit,
+                      options=_options(args), progress=not args.quiet, **extra)
     except PipelineError as exc:
         print(f"ubc-infer: {exc}; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERNAL

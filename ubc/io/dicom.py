@@ -24,6 +24,7 @@ canonical RAS exactly as a NIfTI file is.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -426,7 +427,8 @@ def _assemble(files: list[Path], name: str) -> tuple[Volume, list[tuple[Path, in
     stack = _pixels(datasets, files, frames)
     data = stack.transpose(2, 1, 0)  # (column i, row j, frame k), a view
     zooms = (col_spacing, row_spacing, float(np.linalg.norm(step)))
+    sources = [(files[f.ds_index], f.frame) for f in frames]
     volume = canonical_volume(data, _LPS_TO_RAS @ lps, zooms, files[0].parent)
-    return volume, [(files[f.ds_index], f.frame) for f in frames]
+    return dataclasses.replace(volume, source_frames=tuple(sources)), sources
 
 

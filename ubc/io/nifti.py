@@ -11,6 +11,7 @@ inflated in bounded chunks, never more than the declared size plus
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import math
 import os
@@ -23,13 +24,13 @@ import numpy as np
 from nibabel import orientations
 from nibabel.volumeutils import apply_read_scaling
 
-from ubc.atomic import atomic_write
+from ubc.atomic import atomic_write_bytes
 from ubc.errors import UBCInputError
 from ubc.io.bounded import GZIP_BACKEND, GZIP_ERRORS, Reader, open_reader, read_exactly
 from ubc.io.volume import Volume, canonical_volume
 
-__all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "load_volume", "load_volume_bytes",
-           "save_mask"]
+__all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "encode_mask", "load_volume",
+           "load_volume_bytes", "save_mask"]
 
 MAX_VOXELS = 1024 ** 3
 """Default cap on the voxels a header may declare (all volumes of a 4-D file together).
@@ -248,19 +249,24 @@ def _load(read: Callable[[], _Image], path: Path, volume_index: int | None) -> V
     try:
         image = read()
         return _canonical(image, _as_3d(_voxels(image, path), volume_index), path)
-    except UBCInputError:
-        raise
-    except FileNotFoundError as exc:
-        raise UBCInputError(f"{path}: file not found") from exc
-    except PermissionError as exc:
-        raise UBCInputError(f"{path}: permission denied") from exc
-    except IsADirectoryError as exc:
-        raise UBCInputError(f"{path}: is a directory, not a file") from exc
-    except GZIP_ERRORS as exc:
-        raise UBCInputError(f"{path}: corrupt or truncated gzip ({exc})") from exc
     except Exception as exc:  # nibabel raises many types on malformed headers
-        raise UBCInputError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") \
-            from exc
+        raise input_error(exc, path, "NIfTI") from exc
+
+
+def input_error(exc: Exception, path: Path, kind: str) -> UBCInputError:
+    """A reader's failure as the ``UBCInputError`` that names the file and the problem."""
+    if isinstance(exc, UBCInputError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        missing = f" ({exc.filename})" if exc.filename and Path(exc.filename) != path else ""
+        return UBCInputError(f"{path}: file not found{missing}")
+    if isinstance(exc, PermissionError):
+        return UBCInputError(f"{path}: permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return UBCInputError(f"{path}: is a directory, not a file")
+    if isinstance(exc, GZIP_ERRORS):
+        return UBCInputError(f"{path}: corrupt or truncated gzip ({exc})")
+    return UBCInputError(f"{path}: cannot read as {kind} ({type(exc).__name__}: {exc})")
 
 
 def load_volume(path: str | os.PathLike[str], volume_index: int | None = None, *,
@@ -297,13 +303,32 @@ def load_volume_bytes(data: bytes | bytearray | memoryview, *, name: str = "<upl
     return dataclasses.replace(volume, path=None)
 
 
+def encode_mask(mask: np.ndarray, affine: np.ndarray, *, compress: bool = True) -> bytes:
+    """``mask`` as the bytes of a NIfTI-1 file (.nii.gz unless ``compress`` is False) in its
+    own grid with ``affine`` (4 x 4, voxel -> world mm): uint8 for integer/bool masks,
+    float32 otherwise. The same mask gives the same bytes (gzip level 1 and mtime 0, as
+    nibabel writes a .nii.gz)."""
+    dtype = np.float32 if mask.dtype.kind == "f" else np.uint8
+    image = nib.Nifti1Image(np.asarray(mask, dtype=dtype), affine)
+    image.header.set_xyzt_units("mm")
+    raw = image.to_bytes()
+    if not compress:
+        return raw
+    # GzipFile, not gzip.compress: from Python 3.11 the latter writes zlib's OS byte, not 255
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as file:
+        file.write(raw)
+    return buffer.getvalue()
+
+
 def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike[str]) -> Path:
-    """Write a mask on ``volume``'s canonical grid as NIfTI in the file's original grid,
-    orientation and affine (uint8 for integer/bool masks, float32 otherwise); atomic."""
+    """Write a mask on ``volume``'s canonical grid as a .nii or .nii.gz file in the input's
+    original grid, orientation and affine (``encode_mask``); atomic."""
     if mask.shape != volume.data.shape:
         raise ValueError(f"mask shape {mask.shape} does not match volume {volume.data.shape}")
-    dtype = np.float32 if mask.dtype.kind == "f" else np.uint8
-    data = np.asarray(volume.to_original_orientation(mask), dtype=dtype)
-    image = nib.Nifti1Image(data, volume.original_affine)
-    image.header.set_xyzt_units("mm")
-    return atomic_write(path, lambda tmp: nib.save(image, tmp))
+    name = Path(path).name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{path}: a mask is written as NIfTI; name it .nii.gz or .nii")
+    data = encode_mask(volume.to_original_orientation(mask), volume.original_affine,
+                       compress=name.endswith(".gz"))
+    return atomic_write_bytes(path, data)

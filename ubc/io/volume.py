@@ -3,6 +3,7 @@ and the affine and shape of the file (or series) as stored, to write masks back 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ class Volume:
     may be a strided view (reorientation flips and transposes without copying).
     ``spacing`` is the voxel size (x, y, z) in mm; ``affine`` maps canonical voxel indices to
     world mm, ``original_affine`` and ``original_shape`` describe the file as stored.
+    ``source_frames`` (DICOM): the (instance file, frame in it) of each stored slice, what a
+    DICOM SEG of this volume references.
     """
 
     data: np.ndarray
@@ -31,6 +34,13 @@ class Volume:
     original_affine: np.ndarray
     original_shape: tuple[int, int, int]
     path: Path | None = None
+    source_frames: tuple[tuple[Path, int], ...] | None = None
+
+    def header_only(self) -> Volume:
+        """This volume with its voxels replaced by a zero-byte view of the same shape (what
+        the steps after preprocessing need: the grid, never the voxels)."""
+        empty = np.broadcast_to(np.zeros((), dtype=np.uint8), self.data.shape)
+        return dataclasses.replace(self, data=empty)
 
     def to_original_orientation(self, array: np.ndarray) -> np.ndarray:
         """Map an array on this volume's canonical grid back to the file's own axes."""

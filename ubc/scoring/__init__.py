@@ -4,8 +4,10 @@ callers at once in memory (thread-safe, micro-batching), ``score_archive`` for a
 
 from __future__ import annotations
 
-from ubc.scoring.archive import RunSummary, ScoringOptions, score_archive
+from ubc.scoring.archive import RunSummary, score_archive
 from ubc.scoring.discover import Case, discover_cases, safe_name
+from ubc.scoring.options import CaseOptions, ScoringOptions
+from ubc.scoring.outputs import OutputSpec
 from ubc.scoring.prediction import Prediction
 from ubc.scoring.predictor import Overloaded, Predictor
 from ubc.scoring.result import CaseResult
@@ -13,5 +15,5 @@ from ubc.scoring.scorer import Scorer
 from ubc.scoring.writers import read_results
 
 __all__ = ["Scorer", "Predictor", "Prediction", "Overloaded", "score_archive", "CaseResult",
-           "ScoringOptions", "RunSummary", "Case", "discover_cases", "safe_name",
-           "read_results"]
+           "ScoringOptions", "CaseOptions", "OutputSpec", "RunSummary", "Case",
+           "discover_cases", "safe_name", "read_results"]

@@ -14,54 +14,16 @@ from pathlib import Path
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
 from ubc.errors import UBCInputError
-from ubc.scoring.aggregate import DEFAULT_MIN_LESION_ML
-from ubc.scoring.discover import (
-    CASE_ID_MODES,
-    DEFAULT_PATTERN,
-    Case,
-    case_identity,
-    discover_cases,
-)
-from ubc.scoring.pipeline import STAGES, Pipeline, PipelineOptions
+from ubc.scoring.discover import DEFAULT_PATTERN, Case, discover_cases
+from ubc.scoring.options import ScoringOptions
+from ubc.scoring.outputs import OutputSpec
+from ubc.scoring.pipeline import STAGES, Pipeline
 from ubc.scoring.result import ERROR, STATUSES, CaseResult
 from ubc.scoring.stages import RunContext
 from ubc.scoring.writers import ResultsFile, open_results
 
 __all__ = ["ScoringOptions", "RunSummary", "RunPlan", "score_archive", "plan_run",
            "plan_resume", "recording", "file_identity"]
-
-
-@dataclass(frozen=True)
-class ScoringOptions:
-    """How to score: pipeline sizes, top-k (None: the bundle's), the no-lesion threshold in
-    mL, native preprocessing threads, and whether earlier ``error`` rows are retried."""
-
-    batch_size: int | None = None
-    workers: int = 2
-    prefetch: int = 2
-    top_k: int | None = None
-    min_lesion_ml: float = DEFAULT_MIN_LESION_ML
-    preprocess_threads: int = 1
-    retry_errors: bool = False
-    #: DICOM (issue 12): a ``--series-select`` override of the FLAIR rules
-    #: (``ubc.io.dicom_select``), how studies are named (``CASE_ID_MODES``), and a folder for
-    #: one DICOM SEG per scored study.
-    series_select: str | None = None
-    case_id: str = "study"
-    dicom_seg: str | os.PathLike[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.case_id not in CASE_ID_MODES:
-            raise ValueError(f"case_id must be one of {CASE_ID_MODES}, got {self.case_id!r}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.min_lesion_ml < 0:
-            raise ValueError(f"min_lesion_ml must be >= 0, got {self.min_lesion_ml}")
-
-    @property
-    def pipeline(self) -> PipelineOptions:
-        return PipelineOptions(batch_size=self.batch_size, workers=self.workers,
-                               prefetch=self.prefetch)
 
 
 @dataclass(frozen=True)
@@ -132,7 +94,7 @@ def plan_resume(cases: list[Case], existing: list[CaseResult], *, bundle_sha256:
     todo, done = [], []
     for case in cases:
         row = latest.get(case.case_id)
-        if row is not None and row.identity == case_identity(case) \
+        if row is not None and row.identity == case.reader.identity() \
                 and not (retry_errors and row.status == ERROR):
             done.append(row)
             continue
@@ -171,22 +133,11 @@ def _load_engine(bundle: Bundle, backend: str, device: str) -> Engine:
     return engines.load(bundle, backend=backend, device=device)
 
 
-def _mkdir(folder: str | os.PathLike[str] | None, what: str) -> Path | None:
-    if folder is None:
-        return None
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UBCInputError(f"{path}: cannot create the {what} folder ({exc})") from exc
-    return path
-
-
 @dataclass
 class RunPlan:
     """What a run has to do, decided before any case is scored (shared by the single-machine
     and the Ray runner): the archive's cases, those to score, the rows already done, the
-    rows to keep when the results file must be rewritten first, and where to write."""
+    rows to keep when the results file must be rewritten first, and what to write."""
 
     bundle: Bundle
     cases: list[Case]
@@ -194,22 +145,22 @@ class RunPlan:
     done: list[CaseResult]
     rewrite: list[CaseResult] | None
     results: ResultsFile
-    masks: Path | None
-    overlays: Path | None
+    outputs: OutputSpec
 
 
 def plan_run(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[str],
-             out: str | os.PathLike[str], *, masks: str | os.PathLike[str] | None = None,
-             overlays: str | os.PathLike[str] | None = None, pattern: str | None = None,
-             limit: int | None = None, retry_errors: bool = False,
-             part: tuple[int, int] | None = None, series_select: str | None = None,
-             case_id: str = "study") -> RunPlan:
+             outputs: OutputSpec, *, pattern: str | None = None, limit: int | None = None,
+             options: ScoringOptions | None = None,
+             part: tuple[int, int] | None = None) -> RunPlan:
     """Discover the cases (only part ``part[1]`` of ``part[0]`` when given, see
     ``ubc.scoring.shards``), read the results file, decide what is left (``plan_resume``)
     and create the output folders. ``UBCInputError`` when the run cannot start."""
+    options = options or ScoringOptions()
+    if outputs.results is None:
+        raise ValueError("a batch run needs a results file (OutputSpec.results)")
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-    cases = discover_cases(source, pattern=pattern, limit=limit, series_select=series_select,
-                           case_id=case_id)
+    cases = discover_cases(source, pattern=pattern, limit=limit,
+                           series_select=options.series_select, case_id=options.case_id)
     if not cases and limit != 0:
         raise UBCInputError(f"{source}: no cases found (file pattern "
                             f"{pattern or DEFAULT_PATTERN!r}); to take every NIfTI file pass "
@@ -218,59 +169,72 @@ def plan_run(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[
         from ubc.scoring.shards import select_part
 
         cases = select_part(cases, *part)
-    results = open_results(out)
+    results = open_results(outputs.results)
     todo, done, rewrite = plan_resume(cases, results.read(), bundle_sha256=bundle.weights_sha256,
-                                      retry_errors=retry_errors)
-    folders = dict(masks=_mkdir(masks, "masks"), overlays=_mkdir(overlays, "overlays"))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+                                      retry_errors=options.retry_errors)
+    outputs.create()
     return RunPlan(bundle=bundle, cases=cases, todo=todo, done=done, rewrite=rewrite,
-                   results=results, **folders)
+                   results=results, outputs=outputs)
 
 
 def score_archive(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[str],
-                  out: str | os.PathLike[str], *, masks: str | os.PathLike[str] | None = None,
-                  overlays: str | os.PathLike[str] | None = None, backend: str = "auto",
+                  out: str | os.PathLike[str] | OutputSpec, *,
+                  masks: str | os.PathLike[str] | None = None,
+                  overlays: str | os.PathLike[str] | None = None,
+                  dicom_seg: str | os.PathLike[str] | None = None, backend: str = "auto",
                   device: str = "auto", pattern: str | None = None, limit: int | None = None,
                   options: ScoringOptions | None = None, progress: bool = False,
                   engine: Engine | None = None,
                   on_result: Callable[[CaseResult], None] | None = None,
                   part: tuple[int, int] | None = None) -> RunSummary:
     """Score every case of ``source`` (folder tree, path list or CSV manifest; see
-    ``discover_cases``) with the bundle and append one row per case to ``out`` (.csv,
-    .jsonl or .parquet), resuming where an earlier run into the same ``out`` stopped.
+    ``discover_cases``) with the bundle and append one row per case to the results file
+    (.csv, .jsonl or .parquet), resuming where an earlier run into the same file stopped.
 
-    ``masks``/``overlays``: folders for a NIfTI mask (input grid and affine) and a PNG per
-    case. ``engine``: an engine already loaded (the caller closes it); otherwise one is
-    loaded with ``backend``/``device`` and closed at the end. ``part``: ``(num_parts,
+    ``out``: the results file, or the whole ``OutputSpec``; else ``masks``/``overlays``/
+    ``dicom_seg`` name folders for a NIfTI mask (input grid and affine), a PNG and a DICOM
+    SEG per case. ``engine``: an engine already loaded (the caller closes it); otherwise one
+    is loaded with ``backend``/``device`` and closed at the end. ``part``: ``(num_parts,
     part_id)``, score only that deterministic part of the archive (``ubc.scoring.shards``).
     Per-case failures become ``error`` rows; ``UBCInputError``/``BundleError`` mean the run
     could not start (an archive with no case at all is one).
     """
     options = options or ScoringOptions()
-    plan = plan_run(bundle, source, out, masks=masks, overlays=overlays, pattern=pattern,
-                    limit=limit, retry_errors=options.retry_errors, part=part,
-                    series_select=options.series_select, case_id=options.case_id)
+    outputs = output_spec(out, masks=masks, overlays=overlays, dicom_seg=dicom_seg)
+    plan = plan_run(bundle, source, outputs, pattern=pattern, limit=limit, options=options,
+                    part=part)
     own_engine = engine is None
     engine = engine or _load_engine(plan.bundle, backend, device)
     counts = Counter(r.status for r in plan.done)
     try:
         context = RunContext.create(plan.bundle, engine.backend, engine.precision,
-                                    top_k=options.top_k, min_lesion_ml=options.min_lesion_ml,
-                                    preprocess_threads=options.preprocess_threads,
-                                    masks=plan.masks, overlays=plan.overlays,
-                                    dicom_seg=_mkdir(options.dicom_seg, "DICOM SEG"))
-        pipeline = Pipeline(engine, context, options.pipeline)
+                                    options.case)
+        pipeline = Pipeline(engine, context, options.pipeline, plan.outputs)
         with recording(plan, counts, progress, on_result) as record:
             stats = pipeline.run(plan.todo, record)
     finally:
         if own_engine:
             engine.close()
-    return RunSummary(out=Path(out), cases=len(plan.cases), scored=stats.cases,
-                      skipped=len(plan.done), counts=dict(counts),
+    return RunSummary(out=plan.results.path, cases=len(plan.cases),
+                      scored=stats.cases, skipped=len(plan.done), counts=dict(counts),
                       wall_seconds=stats.wall_seconds, stage_seconds=dict(stats.stage_seconds),
                       slices_scored=stats.slices_scored, peak_in_flight=stats.peak_in_flight,
                       backend=engine.backend, precision=engine.precision,
                       batch_size=pipeline.batch_size)
+
+
+def output_spec(out: str | os.PathLike[str] | OutputSpec, *,
+                masks: str | os.PathLike[str] | None = None,
+                overlays: str | os.PathLike[str] | None = None,
+                dicom_seg: str | os.PathLike[str] | None = None) -> OutputSpec:
+    """``out`` when it is a spec already (then the folders must not be given again), else
+    the spec of these paths."""
+    if not isinstance(out, OutputSpec):
+        return OutputSpec.of(out, masks=masks, overlays=overlays, dicom_seg=dicom_seg)
+    if (masks, overlays, dicom_seg) != (None, None, None):
+        raise ValueError("give the output folders in the OutputSpec or as arguments, "
+                         "not both")
+    return out
 
 
 @contextlib.contextmanager

@@ -16,11 +16,20 @@ from typing import Any
 import numpy as np
 
 from ubc.engine.base import Engine
+from ubc.scoring.packer import Batch, Packer, infer
 
 __all__ = ["Overloaded", "BatcherStats", "Batcher", "Part"]
 
-#: (first case slice, class logits [n, 2], mask logits [n, 1, H, W], engine seconds share)
-Part = tuple[int, np.ndarray, np.ndarray, float]
+
+@dataclass(frozen=True)
+class Part:
+    """A request's rows of one engine batch: its slices ``first ..``, their class logits
+    [n, 2] and mask logits [n, 1, H, W] (copies), and its share of the engine seconds."""
+
+    first: int
+    class_logits: np.ndarray
+    mask_logits: np.ndarray
+    seconds: float
 
 
 class Overloaded(RuntimeError):
@@ -55,7 +64,6 @@ class _Request:
         self.slices = slices
         self.counted = counted
         self.sent = 0  # rows handed to the engine so far
-        self.received = 0
         self.parts: list[Part] = []
         self.future: concurrent.futures.Future[list[Part]] = concurrent.futures.Future()
         self.arrived = time.monotonic()
@@ -120,8 +128,8 @@ class Batcher:
             self._cond.notify()
         self._thread.join()
 
-    def _take(self) -> list[tuple[_Request, int, int]] | None:
-        """Wait for rows, then up to ``max_batch`` of them: [(request, first, count)]."""
+    def _take(self) -> Batch[_Request] | None:
+        """Wait for rows, then pack up to ``max_batch`` of them."""
         with self._cond:
             while not self._queue and not self._closing:
                 self._cond.wait()
@@ -135,12 +143,16 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            segments, room = [], self.max_batch
+            packer: Packer[_Request] = Packer(self.max_batch, self._queue[0].slices.shape[1:])
+            full: list[Batch[_Request]] = []
+            room = self.max_batch
             while self._queue and room:
                 request = self._queue[0]
                 count = min(room, len(request.slices) - request.sent)
                 if not request.future.cancelled():
-                    segments.append((request, request.sent, count))
+                    rows = request.slices[request.sent:request.sent + count]
+                    full += packer.add(request, rows, first=request.sent,
+                                       total=len(request.slices))
                     room -= count
                 else:
                     count = len(request.slices) - request.sent
@@ -148,39 +160,44 @@ class Batcher:
                 self._pending -= count
                 if request.sent == len(request.slices):
                     self._queue.popleft()
-            return segments
+            # nothing to pack when every waiting request was cancelled
+            return full[0] if full else packer.flush() or Batch(packer.empty(), ())
 
     def _loop(self) -> None:
-        while (segments := self._take()) is not None:
+        while (batch := self._take()) is not None:
             try:
-                self._run(segments)
+                self._run(batch)
             except Exception as exc:  # every request of this batch fails; the thread goes on
-                error = RuntimeError(f"inference failed ({type(exc).__name__}: {exc})")
-                for request, _, _ in segments:
-                    _settle(request.future, error=error)
+                self._fail(batch, exc)
 
-    def _run(self, segments: list[tuple[_Request, int, int]]) -> None:
-        if not segments:
+    def _fail(self, batch: Batch[_Request], exc: BaseException) -> None:
+        for segment in batch.segments:  # an exception each: they are raised in many threads
+            error = RuntimeError(f"inference failed ({type(exc).__name__}: {exc})")
+            error.__cause__ = exc
+            _settle(segment.owner.future, error=error)
+
+    def _run(self, batch: Batch[_Request]) -> None:
+        if not batch.segments:
             return
-        views = [r.slices[first:first + n] for r, first, n in segments]
-        batch = views[0] if len(views) == 1 else np.concatenate(views)
-        start = time.perf_counter()
-        class_logits, mask_logits = self.engine.infer(batch)
-        seconds = time.perf_counter() - start
-        row = 0
-        for request, first, n in segments:
-            request.parts.append((first, np.array(class_logits[row:row + n]),
-                                  np.array(mask_logits[row:row + n]), seconds * n / len(batch)))
-            request.received += n
-            row += n
-            if request.received == len(request.slices):
+        inferred = infer(self.engine, batch)
+        if inferred.error is not None or inferred.class_logits is None \
+                or inferred.mask_logits is None:
+            self._fail(batch, inferred.error or RuntimeError("no engine output"))
+            return
+        for segment in batch.segments:
+            request = segment.owner
+            request.parts.append(Part(segment.first,
+                                      np.array(segment.rows(inferred.class_logits)),
+                                      np.array(segment.rows(inferred.mask_logits)),
+                                      batch.share(segment, inferred.seconds)))
+            if segment.last:  # batches run in order: the request's earlier rows came back
                 _settle(request.future, result=request.parts)
-        if any(r.counted for r, _, _ in segments):
+        if any(segment.owner.counted for segment in batch.segments):
             with self._cond:
                 self._counts["batches"] += 1
-                self._counts["slices"] += len(batch)
-                self._sizes[len(batch)] += 1
-                self._engine_seconds += seconds
+                self._counts["slices"] += len(batch.array)
+                self._sizes[len(batch.array)] += 1
+                self._engine_seconds += inferred.seconds
 
 
 def _settle(future: concurrent.futures.Future[Any], *, result: Any = None,

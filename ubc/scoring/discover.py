@@ -1,6 +1,6 @@
 """Find the cases of an archive: a folder tree (BraTS layout recognised; DICOM studies
 recognised by content), a ``.zip`` of either, a text file with one path per line, a CSV
-manifest ``case_id,image[,mask,...]``, or a single NIfTI file.
+manifest ``case_id,image[,mask,...]``, or a single NIfTI or NRRD file.
 
 One ``Case`` model and one discovery for training and scoring (``ubc.data`` reads these).
 
@@ -8,7 +8,7 @@ Case ids:
 - BraTS layout (``<case>/<case>_flair.nii.gz``): the case folder's name; the sibling
   ``<case>_seg.nii.gz``, when present, is recorded as the case's mask.
 - otherwise: the file's path relative to the archive root (for a list: to the listed files'
-  common folder), without the ``.nii``/``.nii.gz`` extension.
+  common folder), without the ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr`` extension.
 - a manifest: its ``case_id`` column.
 - a DICOM study (``ubc.io.dicom_select``: one case per study, its FLAIR series chosen from
   headers only): ``case_id="study"`` (default) its StudyInstanceUID, ``"patient"`` its
@@ -37,17 +37,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ubc.errors import UBCInputError
+from ubc.io.readers import DicomSeries, VolumeReader, reader_for_file, volume_suffix
 
 if TYPE_CHECKING:
     from ubc.io.dicom_select import DicomStudy, SeriesSelector
 
-__all__ = ["DEFAULT_PATTERN", "GRADES", "CASE_ID_MODES", "Case", "case_id_for", "case_identity",
+__all__ = ["DEFAULT_PATTERN", "GRADES", "CASE_ID_MODES", "Case", "case_id_for",
            "discover_cases", "parse_grade", "safe_name", "safe_path"]
 
-#: FLAIR-like file names (BraTS 2019 ``_flair``, BraTS 2023 ``-t2f``, TCGA ``_fla_``);
-#: ``|`` separates alternatives. Matched case-insensitively against the file name (or, when
-#: the pattern holds a ``/``, against the path relative to the archive root).
-DEFAULT_PATTERN = "*flair*.nii*|*t2f*.nii*|*_fla_*.nii*"
+#: FLAIR-like file names (BraTS 2019 ``_flair``, BraTS 2023 ``-t2f``, TCGA ``_fla_``) of
+#: NIfTI and NRRD files; ``|`` separates alternatives. Matched case-insensitively against
+#: the file name (or, when the pattern holds a ``/``, against the path relative to the
+#: archive root).
+DEFAULT_PATTERN = "*flair*.nii*|*t2f*.nii*|*_fla_*.nii*|*flair*.nrrd|*flair*.nhdr"
 _BRATS_NAMES = (("_flair", "_seg"), ("-t2f", "-seg"))  # (image, mask) suffixes per edition
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 GRADES = ("LGG", "HGG")  # class index 0, 1 (the bundle's class_names)
@@ -60,34 +62,19 @@ CASE_ID_MODES = ("study", "patient", "folder")  # the id of a DICOM study
 @dataclass(frozen=True)
 class Case:
     """One volume: its id, its image file and, when known, its lesion mask file and its
-    grade (0 = LGG, 1 = HGG, None = unknown). A DICOM case has ``study`` (its series and
-    the one chosen) and ``image`` is the study's folder."""
+    grade (0 = LGG, 1 = HGG, None = unknown). ``reader`` reads it (``ubc.io.readers``; by
+    default the reader of ``image``'s file name). A DICOM study's ``image`` is its folder;
+    its reader (``DicomSeries``) holds the study, its series and the one chosen."""
 
     case_id: str
     image: Path
     mask: Path | None = None
     label: int | None = None
-    study: DicomStudy | None = None
+    reader: VolumeReader = None  # type: ignore[assignment]  # set from image when None
 
-
-def case_identity(case: Case) -> tuple[int | None, int | None, str | None]:
-    """``(bytes, mtime_ns, digest)`` of the case's input as it is now: a re-run skips the case
-    while its row holds the same. NIfTI: the file's size and mtime (digest None); DICOM: the
-    study's instance files' total size, latest mtime and a sha1 over their names, sizes and
-    mtimes. ``(None, None, None)`` when a file cannot be stat'ed."""
-    files = case.study.files if case.study is not None else (case.image,)
-    digest = hashlib.sha1()
-    total, latest = 0, 0
-    try:
-        for path in files:
-            stat = os.stat(path)
-            total += stat.st_size
-            latest = max(latest, stat.st_mtime_ns)
-            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(
-                "utf-8", "surrogatepass"))
-    except OSError:
-        return (None, None, None)
-    return (total, latest, digest.hexdigest() if case.study is not None else None)
+    def __post_init__(self) -> None:
+        if self.reader is None:
+            object.__setattr__(self, "reader", reader_for_file(self.image))
 
 
 def parse_grade(value: str, where: str) -> int | None:
@@ -103,17 +90,11 @@ def parse_grade(value: str, where: str) -> int | None:
     raise UBCInputError(f"{where}: grade {value!r} is neither LGG/0 nor HGG/1 (or empty)")
 
 
-def strip_nifti_suffix(name: str) -> str:
-    """``a/b_flair.nii.gz`` -> ``a/b_flair`` (also ``.nii``); other names are unchanged."""
-    lower = name.lower()
-    for suffix in _NIFTI_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def is_nifti_name(name: str) -> bool:
-    return name.lower().endswith(_NIFTI_SUFFIXES)
+def strip_volume_suffix(name: str) -> str:
+    """``a/b_flair.nii.gz`` -> ``a/b_flair`` (also ``.nii``, ``.nrrd``, ``.nhdr``); other
+    names are unchanged."""
+    suffix = volume_suffix(name)
+    return name[: -len(suffix)] if suffix else name
 
 
 def safe_name(case_id: str) -> str:
@@ -150,7 +131,7 @@ def _matches(relative: str, pattern: str) -> bool:
 def _brats_case(path: Path) -> tuple[str, Path | None] | None:
     """``(case, seg path)`` when ``path`` is ``<case>/<case>_flair.nii[.gz]`` (BraTS 2019)
     or ``<case>/<case>-t2f.nii[.gz]`` (BraTS 2023), else None."""
-    stem = strip_nifti_suffix(path.name).lower()
+    stem = strip_volume_suffix(path.name).lower()
     folder = path.parent.name
     for image, mask in _BRATS_NAMES:
         if folder and stem == f"{folder}{image}".lower():
@@ -163,7 +144,7 @@ def case_id_for(path: str | os.PathLike[str]) -> str:
     """The id of a lone file: its BraTS case folder's name, else its name without extension."""
     path = Path(path)
     brats = _brats_case(path)
-    return brats[0] if brats else strip_nifti_suffix(path.name)
+    return brats[0] if brats else strip_volume_suffix(path.name)
 
 
 def _folder_grade(relative: str) -> int | None:
@@ -179,7 +160,7 @@ def _cases_from_files(files: Iterable[Path], root: Path,
     Grades come from ``grades`` (case id -> grade) or else from an HGG/LGG folder."""
     entries = []
     for path in files:
-        relative = strip_nifti_suffix(path.relative_to(root).as_posix())
+        relative = strip_volume_suffix(path.relative_to(root).as_posix())
         brats = _brats_case(path)
         entries.append((brats[0] if brats else relative, relative, path,
                         brats[1] if brats else None))
@@ -217,7 +198,7 @@ def _walk(root: Path, pattern: str) -> list[Path]:
     for folder, dirs, names in os.walk(root):  # followlinks=False: no symlink loops
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
-            if name.startswith(".") or not is_nifti_name(name):
+            if name.startswith(".") or volume_suffix(name) is None:
                 continue
             path = Path(folder) / name
             if _matches(path.relative_to(root).as_posix(), pattern):
@@ -285,11 +266,12 @@ def _dicom_cases(root: Path, files: list[Path], selector: SeriesSelector | None,
     from ubc.io.dicom_select import DicomStudy, scan_studies
 
     studies, unreadable = scan_studies(root, selector, files=files)
-    cases = [Case(_dicom_case_id(study, root, case_id), study.folder, study=study)
-             for study in studies]
+    cases = [Case(_dicom_case_id(study, root, case_id), study.folder,
+                  reader=DicomSeries(study)) for study in studies]
     for path, error in unreadable:
         broken = DicomStudy("", path.parent, (), None, (), error, "")
-        cases.append(Case(path.relative_to(root).as_posix(), path, study=broken))
+        cases.append(Case(path.relative_to(root).as_posix(), path,
+                          reader=DicomSeries(broken)))
     return cases
 
 
@@ -351,7 +333,7 @@ def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None
             cases += [dataclasses.replace(c, label=grades.get(c.case_id) if grades else None)
                       for c in _dicom_cases(path, dicom_files, series_select, case_id)]
     elif path.is_file():
-        if is_nifti_name(path.name):
+        if volume_suffix(path.name) is not None:
             cases = [Case(case_id_for(path), path)]
         elif _has_dicom_marker(path):
             cases = _dicom_cases(path.parent, [path], series_select, case_id)
@@ -361,7 +343,7 @@ def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None
             except OSError as exc:
                 raise UBCInputError(f"{path}: cannot read ({exc})") from exc
     else:
-        raise UBCInputError(f"{path}: no such file or folder (not a folder of NIfTI or "
+        raise UBCInputError(f"{path}: no such file or folder (not a folder of NIfTI, NRRD or "
                             "DICOM files, a .zip of one, a text file with one path per line, "
                             "or a CSV manifest)")
     _check_unique(cases, path)

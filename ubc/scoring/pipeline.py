@@ -3,8 +3,9 @@ preprocessing the next volumes overlap the engine's work on this batch.
 
     cases -> [todo] -> loader threads (read, gunzip, nibabel; ``workers`` of them)
           -> [loaded]   -> preprocess thread (native, GIL released; background slices dropped)
-          -> [prepared] -> batcher thread (packs slices of several cases into engine batches,
-                           remembering (case, slice) for every row)
+          -> [prepared] -> batcher thread (``ubc.scoring.packer``: slices of several cases
+                           packed into engine batches, each with the segments that hand
+                           every case its rows back)
           -> [batches]  -> engine thread (``Engine.infer``)
           -> [results]  -> the caller's thread: per-case aggregation, masks, overlays, rows
 
@@ -24,6 +25,7 @@ the archive; a test checks that peak allocation does not otherwise grow with it.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -35,13 +37,16 @@ import numpy as np
 
 from ubc.engine.base import Engine
 from ubc.scoring.discover import Case
+from ubc.scoring.options import PipelineOptions
+from ubc.scoring.outputs import OutputSpec
+from ubc.scoring.packer import Batch, Inferred, Packer, batch_size_for, infer
 from ubc.scoring.result import CaseResult
 from ubc.scoring.stages import (
-    CaseWork,
+    CaseOutputs,
+    Prepared,
     RunContext,
-    accumulate,
-    batch_size_for,
     finish_case,
+    hand_back,
     load_case,
     prepare_case,
 )
@@ -51,23 +56,6 @@ __all__ = ["PipelineOptions", "PipelineStats", "Pipeline", "PipelineError", "mem
 
 STAGES = ("load", "preprocess", "batch", "engine", "aggregate", "write")
 _DONE = object()
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """Sizes of the pipeline. ``batch_size`` None: the engine's ``max_batch``, at most 32."""
-
-    batch_size: int | None = None
-    workers: int = 2
-    prefetch: int = 2
-    batch_queue: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("workers", "prefetch", "batch_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def memory_bound(options: PipelineOptions, *, volume_bytes: int, case_bytes: int,
@@ -116,13 +104,12 @@ class _Stopped(Exception):
 
 
 @dataclass
-class _Batch:
-    array: np.ndarray | None
-    segments: list[tuple[CaseWork, int, int, int]]  # (case, batch row, case slice, count)
-    completes: list[CaseWork]
-    outputs: tuple[np.ndarray, np.ndarray] | None = None
-    error: str | None = None
-    engine_seconds: float = 0.0
+class _Inferred:
+    """A batch on its way from the engine thread to the caller's: the batch, the engine's
+    outputs, and the cases whose rows are complete with it (in the order they came)."""
+
+    batch: Batch[CaseOutputs]
+    inferred: Inferred
 
 
 class Pipeline:
@@ -130,10 +117,12 @@ class Pipeline:
     caller's thread, in completion order."""
 
     def __init__(self, engine: Engine, context: RunContext,
-                 options: PipelineOptions | None = None) -> None:
+                 options: PipelineOptions | None = None,
+                 outputs: OutputSpec | None = None) -> None:
         self.engine = engine
         self.context = context
         self.options = options or PipelineOptions()
+        self.outputs = outputs or OutputSpec()
         self.batch_size = batch_size_for(engine.max_batch, self.options.batch_size)
         self.stats = PipelineStats()
         self._lock = threading.Lock()
@@ -206,85 +195,64 @@ class Pipeline:
     def _preprocess(self) -> None:
         finished = 0
         while finished < self.options.workers:
-            item = self._get(self._loaded)
-            if item is _DONE:
+            loaded = self._get(self._loaded)
+            if loaded is _DONE:
                 finished += 1
                 continue
-            work, volume = item
-            del item
             start = time.perf_counter()
-            if volume is not None:
-                prepare_case(work, volume, self.context)
-            del volume
+            prepared = prepare_case(loaded, self.context)
+            del loaded  # the voxels go as soon as the slices are made
             self._add_time("preprocess", time.perf_counter() - start)
-            self._put(self._prepared, work)
+            self._put(self._prepared, prepared)
+            del prepared
         self._put(self._prepared, _DONE)
 
+    def _start(self, prepared: Prepared) -> tuple[CaseOutputs, np.ndarray]:
+        """The case's outputs to come and its slices (none when it failed)."""
+        grid = prepared.grid
+        files = self.outputs.files_for(prepared.case.case_id, dicom=grid is not None
+                                       and grid.source_frames is not None)
+        slices = prepared.slices
+        if slices is None or prepared.failure is not None:
+            slices = np.zeros((0, 1, *self.context.preprocessing.size), np.float32)
+        record = dataclasses.replace(prepared, slices=None)
+        return CaseOutputs(record, self.context, files), slices
+
     def _batch(self) -> None:
-        size = (1, *self.context.preprocessing.size)
-        pending = np.empty((self.batch_size, *size), np.float32)
-        fill, segments, completes = 0, [], []  # type: ignore[var-annotated]
-        while (work := self._get(self._prepared)) is not _DONE:
-            start, position = time.perf_counter(), 0
-            slices, work.slices = work.slices, None
-            while work.error is None and slices is not None and position < work.n_scored:
-                take = min(self.batch_size - fill, work.n_scored - position)
-                pending[fill:fill + take] = slices[position:position + take]
-                segments.append((work, fill, position, take))
-                fill, position = fill + take, position + take
-                if fill == self.batch_size:
-                    if position == work.n_scored:
-                        completes.append(work)
-                    self._add_time("batch", time.perf_counter() - start)
-                    self._put(self._batches, _Batch(pending, segments, completes))
-                    pending = np.empty((self.batch_size, *size), np.float32)
-                    fill, segments, completes, start = 0, [], [], time.perf_counter()
+        packer: Packer[CaseOutputs] = Packer(self.batch_size,
+                                             (1, *self.context.preprocessing.size))
+        while (prepared := self._get(self._prepared)) is not _DONE:
+            start = time.perf_counter()
+            case, slices = self._start(prepared)
+            del prepared
+            for batch in packer.add(case, slices):
+                self._add_time("batch", time.perf_counter() - start)
+                self._put(self._batches, batch)
+                start = time.perf_counter()
             del slices
-            if work.error is not None or position < work.n_scored or work.n_scored == 0 \
-                    or (segments and segments[-1][0] is work):
-                completes.append(work)  # done once the pending rows come back
-            if fill == 0 and completes:
-                self._put(self._batches, _Batch(None, [], completes))
-                completes = []
             self._add_time("batch", time.perf_counter() - start)
-        if fill or completes:
-            self._put(self._batches, _Batch(pending[:fill] if fill else None, segments,
-                                            completes))
+        last = packer.flush()
+        if last is not None:
+            self._put(self._batches, last)
         self._put(self._batches, _DONE)
 
     def _infer(self) -> None:
         while (batch := self._get(self._batches)) is not _DONE:
-            if batch.array is not None:
-                start = time.perf_counter()
-                try:
-                    batch.outputs = self.engine.infer(batch.array)
-                except Exception as exc:  # the cases of this batch fail, the run goes on
-                    batch.error = f"inference failed ({type(exc).__name__}: {exc})"
-                batch.engine_seconds = time.perf_counter() - start
-                self._add_time("engine", batch.engine_seconds)
-            self._put(self._results, batch)
+            inferred = infer(self.engine, batch)
+            self._add_time("engine", inferred.seconds)
+            self._put(self._results, _Inferred(batch, inferred))
         self._put(self._results, _DONE)
 
-    def _aggregate(self, batch: _Batch, on_result: Callable[[CaseResult], None]) -> None:
+    def _aggregate(self, item: _Inferred, on_result: Callable[[CaseResult], None]) -> None:
         start = time.perf_counter()
-        rows = 0 if batch.array is None else len(batch.array)
-        for work, row, position, count in batch.segments:
-            work.seconds += batch.engine_seconds * count / max(rows, 1)
-            if batch.error is not None or batch.outputs is None:
-                work.fail("inference", RuntimeError(batch.error or "no engine output"))
-            if work.error is not None or batch.outputs is None or batch.array is None:
+        batch = item.batch
+        hand_back(batch, item.inferred)
+        self.stats.slices_scored += len(batch.array)
+        self.stats.batches += len(batch.array) > 0
+        for segment in batch.segments:
+            if not segment.last:
                 continue
-            try:
-                class_logits, mask_logits = batch.outputs
-                accumulate(work, position, class_logits[row:row + count],
-                           mask_logits[row:row + count], batch.array[row:row + count, 0],
-                           self.context)
-            except Exception as exc:
-                work.fail("aggregate", exc)
-        self.stats.slices_scored += rows
-        self.stats.batches += batch.array is not None
-        for work in batch.completes:
-            result = finish_case(work, self.context)
+            result = finish_case(segment.owner).result
             written = time.perf_counter()
             on_result(result)
             self._add_time("write", time.perf_counter() - written)

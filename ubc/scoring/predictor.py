@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,87 +30,51 @@ import numpy as np
 
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
-from ubc.errors import UBCInputError
 from ubc.io import Volume
-from ubc.scoring.aggregate import CaseAccumulator
-from ubc.scoring.archive import ScoringOptions
+from ubc.io.readers import IN_MEMORY, ArrayVolume, LoadedVolume, VolumeBytes
 from ubc.scoring.batcher import Batcher, BatcherStats, Overloaded, Part
 from ubc.scoring.discover import Case, case_id_for
+from ubc.scoring.options import CaseOptions
+from ubc.scoring.outputs import CaseFiles
+from ubc.scoring.packer import batch_size_for
 from ubc.scoring.prediction import Prediction
-from ubc.scoring.result import ERROR
-from ubc.scoring.stages import (
-    CaseWork,
-    RunContext,
-    accumulate,
-    batch_size_for,
-    finish_case,
-    load_case,
-    original_grid_mask,
-    prepare_case,
-)
+from ubc.scoring.stages import CaseOutputs, RunContext, finish_case, load_case, prepare_case
 
-__all__ = ["Predictor", "Overloaded", "BatcherStats", "Source", "work_for"]
+__all__ = ["Predictor", "Overloaded", "BatcherStats", "Source", "case_for"]
 
-#: what ``predict`` accepts: a NIfTI path, the bytes of a .nii/.nii.gz file, a loaded
-#: ``ubc.io.Volume``, or a 3-D array (with ``affine=``)
+#: what ``predict`` accepts: a NIfTI or NRRD path, the bytes of a .nii/.nii.gz file, a
+#: loaded ``ubc.io.Volume``, or a 3-D array (with ``affine=``)
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Volume, np.ndarray]
-IN_MEMORY = "<in memory>"
 
 
-def _load_bytes(data: bytes | bytearray | memoryview, name: str) -> Volume:
-    """``ubc.io.load_volume_bytes`` (content sniffing, the loader's checks and caps)."""
-    from ubc.io import load_volume_bytes
-
-    return load_volume_bytes(data, name=name)
-
-
-def _volume_from_array(array: np.ndarray, affine: np.ndarray | None, name: str) -> Volume:
-    import nibabel as nib
-
+def case_for(source: Source, *, case_id: str | None = None,
+             affine: np.ndarray | None = None) -> Case:
+    """The case of an in-memory API's ``source``, with the reader of its kind; a bad
+    argument raises TypeError/ValueError (a bad input fails when the case is loaded)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        return Case(case_id or case_id_for(path), path)
+    if isinstance(source, Volume):
+        path = source.path or Path(IN_MEMORY)
+        return Case(case_id or case_id_for(path), path, reader=LoadedVolume(source))
+    # messages name the source "<in memory>", never the case id (it may identify a patient)
+    memory = Path(IN_MEMORY)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Case(case_id or IN_MEMORY, memory, reader=VolumeBytes(source))
+    if not isinstance(source, np.ndarray):
+        raise TypeError(f"source must be a path, bytes, a ubc.io.Volume or an array, got "
+                        f"{type(source).__name__}")
     if affine is None:
         raise ValueError("an array source needs its affine (4 x 4, voxel -> world mm)")
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4 x 4, got shape {affine.shape}")
-    try:
-        raw = nib.Nifti1Image(np.asarray(array), affine).to_bytes()
-    except Exception as exc:  # nibabel refuses some dtypes (bool, object, ...)
-        raise UBCInputError(f"{name}: cannot store the array as NIfTI "
-                            f"({type(exc).__name__}: {exc})") from exc
-    return _load_bytes(raw, name)  # the loader's checks and canonical RAS
-
-
-def work_for(source: Source, context: RunContext, *, case_id: str | None = None,
-             affine: np.ndarray | None = None) -> CaseWork:
-    """Load and preprocess ``source`` into a case on its way through the stages; a bad
-    input file becomes ``work.error`` (never an exception); a bad argument raises
-    TypeError/ValueError."""
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        work, volume = load_case(Case(case_id or case_id_for(path), path))
-        return work if volume is None else prepare_case(work, volume, context)
-    if isinstance(source, Volume):
-        path = source.path or Path(IN_MEMORY)
-        return prepare_case(CaseWork(Case(case_id or case_id_for(path), path)), source, context)
-    if not isinstance(source, (bytes, bytearray, memoryview, np.ndarray)):
-        raise TypeError(f"source must be a path, bytes, a ubc.io.Volume or an array, got "
-                        f"{type(source).__name__}")
-    # messages name the source "<in memory>", never the case id (it may identify a patient)
-    work = CaseWork(Case(case_id or IN_MEMORY, Path(IN_MEMORY)))
-    start = time.perf_counter()
-    try:
-        volume = _volume_from_array(source, affine, IN_MEMORY) \
-            if isinstance(source, np.ndarray) else _load_bytes(source, IN_MEMORY)
-    except UBCInputError as exc:
-        work.fail("load", exc)
-        return work
-    work.seconds += time.perf_counter() - start
-    return prepare_case(work, volume, context)
+    return Case(case_id or IN_MEMORY, memory, reader=ArrayVolume(source, affine))
 
 
 @dataclass
 class _Job:
-    work: CaseWork
+    outputs: CaseOutputs
     slices: np.ndarray
     keep_mask: bool
 
@@ -128,14 +91,14 @@ class Predictor:
     at most 32); ``max_wait_ms``: how long the batching thread waits for a batch to fill,
     from the oldest waiting request; ``max_queue``: slices waiting at most, beyond which
     ``predict`` raises ``Overloaded``. ``options``: top-k, no-lesion threshold and
-    preprocessing threads (its pipeline sizes are not used). ``predict`` raises
+    preprocessing threads. ``predict`` raises the exception of a case's failure:
     ``UBCInputError`` for a bad input (``Scorer`` and the batch job return error rows).
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto",
                  device: str = "auto", precision: str = "auto", engine: Engine | None = None,
                  max_batch: int | None = None, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024, options: ScoringOptions | None = None) -> None:
+                 max_queue: int = 1024, options: CaseOptions | None = None) -> None:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -143,7 +106,7 @@ class Predictor:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        self.options = options or ScoringOptions()
+        self.options = options or CaseOptions()
         self._own_engine = engine is None
         if engine is None:
             from ubc import engine as engines
@@ -151,10 +114,8 @@ class Predictor:
             engine = engines.load(self.bundle, backend=backend, device=device,
                                   precision=precision)
         self.engine = engine
-        self.context = RunContext.create(
-            self.bundle, engine.backend, engine.precision, top_k=self.options.top_k,
-            min_lesion_ml=self.options.min_lesion_ml,
-            preprocess_threads=self.options.preprocess_threads)
+        self.context = RunContext.create(self.bundle, engine.backend, engine.precision,
+                                         self.options)
         self.max_batch = batch_size_for(engine.max_batch, max_batch)
         self.max_wait_ms, self.max_queue = float(max_wait_ms), int(max_queue)
         self._batcher = Batcher(engine, self.max_batch, self.max_wait_ms / 1000.0,
@@ -214,34 +175,26 @@ class Predictor:
         if self._closed:
             raise RuntimeError("the predictor is closed")
         self._batcher.check_room()  # refuse before spending a load and a preprocess on it
-        work = work_for(source, self.context, case_id=case_id, affine=affine)
-        if work.error is not None or work.slices is None:
-            raise UBCInputError(work.error or f"{work.case.case_id}: nothing to score")
-        slices, work.slices = work.slices, None
-        work.accumulator = CaseAccumulator(work.n_scored, self.context.preprocessing.size,
-                                           keep_masks=keep_mask)
-        return _Job(work, slices, keep_mask)
+        case = case_for(source, case_id=case_id, affine=affine)
+        prepared = prepare_case(load_case(case), self.context)
+        if prepared.failure is not None or prepared.slices is None:
+            raise prepared.failure.error if prepared.failure is not None \
+                else RuntimeError(f"{case.case_id}: nothing to score")
+        outputs = CaseOutputs(dataclasses.replace(prepared, slices=None), self.context,
+                              CaseFiles(), keep_masks=keep_mask)
+        return _Job(outputs, prepared.slices, keep_mask)
 
     def _finish(self, job: _Job, parts: list[Part]) -> Prediction:
-        start = time.perf_counter()
-        work, context = job.work, self.context
-        for first, class_logits, mask_logits, seconds in parts:
-            accumulate(work, first, class_logits, mask_logits,
-                       job.slices[first:first + len(class_logits), 0], context)
-            work.seconds += seconds
-        acc, volume = work.accumulator, work.volume
-        assert acc is not None and volume is not None
-        arrays = dict(slice_indices=work.indices.copy(), slice_area_mm2=acc.area_mm2.copy(),
-                      slice_p_hgg=acc.p_hgg.copy())
-        mask = None
-        if job.keep_mask and acc.complete:
-            mask = np.ascontiguousarray(
-                volume.to_original_orientation(original_grid_mask(work, context)))
-        work.seconds += time.perf_counter() - start
-        result = finish_case(work, dataclasses.replace(context, masks=None, overlays=None))
-        if result.status == ERROR:
-            error = result.error or "unknown failure"
-            raise UBCInputError(error) if work.input_fault else RuntimeError(error)
-        return Prediction(result, mask=mask, affine=volume.original_affine, **arrays)
-
-
+        outputs = job.outputs
+        for part in parts:
+            rows = job.slices[part.first:part.first + len(part.class_logits)]
+            outputs.add(part.first, part.class_logits, part.mask_logits, rows[:, 0],
+                        part.seconds)
+        finished = finish_case(outputs, want_mask=job.keep_mask)
+        if finished.failure is not None:
+            raise finished.failure.error
+        acc, grid = outputs.accumulator, outputs.record.grid
+        assert grid is not None
+        return Prediction(finished.result, mask=finished.mask, affine=grid.original_affine,
+                          slice_indices=outputs.record.indices.copy(),
+                          slice_area_mm2=acc.area_mm2.copy(), slice_p_hgg=acc.p_hgg.copy())

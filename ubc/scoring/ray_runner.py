@@ -48,19 +48,13 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ubc.bundle import Bundle
-from ubc.scoring.archive import (
-    RunPlan,
-    RunSummary,
-    ScoringOptions,
-    _mkdir,
-    plan_run,
-    recording,
-)
-from ubc.scoring.discover import Case, case_identity
+from ubc.scoring.archive import RunPlan, RunSummary, output_spec, plan_run, recording
+from ubc.scoring.discover import Case
+from ubc.scoring.options import ScoringOptions
+from ubc.scoring.outputs import OutputSpec
 from ubc.scoring.pipeline import STAGES
 from ubc.scoring.ray_tasks import EngineActor, finish, load_and_prepare
 from ubc.scoring.result import ERROR, CaseResult
@@ -208,7 +202,7 @@ def _dataset(ray: Any, plan: RunPlan, context: RunContext, options: RayOptions,
         EngineActor, batch_size=options.cases_per_call, batch_format="numpy",
         fn_constructor_kwargs=dict(bundle=str(plan.bundle.path), backend=actor["backend"],
                                    device=actor["device"], batch_size=actor["batch_size"],
-                                   threads=threads, context=context),
+                                   threads=threads, context=context, outputs=plan.outputs),
         compute=data.ActorPoolStrategy(min_size=low, max_size=high,
                                        max_tasks_in_flight_per_actor=2),
         max_restarts=-1, max_task_retries=options.max_task_retries, **resources)
@@ -218,7 +212,7 @@ def _dataset(ray: Any, plan: RunPlan, context: RunContext, options: RayOptions,
 
 def _lost_row(case: Case, context: RunContext) -> CaseResult:
     """The row of a case whose actor call failed even after Ray's retries."""
-    size, mtime, digest = case_identity(case)
+    size, mtime, digest = case.reader.identity()
     return CaseResult(case_id=case.case_id, path=str(case.image), status=ERROR,
                       error="the Ray worker scoring this case died on every retry (out of "
                       "memory, or a crash in native code); re-run with --retry-errors",
@@ -281,9 +275,10 @@ def _run(plan: RunPlan, context: RunContext, record: Callable[[CaseResult], None
 
 
 def score_archive_ray(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[str],
-                      out: str | os.PathLike[str], *,
+                      out: str | os.PathLike[str] | OutputSpec, *,
                       masks: str | os.PathLike[str] | None = None,
-                      overlays: str | os.PathLike[str] | None = None, backend: str = "auto",
+                      overlays: str | os.PathLike[str] | None = None,
+                      dicom_seg: str | os.PathLike[str] | None = None, backend: str = "auto",
                       device: str = "auto", pattern: str | None = None,
                       limit: int | None = None, options: ScoringOptions | None = None,
                       ray_options: RayOptions | None = None, progress: bool = False,
@@ -298,15 +293,11 @@ def score_archive_ray(bundle: str | os.PathLike[str] | Bundle, source: str | os.
         from ubc.engine import backend_class
 
         backend_class(backend)  # an unknown name is a usage error here, not in an actor
-    plan = plan_run(bundle, source, out, masks=masks, overlays=overlays, pattern=pattern,
-                    limit=limit, retry_errors=options.retry_errors, part=part,
-                    series_select=options.series_select, case_id=options.case_id)
+    outputs = output_spec(out, masks=masks, overlays=overlays, dicom_seg=dicom_seg)
+    plan = plan_run(bundle, source, outputs, pattern=pattern, limit=limit, options=options,
+                    part=part)
     # the actors replace backend and precision by their engine's (see EngineActor)
-    context = RunContext.create(plan.bundle, backend, "?", top_k=options.top_k,
-                                min_lesion_ml=options.min_lesion_ml,
-                                preprocess_threads=options.preprocess_threads,
-                                masks=plan.masks, overlays=plan.overlays,
-                                dicom_seg=_mkdir(options.dicom_seg, "DICOM SEG"))
+    context = RunContext.create(plan.bundle, backend, "?", options.case)
     counts = Counter(r.status for r in plan.done)
     started = time.perf_counter()
     stages, slices, batch_size, sample = dict.fromkeys(STAGES, 0.0), 0, 0, None
@@ -314,7 +305,7 @@ def score_archive_ray(bundle: str | os.PathLike[str] | Bundle, source: str | os.
         if plan.todo:  # (with nothing left to do, Ray is not even started)
             stages, slices, batch_size, sample = _run(plan, context, record, backend, device,
                                                       options, ray_options)
-    return RunSummary(out=Path(out), cases=len(plan.cases), scored=len(plan.todo),
+    return RunSummary(out=plan.results.path, cases=len(plan.cases), scored=len(plan.todo),
                       skipped=len(plan.done), counts=dict(counts),
                       wall_seconds=time.perf_counter() - started, stage_seconds=stages,
                       slices_scored=slices, peak_in_flight=0,

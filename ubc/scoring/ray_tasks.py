@@ -8,7 +8,6 @@ import dataclasses
 import json
 import pickle
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,12 +15,15 @@ import numpy as np
 from ubc.bundle import Bundle
 from ubc.io import Volume
 from ubc.scoring.discover import Case
+from ubc.scoring.outputs import OutputSpec
+from ubc.scoring.packer import Batch, Packer, batch_size_for, infer
 from ubc.scoring.stages import (
-    CaseWork,
+    CaseOutputs,
+    Failure,
+    Prepared,
     RunContext,
-    accumulate,
-    batch_size_for,
     finish_case,
+    hand_back,
     load_case,
     prepare_case,
 )
@@ -29,61 +31,76 @@ from ubc.scoring.stages import (
 __all__ = ["EngineActor", "load_and_prepare", "finish", "TIMES"]
 
 
-# --- what travels: a case's slices, its state with the volume's header only -----------------
-def _dump(work: CaseWork, **extra: Any) -> bytes:
-    """A case's state (``extra`` added) without its slices and with its volume's header only:
-    the next stages need no voxels (the verdict and the mask's grid come from the header)."""
-    state = dict(vars(work))
-    del state["slices"]
-    volume = state.pop("volume")
-    header = None if volume is None else (
-        tuple(volume.data.shape),
-        {f.name: getattr(volume, f.name) for f in dataclasses.fields(volume) if f.name != "data"})
-    return pickle.dumps(dict(state=state, header=header, **extra))
+# --- what travels: a case's record without slices or voxels, converted explicitly ---------
+def _portable(failure: Failure | None) -> Failure | None:
+    """The failure with an exception that survives pickling (its row's message is kept)."""
+    if failure is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(failure.error))
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        return dataclasses.replace(failure, error=RuntimeError(failure.message))
+    return failure
 
 
-def _load(blob: bytes) -> tuple[CaseWork, dict[str, Any]]:
-    """The inverse of ``_dump``: the case and the extra values."""
+def _record_to_wire(record: Prepared) -> dict[str, Any]:
+    """The record without its slices, its grid as header fields (the next stages need no
+    voxels: the verdict and the mask's grid come from the header)."""
+    grid = record.grid
+    header = None if grid is None else (
+        tuple(grid.data.shape),
+        {f.name: getattr(grid, f.name) for f in dataclasses.fields(grid) if f.name != "data"})
+    bare = dataclasses.replace(record, grid=None, slices=None,
+                               failure=_portable(record.failure))
+    return {"record": bare, "header": header}
+
+
+def _record_from_wire(wire: dict[str, Any]) -> Prepared:
+    record: Prepared = wire["record"]
+    if wire["header"] is None:
+        return record
+    shape, fields = wire["header"]
+    voxels = np.broadcast_to(np.zeros((), np.uint8), shape)  # as prepare_case leaves it
+    return dataclasses.replace(record, grid=Volume(data=voxels, **fields))
+
+
+def _dump(record: Prepared, **extra: Any) -> bytes:
+    return pickle.dumps({**_record_to_wire(record), **extra})
+
+
+def _load(blob: bytes) -> tuple[Prepared, dict[str, Any]]:
+    """The inverse of ``_dump``: the record and the extra values."""
     meta = pickle.loads(blob)
-    work = CaseWork(meta["state"]["case"])
-    work.__dict__.update(meta.pop("state"))
-    header = meta.pop("header")
-    if header is not None:
-        shape, fields = header
-        voxels = np.broadcast_to(np.zeros((), np.uint8), shape)  # as prepare_case leaves it
-        work.volume = Volume(data=voxels, **fields)
-    return work, meta
+    return _record_from_wire(meta), {k: v for k, v in meta.items()
+                                     if k not in ("record", "header")}
 
 
 def load_and_prepare(row: dict[str, Any], *, cases: list[Case],
-                      context: RunContext) -> dict[str, Any]:
+                     context: RunContext) -> dict[str, Any]:
     """CPU task 1 (one case, ``row["index"]`` into ``cases``): its slices [S, 1, H, W] and
-    its state. Never raises for a bad case (the steps turn failures into its error)."""
-    index = int(row["index"])
-    start = time.perf_counter()
-    work, volume = load_case(cases[index])
-    loaded = time.perf_counter()
-    if volume is not None:
-        prepare_case(work, volume, context)
-    del volume
-    slices = work.slices if work.slices is not None else \
+    its record. Never raises for a bad case (the steps turn failures into its failure)."""
+    loaded = load_case(cases[int(row["index"])])
+    load_s = loaded.seconds
+    prepared = prepare_case(loaded, context)
+    del loaded
+    slices = prepared.slices if prepared.slices is not None else \
         np.zeros((0, 1, *context.preprocessing.size), np.float32)
-    return {"work": _dump(work, load_s=loaded - start, prep_s=time.perf_counter() - loaded),
+    return {"work": _dump(prepared, load_s=load_s, prep_s=prepared.seconds - load_s),
             "slices": slices}
-
-
 #: the seconds and counts each row carries to the driver (its RunSummary); ``actor_s``: the
 #: actor's own work besides the engine (unpacking, packing batches, accumulating)
 TIMES = ("load_s", "prep_s", "engine_s", "actor_s", "finish_s", "slices", "batch")
 
 
 def finish(row: dict[str, Any], *, context: RunContext) -> dict[str, Any]:
-    """CPU task 3 (one case): verdict, mask, overlay (``finish_case``, atomic writes) and the
-    row as JSON, with the seconds of each stage."""
-    work, meta = _load(row["work"])
+    """CPU task 3 (one case): verdict, mask, overlay, SEG (``finish_case``, atomic writes)
+    and the row as JSON, with the seconds of each stage."""
+    record, meta = _load(row["work"])
     start = time.perf_counter()
-    result = finish_case(work, dataclasses.replace(context, backend=meta["backend"],
-                                                   precision=meta["precision"]))
+    context = dataclasses.replace(context, backend=meta["backend"], precision=meta["precision"])
+    outputs = CaseOutputs(record, context, meta["files"], accumulator=meta["accumulator"])
+    outputs.seconds = meta["engine_share_s"]
+    result = finish_case(outputs).result
     meta["finish_s"] = time.perf_counter() - start
     return {"row": json.dumps(result.to_row(), allow_nan=False),
             **{k: meta[k] for k in TIMES}}
@@ -93,78 +110,57 @@ def finish(row: dict[str, Any], *, context: RunContext) -> dict[str, Any]:
 class EngineActor:
     """One engine, loaded once per actor; ``__call__`` runs a Ray Data batch of prepared
     cases through it (their slices packed into engine batches) and accumulates each case's
-    outputs; what leaves is each case's state with its accumulator (two floats per slice,
-    plus float16 mask probabilities and images when masks or overlays are asked for)."""
+    outputs; what leaves is each case's record with its accumulator (two floats per slice,
+    plus float16 mask probabilities and images when its files need them)."""
 
     def __init__(self, bundle: str, backend: str, device: str, batch_size: int | None,
-                 threads: int | None, context: RunContext) -> None:
+                 threads: int | None, context: RunContext, outputs: OutputSpec) -> None:
         from ubc import engine as engines
 
         options: dict[str, Any] = {} if threads is None else {"threads": threads}
         self.engine = engines.load(Bundle(bundle), backend=backend, device=device, **options)
         self.context = dataclasses.replace(context, backend=self.engine.backend,
                                            precision=self.engine.precision)
+        self.outputs = outputs
         self.batch_size = batch_size_for(self.engine.max_batch, batch_size)
+
+    def _start(self, record: Prepared) -> CaseOutputs:
+        grid = record.grid
+        dicom = grid is not None and grid.source_frames is not None
+        return CaseOutputs(record, self.context,
+                           self.outputs.files_for(record.case.case_id, dicom=dicom))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         items = [_load(blob) for blob in batch["work"]]
-        works = [work for work, _ in items]
-        for work, slices in zip(works, batch["slices"], strict=True):
-            if work.error is None:
-                work.slices = np.asarray(slices, np.float32).reshape(-1, 1, *slices.shape[-2:])
-        slices, engine_s = self._infer(works)
-        share = (time.perf_counter() - start - engine_s) / max(len(works), 1)
-        blobs = [_dump(work, **meta, engine_s=engine_s * work.n_scored / max(slices, 1),
-                       actor_s=share, slices=work.n_scored if work.error is None else 0,
+        cases = [self._start(record) for record, _ in items]
+        packer: Packer[CaseOutputs] = Packer(self.batch_size,
+                                             (1, *self.context.preprocessing.size))
+        engine_s = 0.0
+        for case, slices in zip(cases, batch["slices"], strict=True):
+            if case.record.failure is not None:
+                continue
+            rows = np.asarray(slices, np.float32).reshape(-1, 1, *slices.shape[-2:])
+            for packed in packer.add(case, rows):
+                engine_s += self._run(packed)
+        last = packer.flush()
+        if last is not None:
+            engine_s += self._run(last)
+        scored = sum(case.record.n_scored for case in cases if case.record.failure is None)
+        share = (time.perf_counter() - start - engine_s) / max(len(cases), 1)
+        blobs = [_dump(case.record, **meta, files=case.files,
+                       accumulator=None if case.record.failure else case.accumulator,
+                       engine_share_s=case.seconds,
+                       engine_s=engine_s * case.record.n_scored / max(scored, 1),
+                       actor_s=share,
+                       slices=case.record.n_scored if case.record.failure is None else 0,
                        batch=self.batch_size, backend=self.engine.backend,
                        precision=self.engine.precision)
-                 for work, meta in items]
+                 for case, (_, meta) in zip(cases, items, strict=True)]
         return {"work": np.array(blobs, dtype=object)}
 
-    def _batches(self, works: list[CaseWork]) -> Iterator[tuple[np.ndarray, list[Any]]]:
-        """Engine batches packed from the cases' slices, with (case, batch row, case slice,
-        count) for each run of rows, as the threaded pipeline packs them."""
-        size = self.context.preprocessing.size
-        pending = np.empty((self.batch_size, 1, *size), np.float32)
-        fill, segments = 0, []
-        for work in works:
-            position = 0
-            while work.error is None and work.slices is not None and position < work.n_scored:
-                take = min(self.batch_size - fill, work.n_scored - position)
-                pending[fill:fill + take] = work.slices[position:position + take]
-                segments.append((work, fill, position, take))
-                fill, position = fill + take, position + take
-                if fill == self.batch_size:
-                    yield pending, segments
-                    pending, fill, segments = np.empty_like(pending), 0, []
-            work.slices = None
-        if fill:
-            yield pending[:fill], segments
-
-    def _infer(self, works: list[CaseWork]) -> tuple[int, float]:
-        """Run the engine on every scored slice and accumulate per case; returns (slices,
-        engine seconds)."""
-        scored, engine_s = 0, 0.0
-        for array, segments in self._batches(works):
-            started = time.perf_counter()
-            try:
-                class_logits, mask_logits = self.engine.infer(array)
-            except Exception as exc:  # the cases of this batch fail, the others go on
-                for work, *_ in segments:
-                    work.fail("inference", exc)
-                continue
-            seconds = time.perf_counter() - started
-            share, engine_s, scored = seconds / len(array), engine_s + seconds, \
-                scored + len(array)
-            for work, row, position, count in segments:
-                work.seconds += share * count
-                if work.error is not None:
-                    continue
-                try:
-                    accumulate(work, position, class_logits[row:row + count],
-                               mask_logits[row:row + count], array[row:row + count, 0],
-                               self.context)
-                except Exception as exc:
-                    work.fail("aggregate", exc)
-        return scored, engine_s
+    def _run(self, packed: Batch[CaseOutputs]) -> float:
+        """Infer one packed batch and hand its cases their rows; the engine's seconds."""
+        inferred = infer(self.engine, packed)
+        hand_back(packed, inferred)
+        return inferred.seconds if inferred.error is None else 0.0
