@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-# --- real MRI volumes (../shared/data/real): present in the team's checkouts, not in a user's
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+# --- real MRI volumes: the folder $UBC_REAL_DATA, else ../shared/data/real beside the clone
+# (present in the team's checkouts, not in a user's)
+REAL_DATA_ENV = "UBC_REAL_DATA"
+REAL_DATA = Path(os.environ.get(REAL_DATA_ENV)
+                 or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
 BRATS_FLAIR = REAL_DATA / "BraTS-GLI-00001-000-t2f.nii.gz"
 TCGA_FLAIR = REAL_DATA / "TCGA-DU-7294_fla_bet.nii.gz"
 TCGA_SEG = REAL_DATA / "TCGA-DU-7294_seg_consensus.nii.gz"
+REAL_DATA_SOURCE = ("the public repository BrainLesion/tutorials (Apache-2.0), folders "
+                    "BraTS/data/segmentation/ and BraTS-Toolkit/data/TCGA-DU-7294/")
 
 
 @pytest.fixture(scope="session")
 def real_volume_paths() -> dict[str, Path]:
-    """The real volumes by role; skips the test when the folder is absent."""
+    """The real volumes by role; skips the test, saying how to enable it, when absent."""
     paths = {"brats_flair": BRATS_FLAIR, "tcga_flair": TCGA_FLAIR, "tcga_seg": TCGA_SEG}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
+    missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
-        pytest.skip(f"real MRI volumes not present: {', '.join(missing)}")
+        pytest.skip(f"real MRI volumes not in {REAL_DATA} ({', '.join(missing)}): set "
+                    f"{REAL_DATA_ENV} to a folder holding them; they come from "
+                    f"{REAL_DATA_SOURCE}")
     return paths
 
 

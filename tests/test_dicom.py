@@ -372,3 +372,15 @@ def test_ubc_infer_cli_scores_a_dicom_folder_with_seg_output(dicom_archive: Path
     assert (tmp_path / "seg" / "PH005_0000.dcm").is_file()
     assert main(["--model", str(tiny_bundle), "--input", str(dicom_archive), "--out",
                  str(tmp_path / "x.jsonl"), "--series-select", "Bogus=1", "--quiet"]) == 2
+
+
+def test_a_single_flair_slice_is_too_few_frames_not_a_non_flair(dicom_archive: Path,
+                                                                tiny_bundle: Path,
+                                                                tmp_path: Path) -> None:
+    one_slice = sorted((dicom_archive / "PH005_0000" / "1_FLAIR").iterdir())[0]
+    out = tmp_path / "rows.jsonl"
+    assert score_archive(tiny_bundle, one_slice, out, engine=FakeEngine()).failed == 1
+    (row,) = read_results(out)
+    assert "the FLAIR series #1 'AX T2 FLAIR' MR axial 1 frames has too few frames for a " \
+           "volume (at least 8)" in (row.error or "")
+    assert "no MR series" not in (row.error or "")

@@ -4,6 +4,7 @@ format, and resume after SIGKILL."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from scoring_archive import copy_tree
 import ubc
 from ubc.cli.infer import main
 from ubc.scoring import read_results, safe_name, score_archive
+from ubc.scoring.discover import DEFAULT_PATTERN
 
 REPO = Path(ubc.__file__).resolve().parents[1]
 
@@ -51,6 +53,33 @@ def test_usage_errors_exit_2(tmp_path: Path, tiny_bundle: Path, phantom_archive:
         main(["--model", str(tiny_bundle)])
     assert exit_info.value.code == 2
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_input_by_content_and_files_not_taken(tmp_path: Path, tiny_bundle: Path,
+                                              phantom_archive: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "x.dcm"
+    text.write_text("this is not a dicom file\n")
+    assert main(_args(tiny_bundle, text, tmp_path / "r.csv")) == 2
+    assert "x.dcm: not an input: its content is not NIfTI, NRRD, DICOM or zip" in \
+        capsys.readouterr().err
+    root = copy_tree(phantom_archive, tmp_path / "archive")
+    (root / "x.nii.gz").write_bytes(b"")
+    skipped = tmp_path / "skipped.csv"
+    args = [a for a in _args(tiny_bundle, root, tmp_path / "r.csv") if a != "--quiet"]
+    assert main([*args, "--skipped", str(skipped)]) == 0
+    out = capsys.readouterr().out
+    assert "6 cases: " in out and "\n1 file not taken (name not matching --pattern): x.nii.gz " \
+        "(--skipped FILE lists them all)\n" in out
+    assert skipped.read_text().splitlines() == [
+        "path,reason", f"{root / 'x.nii.gz'},name not matching --pattern"]
+    none = tmp_path / "none"
+    none.mkdir()
+    (none / "t1.nii.gz").write_bytes(b"")
+    assert main(_args(tiny_bundle, none, tmp_path / "r2.csv")) == 2
+    assert f"{none}: no cases found: no NIfTI (.nii, .nii.gz) or NRRD (.nrrd, .nhdr) file " \
+        f"whose name matches {DEFAULT_PATTERN!r} and no DICOM file (by content); 1 file not " \
+        "taken (name not matching --pattern): t1.nii.gz" in capsys.readouterr().err
 
 
 def test_mixed_archive_exit_1_and_rerun(tmp_path: Path, tiny_bundle: Path,
@@ -154,6 +183,7 @@ def test_demo_report_on_a_scored_archive(tmp_path: Path, tiny_bundle: Path,
     text = capsys.readouterr().out
     assert 0.0 <= accuracy <= 1.0 and "accuracy vs the phantoms' truth" in text
     assert "$ ubc-infer --model" in text and "PH005_0000" in text
+    assert "--report" in text and (tmp_path / "scored" / "report.html").is_file()
 
 
 @pytest.mark.slow
@@ -166,5 +196,14 @@ def test_demo_end_to_end_then_reuses_its_bundle(tmp_path: Path,
     assert demo(args) == 0
     first = capsys.readouterr().out
     assert "training a small UBC bundle" in first and "accuracy vs the phantoms' truth" in first
+    where = dict(re.findall(r"^  (\w[\w ]*?)  +(\S+)$", first.split("where things are:")[1],
+                            re.MULTILINE))
+    assert set(where) == {"bundle", "training curves", "results", "report", "overlays",
+                          "masks"}
+    assert all(Path(path).exists() for path in where.values()), where
+    assert where["training curves"].endswith(".png")
     assert demo(args) == 0
-    assert "reusing the bundle trained by an earlier run" in capsys.readouterr().out
+    second = capsys.readouterr().out
+    assert "reusing the bundle trained by an earlier run" in second
+    assert "reusing the held-out phantoms of an earlier run" in second
+    assert "2 cases: " in second and "(0 scored now, 2 already in" in second

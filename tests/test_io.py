@@ -211,3 +211,26 @@ def test_bytes_in_memory_load_as_the_file_does(tmp_path):
         load_volume_bytes(raw[:200], name="upload-7")
     with pytest.raises(UBCInputError, match="^<upload>: .*truncated"):
         load_volume_bytes(gzip.decompress(raw)[:400])
+
+
+def test_file_kind_reads_the_content_not_the_name(tmp_path: Path) -> None:
+    import zipfile
+
+    import nrrd
+
+    from ubc.io.sniff import NIFTI, NRRD, ZIP, file_kind
+
+    data = marked_volume()
+    for name, header in (("a.bin", nib.Nifti1Image), ("b.dat", nib.Nifti2Image)):
+        nib.save(header(data, RAS), tmp_path / f"{name}.nii")
+        (tmp_path / name).write_bytes((tmp_path / f"{name}.nii").read_bytes())
+    (tmp_path / "c.x").write_bytes(gzip.compress((tmp_path / "a.bin").read_bytes()))
+    nrrd.write(str(tmp_path / "d.nrrd"), data)
+    (tmp_path / "d.y").write_bytes((tmp_path / "d.nrrd").read_bytes())
+    with zipfile.ZipFile(tmp_path / "e.nii.gz", "w") as archive:
+        archive.writestr("x.txt", "x")
+    (tmp_path / "f.nii.gz").write_text("this is not an image\n")
+    kinds = {name: file_kind(tmp_path / name)
+             for name in ("a.bin", "b.dat", "c.x", "d.y", "e.nii.gz", "f.nii.gz")}
+    assert kinds == {"a.bin": NIFTI, "b.dat": NIFTI, "c.x": NIFTI, "d.y": NRRD,
+                     "e.nii.gz": ZIP, "f.nii.gz": None}

@@ -25,7 +25,15 @@ from ubc.io import load_volume
 from ubc.scoring import CaseResult, Scorer, ScoringOptions, score_archive
 from ubc.scoring.aggregate import background_as_no_lesion, decide, slice_scores
 from ubc.scoring.archive import plan_resume
-from ubc.scoring.discover import Case, discover_cases, safe_name, safe_path
+from ubc.scoring.discover import (
+    Case,
+    Skipped,
+    describe_skipped,
+    discover_archive,
+    discover_cases,
+    safe_name,
+    safe_path,
+)
 from ubc.scoring.pipeline import PipelineOptions, max_cases_in_flight, memory_bound
 from ubc.scoring.writers import open_results, read_results
 
@@ -88,6 +96,38 @@ def test_discover_refuses_missing_input_and_duplicate_ids(tmp_path: Path) -> Non
     (tmp_path / "bad.csv").write_text("id,path\n")
     with pytest.raises(UBCInputError, match="case_id,image"):
         discover_cases(tmp_path / "bad.csv")
+
+
+def test_a_single_file_is_taken_by_its_content(tmp_path: Path, phantom_archive: Path) -> None:
+    flair = sorted(phantom_archive.glob("*/*/*_flair.nii.gz"))[0]
+    renamed = tmp_path / "scan.dcm"  # NIfTI whatever the name says
+    renamed.write_bytes(flair.read_bytes())
+    (case,) = discover_cases(renamed)
+    assert case.case_id == "scan.dcm" and case.reader.load().data.shape == PHANTOM_SHAPE
+    text = tmp_path / "x.dcm"
+    text.write_text("this is not a dicom file\n")
+    with pytest.raises(UBCInputError, match=r"x\.dcm: not an input: its content is not NIfTI, "
+                       r"NRRD, DICOM or zip.* line 1 \('this is not a dicom file'\)"):
+        discover_cases(text)
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(range(128, 256)) * 8)
+    with pytest.raises(UBCInputError, match="noise.bin: not an input.*nor text"):
+        discover_cases(noise)
+    listing = tmp_path / "cases.txt"  # a list stays a list, its missing files error rows
+    listing.write_text(f"{flair}\n{tmp_path / 'gone_flair.nii.gz'}\n")
+    assert [c.image for c in discover_cases(listing)] == [flair, tmp_path / "gone_flair.nii.gz"]
+
+
+def test_volume_files_not_matching_are_listed_as_skipped(tmp_path: Path,
+                                                         phantom_archive: Path) -> None:
+    root = copy_tree(phantom_archive, tmp_path / "archive")
+    (root / "x.nii.gz").write_bytes(b"")
+    (root / "notes.txt").write_text("not a volume\n")
+    found = discover_archive(root)
+    assert len(found.cases) == 6  # the BraTS masks (_seg) are taken as masks, not skipped
+    assert found.skipped == [Skipped(root / "x.nii.gz", "name not matching --pattern")]
+    assert describe_skipped(found.skipped) == \
+        "1 file not taken (name not matching --pattern): x.nii.gz"
 
 
 # --- path safety --------------------------------------------------------------------------

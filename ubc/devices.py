@@ -110,8 +110,12 @@ _X86_ISA_RANK = {"none": 0, "avx2": 1, "avx512": 2, "amx": 3}
 
 def cpu_isa() -> str:
     """The vector instruction set Inductor compiles for on this CPU: avx2, avx512, amx, ..."""
-    from torch._inductor import cpu_vec_isa
+    from ubc.quiet import ignoring_log
 
+    # importing it imports torch's C++-extension module, which logs "No CUDA runtime is
+    # found" on every CPU-only machine that has a CUDA_HOME
+    with ignoring_log("torch.utils.cpp_extension", "No CUDA runtime is found"):
+        from torch._inductor import cpu_vec_isa
     isa = cpu_vec_isa.pick_vec_isa()
     if not isa:
         return "none"

@@ -4,13 +4,13 @@ parity, as a table, JSON and a plot (argument parsing only; the work is ``ubc.be
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from collections.abc import Sequence
 
 from ubc.devices import ISA_CAPS
 from ubc.errors import UBCError
+from ubc.quiet import configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -192,12 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_isa:
         cap_isa(args.max_isa)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        # Asking which CPU instruction set AOTInductor targets imports torch's C++-extension
-        # module, which warns "No CUDA runtime is found" on every CPU-only machine.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    configure_logging(args.verbose)
     try:
         return _run(args, "ubc-bench " + shlex.join(argv))
     except (UBCError, ValueError, ImportError, FileNotFoundError) as exc:

@@ -6,13 +6,13 @@ bundle and check each against eager PyTorch (argument parsing only: the formats 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ubc.artifacts import FORMATS
 from ubc.errors import UBCError
+from ubc.quiet import configure_logging
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a Triton model repository there (the ONNX model, "
                    "exported first if needed, and any TensorRT plans, each with its "
                    "config.pbtxt; max_batch_size from --max-batch)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log what happens, third-party warnings included")
     return p
 
 
@@ -185,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.retime and not args.cpu:
         parser.error("--retime goes with --cpu")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return _run(args)
     except (UBCError, ValueError, ImportError, FileNotFoundError) as exc:

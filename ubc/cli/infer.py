@@ -21,9 +21,11 @@ input:
   recognised: the case id is the folder name; otherwise every NIfTI or NRRD file matching
   --pattern is a case, its id the path relative to the folder without extension), a text
   file with one path per line, a CSV manifest with columns case_id,image, or a single
-  .nii/.nii.gz/.nrrd/.nhdr file. DICOM files in the folder (found by content, any names and nesting)
-  are grouped by study: each study is a case (id: its StudyInstanceUID, see --case-id) and
-  its FLAIR series is chosen by rules (see --series-select). A .zip of either is read too.
+  NIfTI, NRRD or DICOM file (recognised by its content, whatever its name). Volume files
+  of the folder that do not match --pattern are named in the summary (all: --skipped).
+  DICOM files in the folder (found by content, any names and nesting) are grouped by
+  study: each study is a case (id: its StudyInstanceUID, see --case-id) and its FLAIR
+  series is chosen by rules (see --series-select). A .zip of either is read too.
 
 output (--out, format by extension: .csv, .jsonl, .parquet), one row per case:
   case_id, path, status (ok | no_lesion | error), error, p_hgg, predicted_class,
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", metavar="DIR", help="write each predicted mask as NIfTI here, in "
                    "the input's grid, orientation and affine")
     p.add_argument("--overlays", metavar="DIR", help="write a PNG of each case's top slices")
+    p.add_argument("--report", metavar="FILE", help="write one HTML page for the whole "
+                   "results file (rewritten by a resumed run), its pictures beside it in "
+                   "FILE_files/ (or --overlays)")
     p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime, openvino, aoti "
                    "or tensorrt (default: auto, the fastest this machine runs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -77,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, metavar="GLOB",
                    help=f"image files to take in a folder, alternatives separated by | "
                    f"(default: {DEFAULT_PATTERN!r}, case-insensitive)")
+    p.add_argument("--skipped", metavar="FILE", help="write the files of the folder that look "
+                   "like volumes but are not cases (their names do not match --pattern) as "
+                   "a CSV path,reason; the summary names the first few")
     p.add_argument("--top-k", type=int, metavar="K", help="slices averaged (default: bundle's)")
     p.add_argument("--limit", type=int, metavar="N", help="score only the first N cases")
     p.add_argument("--min-lesion-ml", type=float, default=DEFAULT_MIN_LESION_ML, metavar="ML",
@@ -84,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", action="store_true",
                    help="score again the cases whose earlier row is an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log what happens, third-party warnings included")
     _add_scale_out(p)
     _add_dicom(p)
     return p
@@ -200,7 +210,7 @@ def _outputs(args: argparse.Namespace) -> OutputSpec:
     from ubc.scoring import OutputSpec
 
     return OutputSpec.of(args.out, masks=args.masks, overlays=args.overlays,
-                         dicom_seg=args.dicom_seg)
+                         dicom_seg=args.dicom_seg, report=args.report, skipped=args.skipped)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _merge(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ubc.quiet import configure_logging
     from ubc.scoring.pipeline import PipelineError
+
+    configure_logging(args.verbose)
 
     run, extra = _runner(args, parser)
     try:

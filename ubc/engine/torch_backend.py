@@ -18,6 +18,7 @@ from ubc.artifacts import TORCHSCRIPT, WEIGHTS
 from ubc.bundle import Bundle
 from ubc.devices import parse_device, strict_fp32
 from ubc.engine.base import Engine
+from ubc.quiet import TORCHSCRIPT_DEPRECATED, ignoring_warnings
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class TorchEngine(Engine):
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
         self._staging = HostStaging(torch, self._device, max_batch, self.input_size)
 
+    @ignoring_warnings(TORCHSCRIPT_DEPRECATED, FutureWarning)
     def _load(self, bundle: Bundle, artifact: str, half_weights: bool) -> Any:
         torch = self._torch
         if artifact == "torchscript":

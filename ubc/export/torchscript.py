@@ -18,10 +18,12 @@ from ubc.artifacts import TORCHSCRIPT, with_artifact
 from ubc.bundle import Bundle
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
 from ubc.model import model_from_bundle
+from ubc.quiet import TORCHSCRIPT_DEPRECATED, ignoring_warnings
 
 META_EXTRA_FILE = "ubc_meta.json"
 
 
+@ignoring_warnings(TORCHSCRIPT_DEPRECATED, FutureWarning)
 def to_torchscript(bundle: Bundle, *, example: np.ndarray | None = None) -> ExportResult:
     """Trace the bundle's model on ``example`` slices (float32 [B, 1, H, W]), freeze it and
     write ``model.ts`` atomically; meta.json records its sha256 and description. The

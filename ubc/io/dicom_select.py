@@ -166,7 +166,12 @@ def _plane(normal: tuple[float, float, float] | None) -> str:
 
 def _is_flair(series: SeriesInfo) -> str | None:
     """The default rule that makes ``series`` a FLAIR candidate, or None."""
-    if series.modality != "MR" or series.frames < MIN_FRAMES:
+    return _flair_rule(series) if series.frames >= MIN_FRAMES else None
+
+
+def _flair_rule(series: SeriesInfo) -> str | None:
+    """The default rule by which ``series`` looks like a FLAIR, whatever its frames."""
+    if series.modality != "MR":
         return None
     names = f"{series.description} {series.protocol}"
     if _NOT_FLAIR.search(names):
@@ -189,6 +194,18 @@ def _tie_break(series: SeriesInfo) -> tuple[int, int, int, int, str]:
             series.series_uid)
 
 
+def _no_candidate(series: list[SeriesInfo], selector: SeriesSelector | None) -> str:
+    """Why no series of a study qualifies (a FLAIR of too few frames: a lone slice)."""
+    short = [s for s in series if selector is None and _flair_rule(s) is not None]
+    if short:
+        return f"the FLAIR series {short[0].summary()} has too few frames for a volume " \
+               f"(at least {MIN_FRAMES}): give the whole series, not single slices"
+    seen = "; ".join(s.summary() for s in sorted(series, key=_tie_break)) or "none"
+    how = f"matches --series-select {selector.text!r}" if selector else \
+        "looks like a FLAIR (see ubc.io.dicom_select)"
+    return f"no MR series {how}; series seen: {seen}; choose one with --series-select"
+
+
 def select_series(series: Iterable[SeriesInfo], selector: SeriesSelector | None = None
                   ) -> tuple[SeriesInfo | None, tuple[str, ...], str | None]:
     """``(chosen, flags, error)`` for one study's series (see the module docstring)."""
@@ -199,11 +216,7 @@ def select_series(series: Iterable[SeriesInfo], selector: SeriesSelector | None 
         candidates = [(s, f"--series-select {selector.text}") for s in series
                       if s.modality == "MR" and selector.matches(s)]
     if not candidates:
-        seen = "; ".join(s.summary() for s in sorted(series, key=_tie_break)) or "none"
-        how = f"matches --series-select {selector.text!r}" if selector else \
-            "looks like a FLAIR (see ubc.io.dicom_select)"
-        return None, (), f"no MR series {how}; series seen: {seen}; choose one with " \
-                         "--series-select"
+        return None, (), _no_candidate(series, selector)
     candidates.sort(key=lambda c: _tie_break(c[0]))
     chosen, rule = candidates[0]
     flags = [f"series_rule:{rule}"]

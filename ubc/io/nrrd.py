@@ -27,7 +27,9 @@ from ubc.io.bounded import GzipReader, PlainReader, Reader
 from ubc.io.nifti import MAX_VOXELS, PIXDIM_RANGE, _as_3d, input_error
 from ubc.io.volume import Volume, canonical_volume
 
-__all__ = ["MAX_HEADER_BYTES", "load_nrrd", "nrrd_files"]
+__all__ = ["MAX_HEADER_BYTES", "NRRD_MAGIC", "load_nrrd", "nrrd_files"]
+
+NRRD_MAGIC = b"NRRD000"  # the first line is NRRD0001 .. NRRD0005
 
 MAX_HEADER_BYTES = 1024 * 1024
 """Largest header accepted (Slicer's are under 1 kB; a long key/value list is a few kB)."""
@@ -46,7 +48,7 @@ def _header_text(path: Path) -> tuple[list[str], int]:
     whole file)."""
     with open(path, "rb") as file:
         head = file.read(MAX_HEADER_BYTES + 1)
-    if not head.startswith(b"NRRD000"):
+    if not head.startswith(NRRD_MAGIC):
         raise UBCInputError(f"{path}: not an NRRD file (no NRRD000x magic line)")
     end = head.find(b"\n\n")
     if end < 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -211,7 +211,7 @@ class LoadedVolume(_Plain):
 
 
 #: files found by name: their suffixes (lower case) and their reader
-FILE_READERS: tuple[tuple[tuple[str, ...], type[NiftiFile] | type[NrrdFile]], ...] = (
+FILE_READERS: tuple[tuple[tuple[str, ...], Callable[[Path], VolumeReader]], ...] = (
     ((".nii.gz", ".nii"), NiftiFile),
     ((".nrrd", ".nhdr"), NrrdFile),
 )
@@ -227,7 +227,7 @@ def volume_suffix(name: str) -> str | None:
     return None
 
 
-def reader_for_file(path: Path) -> NiftiFile | NrrdFile:
+def reader_for_file(path: Path) -> VolumeReader:
     """The reader of a volume file by its name; NIfTI for any other name (its loader
     recognises the content and names what is wrong)."""
     lower = path.name.lower()

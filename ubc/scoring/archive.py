@@ -4,6 +4,7 @@ results file already holds, run the pipeline, append one durable row per case, s
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import time
 from collections import Counter
@@ -14,7 +15,13 @@ from pathlib import Path
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
 from ubc.errors import UBCInputError
-from ubc.scoring.discover import DEFAULT_PATTERN, Case, discover_cases
+from ubc.scoring.discover import (
+    DEFAULT_PATTERN,
+    Case,
+    Skipped,
+    describe_skipped,
+    discover_archive,
+)
 from ubc.scoring.options import ScoringOptions
 from ubc.scoring.outputs import OutputSpec
 from ubc.scoring.pipeline import STAGES, Pipeline
@@ -23,14 +30,15 @@ from ubc.scoring.stages import RunContext
 from ubc.scoring.writers import ResultsFile, open_results
 
 __all__ = ["ScoringOptions", "RunSummary", "RunPlan", "score_archive", "plan_run",
-           "plan_resume", "recording", "file_identity"]
+           "plan_resume", "recording", "file_identity", "output_spec", "write_run_outputs"]
 
 
 @dataclass(frozen=True)
 class RunSummary:
     """The closing summary of a run. ``counts``: rows by status over every case of the
     archive (this run's and those already in the results file); ``scored``: rows written by
-    this run; ``skipped``: cases found done in the results file."""
+    this run; ``skipped``: cases found done in the results file; ``skipped_files``: files
+    of the archive that look like inputs but are not cases (``ubc.scoring.discover``)."""
 
     out: Path
     cases: int
@@ -44,6 +52,7 @@ class RunSummary:
     backend: str
     precision: str
     batch_size: int
+    skipped_files: tuple[Skipped, ...] = ()
 
     @property
     def failed(self) -> int:
@@ -59,9 +68,11 @@ class RunSummary:
         stages = ", ".join(f"{s} {self.stage_seconds.get(s, 0.0):.1f}s" for s in STAGES)
         busy = self.stage_seconds.get("engine", 0.0) / self.wall_seconds \
             if self.wall_seconds else 0.0
+        passed_over = describe_skipped(self.skipped_files)
         return "\n".join([
             f"{self.cases} cases: {counts} ({self.scored} scored now, {self.skipped} already "
             f"in {self.out})",
+            *([f"{passed_over} (--skipped FILE lists them all)"] if passed_over else []),
             f"wall {self.wall_seconds:.1f}s, {self.slices_scored} slices scored, "
             f"{self.slices_per_second:.1f} slices/s, engine busy {busy:.0%} "
             f"({self.backend} {self.precision}, batch {self.batch_size})",
@@ -137,7 +148,8 @@ def _load_engine(bundle: Bundle, backend: str, device: str) -> Engine:
 class RunPlan:
     """What a run has to do, decided before any case is scored (shared by the single-machine
     and the Ray runner): the archive's cases, those to score, the rows already done, the
-    rows to keep when the results file must be rewritten first, and what to write."""
+    rows to keep when the results file must be rewritten first, what to write, and the
+    files of the archive that are not cases."""
 
     bundle: Bundle
     cases: list[Case]
@@ -146,6 +158,15 @@ class RunPlan:
     rewrite: list[CaseResult] | None
     results: ResultsFile
     outputs: OutputSpec
+    skipped: list[Skipped]
+
+
+def _write_skipped(path: str | os.PathLike[str], skipped: list[Skipped]) -> None:
+    """The files passed over as a CSV ``path,reason`` (header included)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows([item.path, item.reason] for item in skipped)
 
 
 def plan_run(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[str],
@@ -153,18 +174,26 @@ def plan_run(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[
              options: ScoringOptions | None = None,
              part: tuple[int, int] | None = None) -> RunPlan:
     """Discover the cases (only part ``part[1]`` of ``part[0]`` when given, see
-    ``ubc.scoring.shards``), read the results file, decide what is left (``plan_resume``)
-    and create the output folders. ``UBCInputError`` when the run cannot start."""
+    ``ubc.scoring.shards``), write the files passed over to ``outputs.skipped`` when asked,
+    read the results file, decide what is left (``plan_resume``) and create the output
+    folders. ``UBCInputError`` when the run cannot start."""
     options = options or ScoringOptions()
     if outputs.results is None:
         raise ValueError("a batch run needs a results file (OutputSpec.results)")
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-    cases = discover_cases(source, pattern=pattern, limit=limit,
-                           series_select=options.series_select, case_id=options.case_id)
+    found = discover_archive(source, pattern=pattern, limit=limit,
+                             series_select=options.series_select, case_id=options.case_id)
+    cases = found.cases
+    if outputs.skipped is not None:
+        _write_skipped(outputs.skipped, found.skipped)
     if not cases and limit != 0:
-        raise UBCInputError(f"{source}: no cases found (file pattern "
-                            f"{pattern or DEFAULT_PATTERN!r}); to take every NIfTI file pass "
-                            "--pattern '*.nii*'")
+        passed_over = describe_skipped(found.skipped)
+        raise UBCInputError(f"{source}: no cases found: no NIfTI (.nii, .nii.gz) or NRRD "
+                            "(.nrrd, .nhdr) file whose name matches "
+                            f"{pattern or DEFAULT_PATTERN!r} and no DICOM file (by content)"
+                            + (f"; {passed_over}" if passed_over else "")
+                            + "; to take every volume file pass --pattern "
+                            "'*.nii*|*.nrrd|*.nhdr'")
     if part is not None:
         from ubc.scoring.shards import select_part
 
@@ -174,7 +203,7 @@ def plan_run(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[
                                       retry_errors=options.retry_errors)
     outputs.create()
     return RunPlan(bundle=bundle, cases=cases, todo=todo, done=done, rewrite=rewrite,
-                   results=results, outputs=outputs)
+                   results=results, outputs=outputs, skipped=found.skipped)
 
 
 def score_archive(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[str],
@@ -215,12 +244,24 @@ def score_archive(bundle: str | os.PathLike[str] | Bundle, source: str | os.Path
     finally:
         if own_engine:
             engine.close()
+    write_run_outputs(plan, stats.wall_seconds)
     return RunSummary(out=plan.results.path, cases=len(plan.cases),
                       scored=stats.cases, skipped=len(plan.done), counts=dict(counts),
                       wall_seconds=stats.wall_seconds, stage_seconds=dict(stats.stage_seconds),
                       slices_scored=stats.slices_scored, peak_in_flight=stats.peak_in_flight,
                       backend=engine.backend, precision=engine.precision,
-                      batch_size=pipeline.batch_size)
+                      batch_size=pipeline.batch_size, skipped_files=tuple(plan.skipped))
+
+
+def write_run_outputs(plan: RunPlan, wall_seconds: float) -> None:
+    """The outputs of the whole run, made from every row of the results file (a resumed
+    run's too): the report."""
+    outputs = plan.outputs
+    if outputs.report is not None:
+        from ubc.scoring.report import RunInfo, write_report
+
+        write_report(plan.results.read(), outputs.report, overlays=outputs.overlay_folder,
+                     masks=outputs.masks, run=RunInfo.now(wall_seconds))
 
 
 def output_spec(out: str | os.PathLike[str] | OutputSpec, *,

@@ -1,6 +1,11 @@
 """Find the cases of an archive: a folder tree (BraTS layout recognised; DICOM studies
 recognised by content), a ``.zip`` of either, a text file with one path per line, a CSV
-manifest ``case_id,image[,mask,...]``, or a single NIfTI or NRRD file.
+manifest ``case_id,image[,mask,...]``, or a single NIfTI, NRRD or DICOM file. A single file
+is taken by its content (``ubc.io.sniff``), whatever its name (one named like a volume
+whose content is none of these is a case whose row says what is wrong); text is a path list
+only when every line names an existing file or a volume file. Files of a folder whose names
+look like volumes but do not match the pattern are not cases: ``discover_archive`` lists
+them (``Skipped``).
 
 One ``Case`` model and one discovery for training and scoring (``ubc.data`` reads these).
 
@@ -31,19 +36,28 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ubc.errors import UBCInputError
-from ubc.io.readers import DicomSeries, VolumeReader, reader_for_file, volume_suffix
+from ubc.io.readers import (
+    DicomSeries,
+    NiftiFile,
+    NrrdFile,
+    VolumeReader,
+    reader_for_file,
+    volume_suffix,
+)
+from ubc.io.sniff import DICOM, NIFTI, NRRD, ZIP, file_kind
 
 if TYPE_CHECKING:
     from ubc.io.dicom_select import DicomStudy, SeriesSelector
 
-__all__ = ["DEFAULT_PATTERN", "GRADES", "CASE_ID_MODES", "Case", "case_id_for",
-           "discover_cases", "parse_grade", "safe_name", "safe_path"]
+__all__ = ["DEFAULT_PATTERN", "GRADES", "CASE_ID_MODES", "Case", "Skipped", "Discovery",
+           "case_id_for", "discover_cases", "discover_archive", "describe_skipped",
+           "parse_grade", "safe_name", "safe_path"]
 
 #: FLAIR-like file names (BraTS 2019 ``_flair``, BraTS 2023 ``-t2f``, TCGA ``_fla_``) of
 #: NIfTI and NRRD files; ``|`` separates alternatives. Matched case-insensitively against
@@ -57,6 +71,8 @@ _LABEL_CSVS = ("labels.csv", "name_mapping.csv")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 120
 CASE_ID_MODES = ("study", "patient", "folder")  # the id of a DICOM study
+_CONTENT_READERS: dict[str, Callable[[Path], VolumeReader]] = {NIFTI: NiftiFile, NRRD: NrrdFile}
+_NOT_MATCHING = "name not matching --pattern"
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,34 @@ class Case:
     def __post_init__(self) -> None:
         if self.reader is None:
             object.__setattr__(self, "reader", reader_for_file(self.image))
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that looks like an input but is not a case of the archive, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """The cases of an archive and the files passed over (``Skipped``)."""
+
+    cases: list[Case]
+    skipped: list[Skipped]
+
+
+def describe_skipped(skipped: Sequence[Skipped], shown: int = 3) -> str:
+    """``2 files not taken (name not matching --pattern): a.nii.gz, b.nrrd``, one such
+    part per reason with the first ``shown`` names; "" when none."""
+    by_reason: dict[str, list[str]] = {}
+    for item in skipped:
+        by_reason.setdefault(item.reason, []).append(item.path.name)
+    return "; ".join(
+        f"{len(names)} file{'s' if len(names) > 1 else ''} not taken ({reason}): "
+        + ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
+        for reason, names in by_reason.items())
 
 
 def parse_grade(value: str, where: str) -> int | None:
@@ -193,8 +237,9 @@ def _grades_for(root: Path, labels: Path | None) -> dict[str, int | None] | None
     return _read_grades(labels) if labels is not None else None
 
 
-def _walk(root: Path, pattern: str) -> list[Path]:
-    found = []
+def _walk(root: Path, pattern: str) -> tuple[list[Path], list[Skipped]]:
+    """The volume files under ``root`` that match ``pattern``, and those that do not."""
+    found, skipped = [], []
     for folder, dirs, names in os.walk(root):  # followlinks=False: no symlink loops
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
@@ -203,7 +248,9 @@ def _walk(root: Path, pattern: str) -> list[Path]:
             path = Path(folder) / name
             if _matches(path.relative_to(root).as_posix(), pattern):
                 found.append(path)
-    return found
+            else:
+                skipped.append(Skipped(path, _NOT_MATCHING))
+    return found, skipped
 
 
 def _read_text(path: Path) -> str:
@@ -213,19 +260,34 @@ def _read_text(path: Path) -> str:
         raise UBCInputError(f"{path}: cannot read the case list ({exc})") from exc
 
 
-def _from_list(path: Path) -> list[Case]:
-    lines = [line.strip() for line in _read_text(path).splitlines()]
-    files = [Path(line) if Path(line).is_absolute() else path.parent / line
-             for line in lines if line and not line.startswith("#")]
+def _listed_files(path: Path, text: str) -> list[Path]:
+    """The files of a path list: every line (blank lines and ``#`` comments aside) names an
+    existing path or a volume file; ``UBCInputError`` naming the first line that does not
+    (then ``path`` is no input at all)."""
+    files = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        file = Path(os.path.abspath(path.parent / line))  # an absolute line stays as is
+        if not file.exists() and volume_suffix(line) is None:
+            raise UBCInputError(
+                f"{path}: not an input: its content is not {NIFTI}, {NRRD}, {DICOM} or "
+                f"{ZIP}, and as a list of paths its line {number} ({line[:60]!r}) is neither "
+                "an existing file nor a .nii/.nii.gz/.nrrd/.nhdr name")
+        files.append(file)
+    return files
+
+
+def _from_list(files: list[Path]) -> list[Case]:
     if not files:
         return []
-    files = [Path(os.path.abspath(f)) for f in files]
     root = Path(os.path.commonpath([f.parent for f in files]))
     return _cases_from_files(files, root)
 
 
-def _from_manifest(path: Path) -> list[Case]:
-    reader = csv.DictReader(_read_text(path).splitlines())
+def _from_manifest(path: Path, text: str) -> list[Case]:
+    reader = csv.DictReader(text.splitlines())
     fields = [f.strip() for f in reader.fieldnames or []]
     if "case_id" not in fields or "image" not in fields:
         raise UBCInputError(f"{path}: a manifest needs the columns case_id,image "
@@ -242,12 +304,34 @@ def _from_manifest(path: Path) -> list[Case]:
     return cases
 
 
-def _is_manifest(path: Path) -> bool:
+def _is_manifest(path: Path, text: str) -> bool:
     if path.suffix.lower() == ".csv":
         return True
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        header = f.readline()
+    header = text.split("\n", 1)[0]
     return {"case_id", "image"} <= {h.strip() for h in header.split(",")}
+
+
+def _from_file(path: Path, kind: str | None, selector: SeriesSelector | None,
+               case_id: str) -> list[Case]:
+    """The cases of a single file of content ``kind`` (``file_kind``): a volume, a DICOM
+    instance, a CSV manifest or a path list; ``UBCInputError`` for anything else."""
+    if kind == DICOM:
+        return _dicom_cases(path.parent, [path], selector, case_id)
+    if kind in _CONTENT_READERS:
+        return [Case(case_id_for(path), path, reader=_CONTENT_READERS[kind](path))]
+    if volume_suffix(path.name) is not None:  # its loader says what is wrong, in its row
+        return [Case(case_id_for(path), path)]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UBCInputError(f"{path}: not an input: its content is not {NIFTI}, {NRRD}, "
+                            f"{DICOM} or {ZIP}, nor text (a list of paths or a CSV "
+                            "manifest)") from None
+    except OSError as exc:
+        raise UBCInputError(f"{path}: cannot read ({exc})") from exc
+    if _is_manifest(path, text):
+        return _from_manifest(path, text)
+    return _from_list(_listed_files(path, text))
 
 
 def _dicom_case_id(study: DicomStudy, root: Path, mode: str) -> str:
@@ -301,14 +385,25 @@ def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None
                    limit: int | None = None, labels: str | os.PathLike[str] | None = None,
                    series_select: str | SeriesSelector | None = None,
                    case_id: str = "study") -> list[Case]:
-    """The cases of ``source``, in a stable order (sorted paths, or the list's own order).
+    """The cases of ``source`` (``discover_archive`` without the files passed over)."""
+    return discover_archive(source, pattern=pattern, limit=limit, labels=labels,
+                            series_select=series_select, case_id=case_id).cases
+
+
+def discover_archive(source: str | os.PathLike[str], *, pattern: str | None = None,
+                     limit: int | None = None, labels: str | os.PathLike[str] | None = None,
+                     series_select: str | SeriesSelector | None = None,
+                     case_id: str = "study") -> Discovery:
+    """The cases of ``source``, in a stable order (sorted paths, or the list's own order),
+    and the volume files of a folder that are not cases (their names do not match).
 
     ``pattern`` (default ``DEFAULT_PATTERN``) selects image files in a folder tree; files of
     a list or manifest are taken as given (a missing one becomes an error row when scored).
     ``labels``: a grade CSV for a folder tree (see the module docstring). DICOM files in a
     folder (or a ``.zip``) are grouped into studies: ``series_select`` overrides the FLAIR
     rules (``ubc.io.dicom_select``), ``case_id`` (``CASE_ID_MODES``) names the studies.
-    Raises ``UBCInputError`` when ``source`` is missing or unreadable, or ids repeat.
+    Raises ``UBCInputError`` when ``source`` is missing, unreadable or of no input kind, or
+    ids repeat.
     """
     path = Path(source)
     if limit is not None and limit < 0:
@@ -319,38 +414,36 @@ def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None
         from ubc.io.dicom_select import SeriesSelector
 
         series_select = SeriesSelector.parse(series_select)
-    if path.is_file() and path.suffix.lower() == ".zip":
+    kind = _file_kind(path) if path.is_file() else None
+    if kind == ZIP or (path.is_file() and path.suffix.lower() == ".zip"):
         from ubc.scoring.archive_zip import extract_zip
 
         path = extract_zip(path)
+    skipped: list[Skipped] = []
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
             raise UBCInputError(f"{path}: folder not readable (permission denied)")
         grades = _grades_for(path, Path(labels) if labels else None)
-        cases = _cases_from_files(_walk(path, pattern or DEFAULT_PATTERN), path, grades)
+        files, skipped = _walk(path, pattern or DEFAULT_PATTERN)
+        cases = _cases_from_files(files, path, grades)
+        masks = {case.mask for case in cases}
+        skipped = [item for item in skipped if item.path not in masks]  # taken, as masks
         dicom_files = _has_dicom(path)
         if dicom_files:
             cases += [dataclasses.replace(c, label=grades.get(c.case_id) if grades else None)
                       for c in _dicom_cases(path, dicom_files, series_select, case_id)]
     elif path.is_file():
-        if volume_suffix(path.name) is not None:
-            cases = [Case(case_id_for(path), path)]
-        elif _has_dicom_marker(path):
-            cases = _dicom_cases(path.parent, [path], series_select, case_id)
-        else:
-            try:
-                cases = _from_manifest(path) if _is_manifest(path) else _from_list(path)
-            except OSError as exc:
-                raise UBCInputError(f"{path}: cannot read ({exc})") from exc
+        cases = _from_file(path, kind, series_select, case_id)
     else:
         raise UBCInputError(f"{path}: no such file or folder (not a folder of NIfTI, NRRD or "
                             "DICOM files, a .zip of one, a text file with one path per line, "
                             "or a CSV manifest)")
     _check_unique(cases, path)
-    return cases if limit is None else cases[:limit]
+    return Discovery(cases if limit is None else cases[:limit], skipped)
 
 
-def _has_dicom_marker(path: Path) -> bool:
-    from ubc.io.dicom import is_dicom_file
-
-    return is_dicom_file(path)
+def _file_kind(path: Path) -> str | None:
+    try:
+        return file_kind(path)
+    except OSError as exc:
+        raise UBCInputError(f"{path}: cannot read ({exc})") from exc

@@ -1,8 +1,10 @@
 """What a run writes, in one place: ``OutputSpec`` (the results file and the per-case files:
-NIfTI masks, PNG overlays, DICOM SEG), built once by the CLI or by the caller of
-``score_archive``; what the stages keep in memory for a case follows from it
-(``CaseFiles.keep_masks``, ``keep_images``). A new output is a field here, its writer in
-``ubc.scoring.stages.write_outputs``, and its CLI flag."""
+NIfTI masks, PNG overlays, DICOM SEG) and the run's report, built once by the CLI or by
+the caller of ``score_archive``; what the stages keep in memory for a case follows from it
+(``CaseFiles.keep_masks``, ``keep_images``). A new per-case output is a field here, its
+writer in ``ubc.scoring.stages.write_outputs``, and its CLI flag; a new output of the whole
+run is a field here, its writer in ``ubc.scoring.archive.write_run_outputs``, and its CLI
+flag."""
 
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ from pathlib import Path
 from ubc.errors import UBCInputError
 from ubc.scoring.discover import safe_path
 
-__all__ = ["OutputSpec", "CaseFiles"]
+__all__ = ["OutputSpec", "CaseFiles", "pictures_folder"]
+
+
+def pictures_folder(report: Path) -> Path:
+    """``report.html`` -> ``report_files/``, the folder of the report's pictures."""
+    return report.with_name(f"{report.stem}_files")
 
 
 @dataclass(frozen=True)
@@ -42,28 +49,44 @@ def _path(value: str | os.PathLike[str] | None) -> Path | None:
 @dataclass(frozen=True)
 class OutputSpec:
     """Where a run writes: ``results`` (.csv, .jsonl or .parquet; None when the rows are
-    only returned), and folders for one NIfTI mask (the input's grid and affine), one PNG
-    overlay and one DICOM SEG (DICOM studies only) per case."""
+    only returned), folders for one NIfTI mask (the input's grid and affine), one PNG
+    overlay and one DICOM SEG (DICOM studies only) per case, and ``report``: one HTML page
+    for the whole results file (``ubc.scoring.report``), whose pictures are the overlays
+    (in ``<report>_files/overlays/`` unless ``overlays`` names a folder), and ``skipped``:
+    a CSV of the archive's files that look like inputs but are not cases."""
 
     results: Path | None = None
     masks: Path | None = None
     overlays: Path | None = None
     dicom_seg: Path | None = None
+    report: Path | None = None
+    skipped: Path | None = None
 
     @classmethod
     def of(cls, results: str | os.PathLike[str] | None = None, *,
            masks: str | os.PathLike[str] | None = None,
            overlays: str | os.PathLike[str] | None = None,
-           dicom_seg: str | os.PathLike[str] | None = None) -> OutputSpec:
+           dicom_seg: str | os.PathLike[str] | None = None,
+           report: str | os.PathLike[str] | None = None,
+           skipped: str | os.PathLike[str] | None = None) -> OutputSpec:
         """The spec from paths as given (strings or paths)."""
-        return cls(_path(results), _path(masks), _path(overlays), _path(dicom_seg))
+        return cls(_path(results), _path(masks), _path(overlays), _path(dicom_seg),
+                   _path(report), _path(skipped))
+
+    @property
+    def overlay_folder(self) -> Path | None:
+        """Where the overlays go: ``overlays``, else the report's pictures folder."""
+        if self.overlays is not None or self.report is None:
+            return self.overlays
+        return pictures_folder(self.report) / "overlays"
 
     def create(self) -> None:
         """Create the folders (and the results file's); ``UBCInputError`` naming one that
         cannot be made."""
-        folders = [("masks", self.masks), ("overlays", self.overlays),
+        folders = [("masks", self.masks), ("overlays", self.overlay_folder),
                    ("DICOM SEG", self.dicom_seg),
-                   ("results", None if self.results is None else self.results.parent)]
+                   ("results", None if self.results is None else self.results.parent),
+                   ("report", None if self.report is None else self.report.parent)]
         for what, folder in folders:
             if folder is None:
                 continue
@@ -80,5 +103,5 @@ class OutputSpec:
             return None if folder is None else safe_path(folder, case_id, suffix)
 
         return CaseFiles(mask=inside(self.masks, ".nii.gz"),
-                         overlay=inside(self.overlays, ".png"),
+                         overlay=inside(self.overlay_folder, ".png"),
                          seg=inside(self.dicom_seg, ".dcm") if dicom else None)

@@ -65,9 +65,10 @@ def _title(case_id: str, verdict: Verdict) -> str:
 
 def write_overlay(path: str | os.PathLike[str], *, case_id: str, images: np.ndarray,
                   mask_prob: np.ndarray | None, slice_indices: np.ndarray, area_mm2: np.ndarray,
-                  p_hgg: np.ndarray, verdict: Verdict) -> Path:
+                  p_hgg: np.ndarray | None, verdict: Verdict) -> Path:
     """Draw the overlay PNG atomically. ``images``/``mask_prob``: [S, H, W] for the scored
-    slices whose axial indices are ``slice_indices``; ``area_mm2``, ``p_hgg``: [S]."""
+    slices whose axial indices are ``slice_indices``; ``area_mm2``, ``p_hgg``: [S] (P(HGG)
+    None: not known, e.g. drawn later from a mask file)."""
     from PIL import Image, ImageDraw
 
     positions = _panels(verdict, slice_indices)
@@ -87,5 +88,6 @@ def write_overlay(path: str | os.PathLike[str], *, case_id: str, images: np.ndar
         x0, y0 = i * (tile_w + _GAP) + 2, _HEADER + tile_h + 2
         draw.text((x0, y0), f"z={int(slice_indices[position])}  {area_mm2[position]:.0f} mm2",
                   fill=(230, 230, 230))
-        draw.text((x0, y0 + 12), f"P(HGG)={p_hgg[position]:.2f}", fill=(230, 230, 230))
+        if p_hgg is not None:
+            draw.text((x0, y0 + 12), f"P(HGG)={p_hgg[position]:.2f}", fill=(230, 230, 230))
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

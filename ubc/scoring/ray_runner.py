@@ -51,7 +51,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ubc.bundle import Bundle
-from ubc.scoring.archive import RunPlan, RunSummary, output_spec, plan_run, recording
+from ubc.quiet import ignoring_log, ignoring_stderr
+from ubc.scoring.archive import (
+    RunPlan,
+    RunSummary,
+    output_spec,
+    plan_run,
+    recording,
+    write_run_outputs,
+)
 from ubc.scoring.discover import Case
 from ubc.scoring.options import ScoringOptions
 from ubc.scoring.outputs import OutputSpec
@@ -134,12 +142,16 @@ def _connect(ray: Any, address: str) -> bool:
         return False
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
                                   configure_logging=True, logging_level=logging.WARNING)
-    if address == "local":
-        ray.init(address="local", **kwargs)
-    elif address == "auto":
-        ray.init(**kwargs)  # the running cluster (RAY_ADDRESS or this machine's), else local
-    else:
-        ray.init(address=address, **kwargs)
+    # A local instance started here says that it turned token authentication on: it is
+    # this run's own cluster, gone at its end (the warning that it is off still shows).
+    with ignoring_log("ray._private.authentication.authentication_token_setup",
+                      "Token authentication is enabled"):
+        if address == "local":
+            ray.init(address="local", **kwargs)
+        elif address == "auto":
+            ray.init(**kwargs)  # the running cluster (RAY_ADDRESS or this machine's), else local
+        else:
+            ray.init(address=address, **kwargs)
     return True
 
 
@@ -165,7 +177,9 @@ def _quiet_ray() -> Iterator[None]:
     its own internals (``DataContext`` copies), and flags the remote-args retries as
     deprecated (to go in 2.64) while offering no named parameter for them yet; without them
     Ray Data retries forever, so one case that kills its worker every time would stall the
-    run."""
+    run. The driver's core worker logs an error line for each engine actor because Ray Data
+    keeps the actors' constructor in the object store while we let them restart (a killed
+    actor must come back): ray-project/ray#53727, nothing for the user to do."""
     data_logger = logging.getLogger("ray.data")
     level = data_logger.level
     data_logger.setLevel(logging.ERROR)  # its per-run INFO lines and "progress bars disabled"
@@ -175,7 +189,9 @@ def _quiet_ray() -> Iterator[None]:
                                     module=r"ray(\.|$)")
             warnings.filterwarnings("ignore", category=DeprecationWarning,
                                     message=r".*ray_remote_args.*")
-            yield
+            with ignoring_stderr(r"core_worker\.cc:\d+: Actor with class name: .* has "
+                                 "constructor arguments in the object store"):
+                yield
     finally:
         data_logger.setLevel(level)
 
@@ -305,10 +321,12 @@ def score_archive_ray(bundle: str | os.PathLike[str] | Bundle, source: str | os.
         if plan.todo:  # (with nothing left to do, Ray is not even started)
             stages, slices, batch_size, sample = _run(plan, context, record, backend, device,
                                                       options, ray_options)
+    write_run_outputs(plan, time.perf_counter() - started)
     return RunSummary(out=plan.results.path, cases=len(plan.cases), scored=len(plan.todo),
                       skipped=len(plan.done), counts=dict(counts),
                       wall_seconds=time.perf_counter() - started, stage_seconds=stages,
                       slices_scored=slices, peak_in_flight=0,
                       backend=sample.backend or backend if sample else backend,
                       precision=sample.precision or "?" if sample else "?",
-                      batch_size=batch_size or options.batch_size or 0)
+                      batch_size=batch_size or options.batch_size or 0,
+                      skipped_files=tuple(plan.skipped))
