@@ -104,6 +104,18 @@ def test_ubc_report_draws_pictures_from_the_masks_of_an_earlier_run(
     assert "No picture" in (tmp_path / "bare.html").read_text()
 
 
+def test_a_case_whose_input_moved_gets_no_picture_and_the_page_is_written(
+        phantom_archive: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    out, masks = tmp_path / "rows.csv", tmp_path / "masks"
+    score_archive(tiny_bundle, phantom_archive, out, masks=masks, engine=FakeEngine(), limit=2)
+    first, second = read_results(out)
+    moved = dataclasses.replace(first, path=str(tmp_path / "moved_flair.nii.gz"))
+    page = write_report([moved, second], tmp_path / "p.html", masks=masks,
+                        run=RunInfo("now", "here"))
+    cases = {c["id"]: c for c in _page_data(page)["cases"]}
+    assert cases[first.case_id]["pic"] is None and cases[second.case_id]["pic"]
+
+
 def test_ubc_report_names_a_missing_results_file(tmp_path: Path, capsys) -> None:
     assert report_cli([str(tmp_path / "none.csv"), "--out", str(tmp_path / "r.html")]) == 2
     assert "none.csv" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ubc.atomic import atomic_write
+from ubc.errors import UBCError
 from ubc.scoring.aggregate import Verdict
 from ubc.scoring.discover import safe_path
 from ubc.scoring.outputs import pictures_folder
@@ -167,7 +168,8 @@ def plots(rows: Sequence[CaseResult]) -> list[str]:
 def draw_from_mask(row: CaseResult, mask: Path, target: Path) -> Path:
     """The case's picture from its input file and its NIfTI mask (a run made without
     ``--report``): its top-k slices with the mask's outline; per-slice P(HGG) is not known
-    then. Raises ``UBCInputError``/``ValueError`` when the files cannot be drawn."""
+    then. Raises ``UBCInputError``, ``OSError`` or ``ValueError`` when the files cannot be
+    drawn."""
     from ubc.io import load_volume
     from ubc.io.readers import reader_for_file
     from ubc.scoring.overlays import write_overlay
@@ -195,21 +197,19 @@ def _pictures(rows: Sequence[CaseResult], page: Path, overlays: Path | None,
     """case id -> its picture relative to the page: the overlay a run wrote, else one drawn
     now from the case's mask (into the page's folder) when a masks folder is given."""
     found: dict[str, str] = {}
-    folder = overlays or pictures_folder(page) / "overlays"
+    drawn = pictures_folder(page) / "overlays"
     for row in rows:
         if row.status == ERROR:
             continue
-        picture = safe_path(folder, row.case_id, ".png")
-        if not picture.is_file() and masks is not None:
+        picture = safe_path(overlays or drawn, row.case_id, ".png")
+        if not picture.is_file() and masks is not None and row.study_uid is None:
             mask = safe_path(masks, row.case_id, ".nii.gz")
-            if mask.is_file() and row.study_uid is None:
-                drawn = pictures_folder(page) / "overlays"
+            picture = safe_path(drawn, row.case_id, ".png")
+            try:
                 drawn.mkdir(parents=True, exist_ok=True)
-                picture = safe_path(drawn, row.case_id, ".png")
-                try:
-                    draw_from_mask(row, mask, picture)
-                except (OSError, ValueError):
-                    continue  # the page says the case has no picture
+                draw_from_mask(row, mask, picture)
+            except (UBCError, OSError, ValueError):
+                continue  # no mask, or its input moved: the page says there is no picture
         if picture.is_file():
             found[row.case_id] = _relative(picture, page.parent)
     return found
