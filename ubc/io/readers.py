@@ -7,7 +7,8 @@ loads it to a canonical RAS ``Volume`` (``load``; a bad input raises ``UBCInputE
 naming it), and says what the row records of the source (``flags``, ``columns``). What an
 output needs to refer back to the source travels in the ``Volume`` (``source_frames``: the
 DICOM instances a SEG references). A new format is a new reader class here plus one entry
-in ``FILE_READERS`` (files found by name) or in discovery (files found by content).
+in ``FILE_READERS`` (found by name and by content), or in discovery for a source found
+otherwise (a DICOM study).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ubc.errors import UBCInputError
+from ubc.io.sniff import NIFTI, NRRD
 from ubc.io.volume import Volume
 
 if TYPE_CHECKING:
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Identity", "NO_IDENTITY", "IN_MEMORY", "SourceColumns", "VolumeReader",
            "NiftiFile", "NrrdFile", "DicomSeries", "VolumeBytes", "ArrayVolume",
-           "LoadedVolume", "FILE_READERS", "reader_for_file", "volume_suffix",
+           "LoadedVolume", "FILE_READERS", "reader_for_file", "reader_for_content", "volume_suffix",
            "files_identity"]
 
 #: ``(bytes, mtime_ns, digest)`` of an input as it is now (see ``files_identity``)
@@ -210,17 +212,18 @@ class LoadedVolume(_Plain):
         return self.volume
 
 
-#: files found by name: their suffixes (lower case) and their reader
-FILE_READERS: tuple[tuple[tuple[str, ...], Callable[[Path], VolumeReader]], ...] = (
-    ((".nii.gz", ".nii"), NiftiFile),
-    ((".nrrd", ".nhdr"), NrrdFile),
+#: volume files: their kind by content (``ubc.io.sniff.file_kind``), their suffixes (lower
+#: case) and their reader
+FILE_READERS: tuple[tuple[str, tuple[str, ...], Callable[[Path], VolumeReader]], ...] = (
+    (NIFTI, (".nii.gz", ".nii"), NiftiFile),
+    (NRRD, (".nrrd", ".nhdr"), NrrdFile),
 )
 
 
 def volume_suffix(name: str) -> str | None:
     """The volume-file suffix ``name`` ends with (as written), None for other names."""
     lower = name.lower()
-    for suffixes, _ in FILE_READERS:
+    for _, suffixes, _ in FILE_READERS:
         for suffix in suffixes:
             if lower.endswith(suffix):
                 return name[len(name) - len(suffix):]
@@ -231,7 +234,13 @@ def reader_for_file(path: Path) -> VolumeReader:
     """The reader of a volume file by its name; NIfTI for any other name (its loader
     recognises the content and names what is wrong)."""
     lower = path.name.lower()
-    for suffixes, reader in FILE_READERS:
+    for _, suffixes, reader in FILE_READERS:
         if lower.endswith(suffixes):
             return reader(path)
     return NiftiFile(path)
+
+
+def reader_for_content(path: Path, kind: str | None) -> VolumeReader | None:
+    """The reader of a file whose content is of ``kind`` (``ubc.io.sniff.file_kind``),
+    whatever its name; None when no volume reader takes that kind."""
+    return next((reader(path) for found, _, reader in FILE_READERS if found == kind), None)

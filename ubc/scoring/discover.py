@@ -36,7 +36,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,9 +44,8 @@ from typing import TYPE_CHECKING
 from ubc.errors import UBCInputError
 from ubc.io.readers import (
     DicomSeries,
-    NiftiFile,
-    NrrdFile,
     VolumeReader,
+    reader_for_content,
     reader_for_file,
     volume_suffix,
 )
@@ -71,7 +70,6 @@ _LABEL_CSVS = ("labels.csv", "name_mapping.csv")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 120
 CASE_ID_MODES = ("study", "patient", "folder")  # the id of a DICOM study
-_CONTENT_READERS: dict[str, Callable[[Path], VolumeReader]] = {NIFTI: NiftiFile, NRRD: NrrdFile}
 _NOT_MATCHING = "name not matching --pattern"
 
 
@@ -317,8 +315,9 @@ def _from_file(path: Path, kind: str | None, selector: SeriesSelector | None,
     instance, a CSV manifest or a path list; ``UBCInputError`` for anything else."""
     if kind == DICOM:
         return _dicom_cases(path.parent, [path], selector, case_id)
-    if kind in _CONTENT_READERS:
-        return [Case(case_id_for(path), path, reader=_CONTENT_READERS[kind](path))]
+    reader = reader_for_content(path, kind)
+    if reader is not None:
+        return [Case(case_id_for(path), path, reader=reader)]
     if volume_suffix(path.name) is not None:  # its loader says what is wrong, in its row
         return [Case(case_id_for(path), path)]
     try:

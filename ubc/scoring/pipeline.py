@@ -209,14 +209,11 @@ class Pipeline:
 
     def _start(self, prepared: Prepared) -> tuple[CaseOutputs, np.ndarray]:
         """The case's outputs to come and its slices (none when it failed)."""
-        grid = prepared.grid
-        files = self.outputs.files_for(prepared.case.case_id, dicom=grid is not None
-                                       and grid.source_frames is not None)
         slices = prepared.slices
         if slices is None or prepared.failure is not None:
             slices = np.zeros((0, 1, *self.context.preprocessing.size), np.float32)
         record = dataclasses.replace(prepared, slices=None)
-        return CaseOutputs(record, self.context, files), slices
+        return CaseOutputs.start(record, self.context, self.outputs), slices
 
     def _batch(self) -> None:
         packer: Packer[CaseOutputs] = Packer(self.batch_size,

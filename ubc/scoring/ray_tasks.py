@@ -124,16 +124,10 @@ class EngineActor:
         self.outputs = outputs
         self.batch_size = batch_size_for(self.engine.max_batch, batch_size)
 
-    def _start(self, record: Prepared) -> CaseOutputs:
-        grid = record.grid
-        dicom = grid is not None and grid.source_frames is not None
-        return CaseOutputs(record, self.context,
-                           self.outputs.files_for(record.case.case_id, dicom=dicom))
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         items = [_load(blob) for blob in batch["work"]]
-        cases = [self._start(record) for record, _ in items]
+        cases = [CaseOutputs.start(record, self.context, self.outputs) for record, _ in items]
         packer: Packer[CaseOutputs] = Packer(self.batch_size,
                                              (1, *self.context.preprocessing.size))
         engine_s = 0.0

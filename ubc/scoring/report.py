@@ -151,15 +151,15 @@ def _histogram_svg(title: str, values: Sequence[float], bins: int,
     return _bars_svg(title, labels, [int(c) for c in counts], ends_only=True)
 
 
-def plots(rows: Sequence[CaseResult]) -> list[str]:
-    """The page's plots: P(HGG), lesion volumes, flags by kind, seconds per case."""
+def plots(rows: Sequence[CaseResult], flags: dict[str, dict[str, Any]]) -> list[str]:
+    """The page's plots: P(HGG), lesion volumes, flags by kind (``report_data``'s
+    ``flags``), seconds per case."""
     scored = [r for r in rows if r.status == OK]
-    kinds = Counter(k for r in rows for k in flag_kinds(r))
     return [
         _histogram_svg("P(HGG) of the ok cases", [r.p_hgg or 0.0 for r in scored], 10, 0, 1),
         _histogram_svg("Lesion volume, mL", [r.lesion_volume_ml or 0.0 for r in rows
                                              if r.status in (OK, NO_LESION)], 12),
-        _bars_svg("Flags by kind", list(kinds), list(kinds.values())),
+        _bars_svg("Flags by kind", list(flags), [f["count"] for f in flags.values()]),
         _histogram_svg("Seconds per case", [r.seconds or 0.0 for r in rows], 12),
     ]
 
@@ -231,5 +231,6 @@ def write_report(rows: Sequence[CaseResult], page: str | os.PathLike[str], *,
     # "<" inside the JSON could end or escape the script element: written as JSON's \u003c
     payload = json.dumps(data, allow_nan=False, separators=(",", ":")).replace("<", "\\u003c")
     html = jinja2.Environment(autoescape=True).from_string(PAGE).render(
-        data=data, payload=payload, plots=plots(rows), statuses=STATUSES)
+        data=data, payload=payload, plots=plots(rows, data["flags"]),
+        statuses=STATUSES)
     return atomic_write(page, lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))

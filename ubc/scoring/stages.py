@@ -31,7 +31,7 @@ from ubc.scoring.aggregate import (
 )
 from ubc.scoring.discover import Case
 from ubc.scoring.options import CaseOptions
-from ubc.scoring.outputs import CaseFiles
+from ubc.scoring.outputs import CaseFiles, OutputSpec
 from ubc.scoring.packer import Batch, Inferred, Segment
 from ubc.scoring.result import ERROR, NO_LESION, OK, CaseResult
 
@@ -89,11 +89,6 @@ class Failure:
         if isinstance(error, UBCInputError):
             return cls(step, error, str(error))
         return cls(step, error, f"{step} failed ({type(error).__name__}: {error})")
-
-    @property
-    def input_fault(self) -> bool:
-        """The input's fault (a ``UBCInputError``), not a step's (engine, bug)."""
-        return isinstance(self.error, UBCInputError)
 
 
 @dataclass(frozen=True)
@@ -200,6 +195,14 @@ class CaseOutputs:
                 self.record.n_scored, self.context.preprocessing.size,
                 keep_masks=self._keep_masks, keep_images=self.files.keep_images)
         return self._accumulator
+
+    @classmethod
+    def start(cls, record: Prepared, context: RunContext, spec: OutputSpec) -> CaseOutputs:
+        """The case's outputs to come, with the files ``spec`` asks of it (a SEG only when
+        its source is DICOM)."""
+        grid = record.grid
+        dicom = grid is not None and grid.source_frames is not None
+        return cls(record, context, spec.files_for(record.case.case_id, dicom=dicom))
 
     def fail(self, step: str, exc: BaseException) -> None:
         self.record = self.record.failed(step, exc)
