@@ -146,6 +146,9 @@ HOSTILE = {
     "no_patient_space": (_header(space="scanner-xyz"), bytes(128), "no patient orientation"),
     "singular": (_header(space_directions="(1,0,0) (1,0,0) (0,0,1)"), bytes(128),
                  "singular"),
+    # found by the fuzzer: two axes 1e-16 from parallel (det not 0, no orientation)
+    "collinear": (_header(space_directions="(0.9,0,0) (9,0.0000000000000002,0) (0,0,2)"),
+                  bytes(128), "collinear axes"),
     "nan_spacing": (_header(space_directions="(nan,0,0) (0,1,0) (0,0,1)"), bytes(128),
                     "singular or not finite"),
     "two_volumes": (_header(dimension="4", sizes="4 4 4 2", space_directions=""),

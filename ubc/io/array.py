@@ -4,14 +4,11 @@ bytes."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from nibabel import orientations
 
 from ubc.errors import UBCInputError
 from ubc.io.nifti import MAX_VOXELS, PIXDIM_RANGE, _as_3d
-from ubc.io.volume import Volume, canonical_volume
+from ubc.io.volume import Volume, canonical_volume, orientation_of
 
 __all__ = ["volume_from_array"]
 
@@ -20,9 +17,8 @@ def _checked_affine(affine: np.ndarray, name: str) -> np.ndarray:
     """The affine's orientation; refused when not finite or singular."""
     if not np.isfinite(affine).all():
         raise UBCInputError(f"{name}: the affine is not finite: {affine[:3].tolist()}")
-    det = float(np.linalg.det(affine[:3, :3]))
-    ornt = orientations.io_orientation(affine) if math.isfinite(det) and det != 0 else None
-    if ornt is None or np.isnan(ornt).any():
+    ornt = orientation_of(affine)
+    if ornt is None:
         raise UBCInputError(f"{name}: the affine is singular (zero spacing or collinear "
                             f"axes): {affine[:3].tolist()}")
     return ornt

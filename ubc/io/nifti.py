@@ -21,13 +21,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel import orientations
 from nibabel.volumeutils import apply_read_scaling
 
 from ubc.atomic import atomic_write_bytes
 from ubc.errors import UBCInputError
 from ubc.io.bounded import GZIP_BACKEND, GZIP_ERRORS, Reader, open_reader, read_exactly
-from ubc.io.volume import Volume, canonical_volume
+from ubc.io.volume import Volume, canonical_volume, orientation_of
 
 __all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "encode_mask", "load_volume",
            "load_volume_bytes", "save_mask"]
@@ -148,9 +147,8 @@ def _checked_affine(header: nib.Nifti1Header, path: Path) -> tuple[np.ndarray, n
     if not np.isfinite(affine).all():
         raise UBCInputError(f"{path}: the affine from the header's {field} is not finite: "
                             f"{affine[:3].tolist()}")
-    det = float(np.linalg.det(affine[:3, :3]))
-    ornt = orientations.io_orientation(affine) if math.isfinite(det) and det != 0 else None
-    if ornt is None or np.isnan(ornt).any():
+    ornt = orientation_of(affine)
+    if ornt is None:
         raise UBCInputError(f"{path}: the affine from the header's {field} is singular "
                             f"(zero spacing or collinear axes): {affine[:3].tolist()}")
     return affine, ornt

@@ -25,7 +25,7 @@ import numpy as np
 from ubc.errors import UBCInputError
 from ubc.io.bounded import GzipReader, PlainReader, Reader
 from ubc.io.nifti import MAX_VOXELS, PIXDIM_RANGE, _as_3d, input_error
-from ubc.io.volume import Volume, canonical_volume
+from ubc.io.volume import Volume, canonical_volume, orientation_of
 
 __all__ = ["MAX_HEADER_BYTES", "NRRD_MAGIC", "load_nrrd", "nrrd_files"]
 
@@ -121,8 +121,9 @@ def _shape(path: Path, header: dict[str, Any]) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _affine(path: Path, header: dict[str, Any], axes: int) -> np.ndarray:
-    """Voxel (first three axes) -> RAS world mm."""
+def _grid(path: Path, header: dict[str, Any], axes: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(affine: voxel (first three axes) -> RAS world mm, its orientation, voxel sizes)."""
     space = str(header.get("space", "right-anterior-superior")).lower()
     if space not in _SPACES:
         raise UBCInputError(f"{path}: NRRD space {space!r} has no patient orientation "
@@ -140,16 +141,16 @@ def _affine(path: Path, header: dict[str, Any], axes: int) -> np.ndarray:
     affine[:3, :3] = to_ras @ directions.T
     origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
     affine[:3, 3] = to_ras @ origin[:3]
-    det = float(np.linalg.det(affine[:3, :3])) if np.isfinite(affine).all() else 0.0
-    if det == 0 or not math.isfinite(det):
-        raise UBCInputError(f"{path}: NRRD geometry is singular or not finite: "
-                            f"{affine[:3].tolist()}")
+    ornt = orientation_of(affine)
+    if ornt is None:
+        raise UBCInputError(f"{path}: NRRD geometry is singular or not finite (zero spacing "
+                            f"or collinear axes): {affine[:3].tolist()}")
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     low, high = PIXDIM_RANGE
     if not ((zooms >= low) & (zooms <= high)).all():
         raise UBCInputError(f"{path}: NRRD voxel sizes {zooms.tolist()} are not between "
                             f"{low:g} and {high:g}")
-    return affine
+    return affine, ornt, zooms
 
 
 def _read_voxels(path: Path, source: Path, offset: int, compressed: bool,
@@ -185,12 +186,11 @@ def load_nrrd(path: str | os.PathLike[str]) -> Volume:
         if int(header.get("line skip", 0)) or int(header.get("byte skip", 0)):
             raise UBCInputError(f"{path}: NRRD line/byte skip is not supported")
         data_file = _data_file(path, header)
-        affine = _affine(path, header, len(shape))
+        affine, ornt, zooms = _grid(path, header, len(shape))
         nbytes = math.prod(shape) * dtype.itemsize
         raw = _read_voxels(path, data_file or path, 0 if data_file else offset,
                            _ENCODINGS[encoding], nbytes)
         array = _as_3d(np.ndarray(shape, dtype=dtype, buffer=raw, order="F"), None)
     except Exception as exc:  # pynrrd and numpy raise many types on malformed files
         raise input_error(exc, path, "NRRD") from exc
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    return canonical_volume(array, affine, zooms.tolist(), path)
+    return canonical_volume(array, affine, zooms.tolist(), path, ornt=ornt)

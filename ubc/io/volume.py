@@ -4,6 +4,7 @@ and the affine and shape of the file (or series) as stored, to write masks back 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from nibabel import orientations
 
-__all__ = ["Volume", "canonical_volume"]
+__all__ = ["Volume", "canonical_volume", "orientation_of"]
 
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
@@ -46,6 +47,19 @@ class Volume:
         """Map an array on this volume's canonical grid back to the file's own axes."""
         back = orientations.ornt_transform(_RAS, orientations.io_orientation(self.original_affine))
         return orientations.apply_orientation(array, back)
+
+
+def orientation_of(affine: np.ndarray) -> np.ndarray | None:
+    """The orientation [3, 2] of a voxel -> world affine (``io_orientation``); None when it
+    has none: not finite, singular, or two axes that point (nearly) the same way, which
+    nibabel would refuse later with OrientationError."""
+    if not np.isfinite(affine).all():
+        return None
+    det = float(np.linalg.det(affine[:3, :3]))
+    if not math.isfinite(det) or det == 0:
+        return None
+    ornt = orientations.io_orientation(affine)
+    return None if np.isnan(ornt).any() else ornt
 
 
 def canonical_volume(data: np.ndarray, affine: np.ndarray, zooms: Sequence[float],
