@@ -10,6 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# --- tests that need an outside program (chromium, dicom3tools, mount): they skip with the
+# reason on a user's machine; where UBC_REQUIRE_TOOLS=1 (.ci/run sets it) such a skip fails
+REQUIRE_TOOLS_ENV = "UBC_REQUIRE_TOOLS"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) \
+        -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and item.get_closest_marker("tool") is not None \
+            and os.environ.get(REQUIRE_TOOLS_ENV) == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_TOOLS_ENV}=1 and a test of outside tools skipped: {reason}"
+
+
 # --- real MRI volumes: the folder $UBC_REAL_DATA, else ../shared/data/real beside the clone
 # (present in the team's checkouts, not in a user's)
 REAL_DATA_ENV = "UBC_REAL_DATA"

@@ -112,3 +112,14 @@ class FakeEngine(Engine):
         mean = batch.reshape(len(batch), -1).mean(axis=1)
         class_logits = np.stack([np.zeros_like(mean), mean * 4.0], axis=1).astype(np.float32)
         return class_logits, (batch - self.threshold).astype(np.float32)
+
+
+def record_training_data(bundle: Path, archive: Path) -> Path:
+    """``bundle`` with meta.json's training data record made, as ``ubc-train`` makes it,
+    from the cases of ``archive`` (the bundle is changed: pass a copy)."""
+    from ubc.bundle import Bundle
+    from ubc.data import discover, training_data
+
+    record = training_data(archive, discover(archive))
+    Bundle(bundle).update_meta(training={"training_data": record.to_json()})
+    return bundle

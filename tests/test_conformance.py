@@ -10,11 +10,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scoring_archive import FakeEngine
+from conftest import copy_bundle
+from scoring_archive import FakeEngine, record_training_data
 
 from ubc.errors import UBCInputError
 from ubc.io import Volume, load_volume
-from ubc.io.conformance import SKULL_FIX, Thresholds, check_output, check_volume
+from ubc.io.conformance import (
+    SKULL_FIX,
+    Thresholds,
+    TrainedSpacing,
+    check_output,
+    check_volume,
+)
 from ubc.synth import phantom
 
 
@@ -175,3 +182,78 @@ def test_rows_of_a_run_carry_flags_and_refusals(phantom_archive: Path, tiny_bund
                    and "implausible" in (r.error or "")]
     assert everything.failed == 4 and len(implausible) == 3
     assert all("implausible_lesion" in (r.flags or "") and r.p_hgg is None for r in implausible)
+
+
+# --- issue 25 item 6: spacing against the training volumes, not against the model's grid
+PHANTOMS = TrainedSpacing(inplane=(1.0, 1.0), thickness=(1.0, 1.0))  # ubc-synth: 1 mm
+DEMO_GRID = (2.0, 2.0)  # the quick preset's grid
+
+
+def _spacing_flags(spacing: tuple[float, float, float], trained: TrainedSpacing = PHANTOMS,
+                   grid: tuple[float, float] = DEMO_GRID) -> tuple[str, ...]:
+    return check_volume(_phantom_volume(spacing), target_spacing=grid, trained=trained).flags
+
+
+def test_spacing_is_checked_against_the_training_volumes() -> None:
+    assert _spacing_flags((1.0, 1.0, 1.0)) == ()  # the model's own kind of data
+    assert _spacing_flags((0.5, 0.5, 1.0)) == ()  # finer: averaged down to the 2 mm grid
+    assert _spacing_flags((0.9375, 0.9375, 1.2)) == ()  # within the tolerances
+    assert _spacing_flags((4.0, 4.0, 1.0)) == ("inplane_spacing:4x4mm (trained 1mm)",)
+    assert _spacing_flags((1.0, 3.5, 1.0)) == ("inplane_spacing:1x3.5mm (trained 1mm)",)
+    assert _spacing_flags((0.9, 0.9, 5.0)) == ("thick_slices:5mm (trained 1mm)",)
+    assert _spacing_flags((1.0, 1.0, 0.5)) == ("thin_slices:0.5mm (trained 1mm)",)
+    clinical = TrainedSpacing(inplane=(0.45, 0.9), thickness=(4.0, 6.0))
+    assert _spacing_flags((0.5, 0.5, 5.0), clinical) == ()
+    assert _spacing_flags((1.0, 1.0, 1.0), clinical) == ("thin_slices:1mm (trained 4-6mm)",)
+    # trained on 3 mm pixels upsampled to a 1 mm grid: sharp 1 mm pixels are new to it
+    coarse = TrainedSpacing(inplane=(3.0, 3.0), thickness=(3.0, 3.0))
+    assert _spacing_flags((1.0, 1.0, 3.0), coarse, (1.0, 1.0)) == (
+        "inplane_spacing:1x1mm (trained 3mm)",)
+    assert _spacing_flags((0.5, 0.5, 3.0), coarse, (3.0, 3.0)) == ()
+    loose = Thresholds(spacing_ratio=5.0, thickness_ratio=6.0)
+    assert check_volume(_phantom_volume((4.0, 4.0, 5.0)), target_spacing=DEMO_GRID,
+                        trained=PHANTOMS, thresholds=loose).flags == ()
+
+
+@pytest.mark.real
+def test_real_volumes_are_unflagged_for_a_phantom_trained_bundle_5mm_slices_are_not(
+        real_volume_paths: dict[str, Path]) -> None:
+    """The issue: every real 1 mm volume was flagged ``inplane_spacing:1x1mm (trained
+    2x2mm)`` by a bundle trained on 1 mm phantoms at 2 mm. A 5 mm clinical FLAIR (every
+    fifth slice of the real one) stays flagged."""
+    for role in ("brats_flair", "tcga_flair"):
+        volume = load_volume(real_volume_paths[role])
+        assert check_volume(volume, target_spacing=DEMO_GRID, trained=PHANTOMS).flags == ()
+        data = np.ascontiguousarray(volume.data[:, :, ::5])
+        affine = volume.affine @ np.diag([1.0, 1.0, 5.0, 1.0])
+        clinical = Volume(data, (volume.spacing[0], volume.spacing[1], 5.0), affine, affine,
+                          data.shape)
+        assert check_volume(clinical, target_spacing=DEMO_GRID, trained=PHANTOMS).flags == (
+            "thick_slices:5mm (trained 1mm)",)
+
+
+def test_rows_of_held_out_phantoms_are_unflagged(phantom_archive: Path, tiny_bundle: Path,
+                                                 tmp_path: Path) -> None:
+    """The demo's case: a 2 mm bundle trained on 1 mm phantoms scores held-out 1 mm
+    phantoms without flags, a thick-sliced copy with one; a bundle that does not record
+    its training data keeps the old check against its grid."""
+    from ubc.scoring import read_results, score_archive
+    from ubc.synth import write_archive
+
+    trained = write_archive(tmp_path / "train", 2, seed=9, shape=(64, 64, 24))
+    bundle = record_training_data(copy_bundle(tiny_bundle, tmp_path), trained)
+    root = tmp_path / "held-out"
+    root.mkdir()
+    source = sorted(phantom_archive.glob("*/*/*_flair.nii.gz"))[0]
+    shutil.copy(source, root / "plain_flair.nii.gz")
+    image = nib.load(source)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, ::4],
+                             image.affine @ np.diag([1.0, 1.0, 4.0, 1.0])),
+             root / "thick_flair.nii.gz")
+    score_archive(bundle, root, tmp_path / "rows.csv", engine=FakeEngine())
+    rows = {r.case_id: r for r in read_results(tmp_path / "rows.csv")}
+    assert rows["plain_flair"].status == "ok" and rows["plain_flair"].flags is None
+    assert rows["thick_flair"].flags == "thick_slices:4mm (trained 1mm)"
+    score_archive(tiny_bundle, root, tmp_path / "old.csv", engine=FakeEngine())
+    old = {r.case_id: r for r in read_results(tmp_path / "old.csv")}
+    assert old["plain_flair"].flags == "inplane_spacing:1x1mm (trained 2x2mm)"

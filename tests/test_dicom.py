@@ -18,7 +18,7 @@ from scoring_archive import PHANTOM_SHAPE, FakeEngine  # noqa: E402
 
 from ubc.errors import UBCInputError  # noqa: E402
 from ubc.io import load_volume  # noqa: E402
-from ubc.io.dicom import find_dicom_files, is_dicom_file, load_series  # noqa: E402
+from ubc.io.dicom import find_dicom_files, is_dicom_file, load_series, read_header  # noqa: E402
 from ubc.io.dicom_select import SeriesInfo, SeriesSelector, select_series  # noqa: E402
 from ubc.io.dicom_write import SeriesSpec, write_series  # noqa: E402
 from ubc.scoring import discover_cases, read_results, score_archive  # noqa: E402
@@ -384,3 +384,46 @@ def test_a_single_flair_slice_is_too_few_frames_not_a_non_flair(dicom_archive: P
     assert "the FLAIR series #1 'AX T2 FLAIR' MR axial 1 frames has too few frames for a " \
            "volume (at least 8)" in (row.error or "")
     assert "no MR series" not in (row.error or "")
+
+
+def test_discovery_headers_are_not_parsed_again(dicom_archive: Path) -> None:
+    """The series found by discovery loads from the headers it read (pixels at the offsets
+    it located) into the same volume as reading every file again, single- and multi-frame."""
+    for case in discover_cases(dicom_archive):
+        chosen = case.reader.study.chosen  # type: ignore[attr-defined]
+        assert chosen.headers and all(h.instance is not None for h in chosen.headers)
+        fast, fast_sources = load_series(chosen.files, headers=chosen.headers)
+        slow, slow_sources = load_series(chosen.files)
+        assert np.array_equal(fast.data, slow.data) and fast.data.dtype == slow.data.dtype
+        assert np.array_equal(fast.affine, slow.affine) and fast_sources == slow_sources
+
+
+def test_a_file_rewritten_after_discovery_is_read_again(tmp_path: Path) -> None:
+    """Offsets found by discovery are used only while the file is as it was then."""
+    data = _volume()
+    files = write_series(data, phantom_affine(data.shape), tmp_path, _spec("rewrite"))
+    headers = [h for h in (read_header(f) for f in files) if h is not None]
+    changed = data.copy()
+    changed[:, :, 0] += 1
+    write_series(changed, phantom_affine(data.shape), tmp_path, _spec("rewrite"))
+    volume, _ = load_series(files, headers=headers)
+    assert np.array_equal(volume.data, load_series(files)[0].data)
+
+
+def test_the_same_series_and_model_make_the_same_seg(tmp_path: Path) -> None:
+    """A SEG's UIDs derive from its source instances and the model: written again (a node
+    killed after sending it, before its row) it is the same instance, which a PACS keeps
+    once; another model's SEG is another instance."""
+    from ubc.io.dicom_seg import write_seg
+
+    _, sources = load_series(_series(tmp_path / "s"))
+    mask = np.zeros((32, 32, 12), np.uint8)
+    mask[10:20, 10:20, 4:8] = 1
+
+    def uids(name: str, version: str) -> tuple[str, str]:
+        ds = pydicom.dcmread(write_seg(mask, sources, tmp_path / name, version=version))
+        return str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+    first = uids("a.dcm", "abc")
+    assert uids("b.dcm", "abc") == first
+    assert set(uids("c.dcm", "def")).isdisjoint(first)

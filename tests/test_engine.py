@@ -189,6 +189,19 @@ def test_backend_modules_are_imported_lazily() -> None:
     assert set(BACKENDS) == {"torch", "onnxruntime", "openvino", "aoti", "tensorrt"}
 
 
+def test_auto_choice_imports_torch_only_when_torch_is_the_pick(exported_bundle: Path) -> None:
+    # device and backend "auto": the GPU question goes to the driver, not to torch, and on
+    # this CPU-only machine ONNX Runtime is the pick (issue 26 item 5)
+    code = ("import json, sys; from ubc.engine import load; "
+            f"engine = load({str(exported_bundle)!r}); "
+            "print(json.dumps([engine.backend, engine.device, 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout.strip().splitlines()[-1]
+    if _has_gpu():
+        pytest.skip("a GPU is usable here: auto rightly picks a GPU engine")
+    assert json.loads(out) == ["onnxruntime", "cpu", False]
+
+
 def test_repr_names_backend_and_artifact(engine_bundle: Path) -> None:
     with load(engine_bundle, backend="torch", device="cpu", max_batch=4) as engine:
         assert repr(engine) == ("TorchEngine(backend='torch', artifact='weights.pt', "
@@ -289,6 +302,12 @@ def test_tensorrt_fp16_round_trip(exported_bundle: Path, engine_slices: np.ndarr
         assert engine.backend == "tensorrt"
         assert engine.infer(engine_slices[:1])[0].shape == (1, 2)
         assert engine.infer(engine_slices[:37])[1].shape == (37, 1, 64, 64)  # > max_batch
+    # a plan keeps its ONNX source's settings in its meta.json record: an edited meta.json
+    # no longer matches them
+    bundle = Bundle(path)
+    bundle.update_meta(preprocessing={**bundle.meta["preprocessing"], "norm": "percentile"})
+    with pytest.raises(BundleError, match=r"\.plan: its ubc.preprocessing .* differs"):
+        load(path, backend="tensorrt", device="cuda", precision="fp16")
 
 
 @pytest.mark.gpu

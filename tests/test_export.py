@@ -14,6 +14,7 @@ import pytest
 from conftest import copy_bundle
 
 from ubc.bundle import Bundle, sha256_of
+from ubc.errors import BundleError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -190,6 +191,13 @@ def test_aoti_package_round_trip(exported_bundle: Path, tmp_path: Path,
         assert engine.infer(engine_slices[:19])[1].shape == (19, 1, 64, 64)
     with pytest.raises(ValueError, match="within 1..8"):
         load(path, backend="aoti", device="cpu", max_batch=16)
+    # the package carries the settings it was compiled with; meta.json edited by hand after
+    # that is refused, as for every engine
+    meta = json.loads((path / "meta.json").read_text())
+    meta["class_names"] = ["HGG", "LGG"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"\.pt2: its ubc.class_names .* differs"):
+        load(path, backend="aoti", device="cpu")
 
 
 class _TimingCacheConfig:

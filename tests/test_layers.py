@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "bundle": set(),
     "devices": {"artifacts"},
     "artifacts": {"bundle"},
+    "provenance": {"bundle", "io"},
     # the eager torch backend runs the model code itself (``ubc.model``, imported lazily)
     "engine": {"artifacts", "bundle", "cuda_memory", "devices", "model"},
     # writes artifacts; gating and timing them is parity's
@@ -33,8 +34,12 @@ ALLOWED: dict[str, set[str]] = {
     # the ubc-export run: export, then check, gate and time with parity
     "export_job": {"artifacts", "bundle", "devices", "engine", "export", "parity",
                    "parity_timing"},
-    "scoring": {"artifacts", "bundle", "devices", "engine", "io", "preprocess"},
-    "serve": {"artifacts", "bundle", "devices", "engine", "io", "preprocess", "scoring"},
+    "scoring": {"artifacts", "bundle", "devices", "engine", "io", "preprocess", "provenance"},
+    "serve": {"artifacts", "bundle", "devices", "engine", "io", "preprocess", "provenance",
+              "scoring"},
+    # a PACS as a source and a SEG destination (issue 29): above scoring and io
+    "net": {"artifacts", "bundle", "devices", "engine", "io", "preprocess", "provenance",
+            "scoring"},
 }
 
 

@@ -19,8 +19,9 @@ from ubc.io import load_volume
 from ubc.scoring import Overloaded, Prediction, Predictor, Scorer, discover_cases
 from ubc.scoring.result import COLUMNS
 
-#: rows of ``Prediction.to_row`` that depend on how the case was fed (timing, file identity)
-_VARYING = {"seconds", "path", "input_bytes", "input_mtime_ns"}
+#: rows of ``Prediction.to_row`` that depend on how the case was fed (timing, file identity,
+#: the files written)
+_VARYING = {"seconds", "path", "input_bytes", "input_mtime_ns", "mask_file"}
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +180,22 @@ def test_bad_inputs_raise_and_the_predictor_goes_on(tiny_bundle, volumes) -> Non
 
 def test_a_failed_case_raises_its_original_exception(tiny_bundle) -> None:
     """A step's failure travels with the case as the exception it was: ``predict`` raises
-    that type (``Scorer`` and the batch job write the step and the type in the row)."""
+    that type (``Scorer`` and the batch job write its words in the row). A volume whose
+    foreground is one value (a mask sent by mistake) is the input's fault, named: it was a
+    bare ValueError (HTTP 500 in ubc-serve) before."""
+    from ubc.errors import UBCInputError
     from ubc.io.volume import canonical_volume
 
-    data = np.zeros((32, 32, 6), np.float16)  # a dtype the native core does not read
-    data[8:24, 8:24, 1:5] = np.arange(16 * 16 * 4).reshape(16, 16, 4) % 50 + 10
+    data = np.zeros((32, 32, 6), np.int16)
+    data[8:24, 8:24, 1:5] = 1  # a label map, not a FLAIR
     volume = canonical_volume(data, np.eye(4), (1.0, 1.0, 1.0), None)
     with Predictor(tiny_bundle, engine=FakeEngine()) as predictor:
-        with pytest.raises(TypeError, match="unsupported volume dtype float16"):
+        with pytest.raises(UBCInputError, match="<in memory>: .*constant"):
             predictor.predict(volume)
     with Scorer(tiny_bundle, engine=FakeEngine()) as scorer:
         row = scorer.score(volume)
     assert row.status == "error" and row.error is not None
-    assert row.error.startswith("preprocess failed (TypeError: unsupported volume dtype")
+    assert row.error.startswith("<in memory>: ") and "constant" in row.error
 
 
 def test_engine_failure_raises_for_its_callers_only(tiny_bundle, volumes, sequential) -> None:
@@ -270,3 +274,31 @@ def test_scorer_accepts_bytes_and_arrays(tiny_bundle, volumes, sequential) -> No
     assert from_bytes.slices_used == from_array.slices_used == expected.slices_used
     assert from_bytes.p_hgg == from_array.p_hgg == expected.p_hgg
     assert broken.status == "error" and "NIfTI" in (broken.error or "")
+
+
+# An ONNX-only service must not pay for torch: device="auto" (the default) used to ask
+# torch whether there is a GPU (issue 26 item 5). Run where torch is installed, so that
+# importing it is possible and its absence from sys.modules means something.
+_ONNX_PREDICTOR = """
+import importlib.util, json, sys
+import ubc
+assert importlib.util.find_spec("torch") is not None, "torch must be installed here"
+with ubc.Predictor(sys.argv[1], backend="onnxruntime") as predictor:
+    prediction = predictor.predict(sys.argv[2])
+print(json.dumps({"device": predictor.engine.device, "status": prediction.status,
+                  "torch": "torch" in sys.modules}))
+"""
+
+
+def test_onnx_predictor_with_default_device_imports_no_torch(exported_bundle: Path,
+                                                             volumes: list[Path]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _ONNX_PREDICTOR, str(exported_bundle),
+                           str(volumes[0])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"device": "cpu", "status": report["status"], "torch": False}
+    assert report["status"] in ("ok", "no_lesion")

@@ -170,22 +170,31 @@ def test_int8_openvino_ir_through_nncf(int8_bundle: Path, tmp_path: Path,
     entry = bundle.meta["artifacts"]["model.int8.xml"]
     assert entry["weights_file"] == "model.int8.bin" and bundle.has("model.int8.bin")
     assert (entry["calibration_batch"], entry["calibration_slices"]) == (16, 32)
+    assert "accuracy_control" not in entry  # no gate given: plain quantisation
     # every convolution is quantised (int8 weights, dequantised by a Multiply; an fp32
-    # layer reads its weights from a Constant) but one that writes an output itself
+    # layer reads its weights from a Constant) but the two heads, which write the outputs
     import openvino as ov
 
     from ubc.export.int8_openvino import fp32_ops
 
     onnx_graph = ov.Core().read_model(str(path / "model.onnx"))
     kept = fp32_ops(onnx_graph)
-    assert sorted(kept) == ["class_logits", "mask_logits"]
-    assert entry["fp32_nodes"] == 2
-    convs = [op for op in ov.Core().read_model(str(path / "model.int8.xml")).get_ops()
-             if op.get_type_name() == "Convolution"]
-    assert len(convs) == len([op for op in onnx_graph.get_ops()
-                              if op.get_type_name() == "Convolution"])
-    assert {op.input_value(1).get_node().get_type_name() for op in convs
-            if op.get_friendly_name() not in kept} == {"Multiply"}
+    heads = [op.get_friendly_name() for op in onnx_graph.get_ops()
+             if op.get_friendly_name() in kept and op.get_type_name() in ("Convolution",
+                                                                          "MatMul")]
+    assert {"class_logits", "mask_logits"} < set(kept) and len(heads) == 2
+    assert entry["fp32_nodes"] == len(kept)
+    assert entry["higher_precision_ops"] == sorted(heads)
+    weighted = [op for op in ov.Core().read_model(str(path / "model.int8.xml")).get_ops()
+                if op.get_type_name() in ("Convolution", "MatMul")]
+    assert len(weighted) == len([op for op in onnx_graph.get_ops()
+                                 if op.get_type_name() in ("Convolution", "MatMul")])
+    assert {op.get_friendly_name(): op.input_value(1).get_node().get_type_name()
+            for op in weighted if op.get_type_name() == "MatMul"
+            or op.input_value(1).get_node().get_type_name() == "Constant"} == \
+        dict.fromkeys(heads, "Constant")
+    assert {op.input_value(1).get_node().get_type_name() for op in weighted
+            if op.get_friendly_name() not in heads} == {"Multiply"}
     assert "FakeQuantize" in (path / "model.int8.xml").read_text()
     with load(bundle, backend="openvino", precision="int8", threads=1) as engine:
         got = engine.infer(engine_slices)
@@ -198,6 +207,62 @@ def test_int8_openvino_ir_through_nncf(int8_bundle: Path, tmp_path: Path,
 
     with pytest.raises(BundleError, match="model.int8.bin"):
         load(bundle, backend="openvino", precision="int8")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_NNCF, reason="nncf/openvino not installed (pip install nncf)")
+def test_accuracy_control_puts_layers_back_until_the_gate_margin_holds(
+        exported_bundle: Path, tmp_path: Path, engine_slices: np.ndarray) -> None:
+    """Accuracy-aware INT8: the margin it records is what the artifact gives on the
+    held-back slices, and it is above what plain quantisation of the same bundle gives,
+    bought with layers put back into floating point (or it reached the gate)."""
+    from ubc.export import exporter
+    from ubc.export.int8_openvino import MAX_REVERTED, MIN_MARGIN, _split
+    from ubc.parity import margin_at
+
+    gate = margin_at("int8")
+    fit, held_back = _split(engine_slices)
+    assert (len(fit), len(held_back)) == (32, 32)
+    margins, entries = {}, {}
+    for name, given in (("plain", None), ("controlled", gate)):
+        bundle = Bundle(copy_bundle(exported_bundle, tmp_path / name))
+        exporter("int8-openvino")(bundle, calib=engine_slices, gate=given)
+        entries[name] = bundle.meta["artifacts"]["model.int8.xml"]
+        with load(bundle, backend="openvino", precision="fp32", threads=1) as engine:
+            reference = engine.infer(held_back)
+        with load(bundle, backend="openvino", precision="int8", threads=1) as engine:
+            margins[name] = gate(reference, engine.infer(held_back))
+    control = entries["controlled"]["accuracy_control"]
+    assert control["validation_slices"] == 32 and entries["controlled"]["calibration_slices"] == 32
+    assert control["margin"] == pytest.approx(margins["controlled"], abs=1e-3)
+    kept = entries["controlled"]["higher_precision_ops"]
+    assert set(entries["plain"]["higher_precision_ops"]) <= set(kept)
+    if margins["plain"] < MIN_MARGIN:
+        assert margins["controlled"] > margins["plain"]
+        assert len(kept) > len(entries["plain"]["higher_precision_ops"])
+    assert margins["controlled"] >= MIN_MARGIN or len(kept) >= MAX_REVERTED
+
+
+def test_gate_margin_is_one_at_the_reference_and_zero_at_the_nearest_tolerance() -> None:
+    from ubc.parity import TOLERANCES, gate_margin, margin_at, measure
+
+    rng = np.random.default_rng(0)
+    cls = rng.normal(0, 2, (64, 2))
+    mask = rng.normal(0, 3, (64, 1, 8, 8))
+    assert margin_at("int8")((cls, mask), (cls, mask)) == 1.0
+    tol = TOLERANCES["int8"]
+    exact = {"max_rel_class_logits": 0.0, "max_abs_p_hgg": 0.0, "mask_dice": 1.0,
+             "class_flip_share": 0.0}
+    assert gate_margin({**exact, "max_abs_p_hgg": tol.p_hgg}, tol) == pytest.approx(0)
+    assert gate_margin({**exact, "mask_dice": 0.99}, tol) == pytest.approx(0.5)
+    assert gate_margin({**exact, "class_flip_share": 1 / 64}, tol) < 0  # one flip in 64
+    assert gate_margin({**exact, "max_rel_class_logits": 0.1}, tol) == pytest.approx(0.8)
+    shifted = (cls + np.array([0.0, 0.05]), mask)  # moves every P(HGG) a little
+    figures = measure((cls, mask), shifted)
+    assert 0 < figures["max_abs_p_hgg"] < tol.p_hgg
+    assert gate_margin(figures, tol) == pytest.approx(1 - figures["max_abs_p_hgg"] / tol.p_hgg)
+    assert gate_margin(exact, TOLERANCES["fp32"]) == 1.0
+    assert gate_margin({**exact, "class_flip_share": 0.5}, TOLERANCES["fp32"]) < 0
 
 
 @pytest.mark.slow

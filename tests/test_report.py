@@ -164,6 +164,7 @@ def _visible_ids(page) -> list[str]:
                                      "rows => rows.map(r => r.dataset.caseId)")
 
 
+@pytest.mark.tool
 def test_the_report_in_a_real_browser(browser, run: Path) -> None:
     rows = read_results(run / "rows.csv")
     page, errors, requests = _open(browser, run / "report.html")
@@ -202,6 +203,7 @@ def test_the_report_in_a_real_browser(browser, run: Path) -> None:
     page.close()
 
 
+@pytest.mark.tool
 def test_a_5000_case_report_is_interactive_within_2_s(browser, run: Path,
                                                       tmp_path: Path) -> None:
     """Built, laid out and painted within 2 s of opening, a sort repainted within 2 s; the

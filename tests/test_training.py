@@ -254,6 +254,15 @@ def test_cli_bundle_meta_and_files(cli_bundle: Path) -> None:
     assert [e["epoch"] for e in log] == [1] and log[0]["test"]["n_slices"] == 20
 
 
+def test_cli_bundle_records_its_training_data(cli_bundle: Path) -> None:
+    """Issue 25: the training cases' source, counts and spacing, as ubc-train saw them."""
+    meta = Bundle(cli_bundle).meta["training"]
+    record = meta["training_data"]
+    assert record["source"] == "ubc-synth phantoms" and record["root"] == "archive"
+    assert sum(record["cases"].values()) == meta["train"]["patients"]
+    assert record["spacing_mm"] == {"inplane": [1.0, 1.0], "thickness": [1.0, 1.0]}
+
+
 def test_bundle_round_trip_gives_identical_outputs(cli_bundle: Path) -> None:
     from ubc.data import case_slices, discover
 

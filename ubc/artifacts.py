@@ -26,10 +26,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ubc.bundle import Bundle
 
 WEIGHTS = "weights.pt"
 TORCHSCRIPT = "model.ts"
+#: the extra file in model.ts holding the settings it was exported with (JSON)
+TORCHSCRIPT_META = "ubc_meta.json"
 ONNX = "model.onnx"
 CALIB_CACHE = "calib.int8.cache"
 INT8_ONNX = "model.int8.onnx"
@@ -43,6 +47,8 @@ PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("class_logits", "mask_logits")
+#: (class logits [N, 2], mask logits [N, 1, H, W]) of one engine on one set of slices
+Outputs = tuple["np.ndarray", "np.ndarray"]
 
 _PLAN = re.compile(r"^model\.(?P<gpu>[a-z0-9-]+)\.sm(?P<cc>\d+)\.trt(?P<trt>[0-9.]+)"
                    r"\.(?P<precision>" + "|".join(PLAN_PRECISIONS) + r")\.plan$")
@@ -111,8 +117,9 @@ class ExportFormat:
     ``exporter``: "module:function", imported on first use. ``files``: regular expression of
     the artifact names it writes, whose named groups fill ``rebuild``, the ``ubc-export``
     arguments that (re)make one of them on this machine. ``help``: the help of its own
-    ``ubc-export --NAME`` option ("": only ``--cpu`` makes it). ``inputs``: the slices it is
-    made from, "example" (traced) and/or "calib" (INT8 calibration). ``packages`` (pip names)
+    ``ubc-export --NAME`` option ("": only ``--cpu`` makes it). ``inputs``: what it is
+    made from, "example" (slices traced) and/or "calib" (INT8 calibration slices), and
+    "gate" (the INT8 gates' margin, for accuracy-aware quantisation). ``packages`` (pip names)
     and ``install``: what it imports beyond the base install. ``cpu``: a step of
     ``ubc-export --cpu``, in the order of ``FORMATS``.
     """
@@ -147,7 +154,7 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  "--cpu --calib DATA", inputs=("calib",), packages=("onnxruntime", "onnx"),
                  cpu=True),
     ExportFormat("int8-openvino", "ubc.export.int8_openvino:to_int8_openvino",
-                 r"model\.int8\.(xml|bin)", "--cpu --calib DATA", inputs=("calib",),
+                 r"model\.int8\.(xml|bin)", "--cpu --calib DATA", inputs=("calib", "gate"),
                  packages=("nncf", "openvino"), install="pip install ubc[openvino] nncf",
                  cpu=True),
 )}
@@ -161,34 +168,6 @@ def rebuild_hint(bundle_path: object, name: str) -> str:
         if match:
             return f"ubc-export {bundle_path} {fmt.rebuild.format(**match.groupdict())}"
     return f"ubc-export {bundle_path}"
-
-
-#: bundle settings every ONNX export embeds in its metadata (``metadata_props``)
-ONNX_METADATA = ("preprocessing", "class_names")
-
-
-def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """The ``ubc.*`` metadata an exported ONNX carries for a bundle's meta.json."""
-    import json
-
-    return {f"ubc.{key}": json.dumps(meta[key], sort_keys=True) for key in ONNX_METADATA}
-
-
-def onnx_metadata_mismatch(meta: dict[str, Any], embedded: dict[str, str]) -> str | None:
-    """Why the metadata ``embedded`` in a bundle's ONNX disagrees with its meta.json (an ONNX
-    copied in from another bundle, or a meta.json edited by hand), or None."""
-    import json
-
-    for key, expected in onnx_metadata(meta).items():
-        if key not in embedded:
-            return f"it carries no {key!r} metadata"
-        try:
-            same = json.loads(embedded[key]) == json.loads(expected)
-        except ValueError:
-            same = False
-        if not same:
-            return f"its {key} {embedded[key]} differs from meta.json's {expected}"
-    return None
 
 
 def parity_key(backend: str, device: str, precision: str, artifact: str) -> str:

@@ -1,6 +1,9 @@
 """The model bundle: one directory ``NAME.ubc/`` holding meta.json and every artifact.
 
 meta.json records the sha256 of every file; an artifact whose bytes do not match is refused.
+Every field of meta.json that is read is checked when the bundle opens (a bundle that opens
+can score), and every artifact carries the settings it was made with, which its engine
+compares with meta.json (``artifact_metadata_mismatch``).
 Writes are atomic: a file is written beside its final name and renamed into place, and
 meta.json is rewritten the same way, so a killed writer leaves the previous bundle usable.
 """
@@ -9,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Callable
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,11 @@ META_FILE = "meta.json"
 WEIGHTS_FILE = "weights.pt"
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "arch", "preprocessing", "class_names", "top_k", "files")
+#: meta.json settings every artifact carries from its export (ONNX ``metadata_props``, the
+#: TorchScript extra file, weights.pt's state-dict metadata, OpenVINO ``rt_info``,
+#: AOTInductor metadata; a TensorRT plan in its meta.json record), compared with meta.json
+#: when it is loaded: a model scores only with the settings it was trained with
+EMBEDDED_SETTINGS = ("preprocessing", "class_names")
 
 
 @dataclass(frozen=True)
@@ -37,11 +48,181 @@ class Preprocessing:
                 "norm": self.norm}
 
     @classmethod
-    def from_json(cls, entry: dict[str, Any]) -> Preprocessing:
-        return cls(size=(int(entry["size"][0]), int(entry["size"][1])),
-                   target_spacing=(float(entry["target_spacing"][0]),
-                                   float(entry["target_spacing"][1])),
-                   norm=str(entry["norm"]))
+    def from_json(cls, entry: object) -> Preprocessing:
+        """The ``preprocessing`` entry of meta.json, checked (BundleError naming the field)."""
+        if not isinstance(entry, dict):
+            raise BundleError(f"preprocessing must be a mapping of size, target_spacing and "
+                              f"norm, got {type(entry).__name__}")
+        missing = [k for k in ("size", "target_spacing", "norm") if k not in entry]
+        if missing:
+            raise BundleError(f"preprocessing lacks {', '.join(missing)}")
+        return cls(size=_checked_size(entry["size"]),
+                   target_spacing=_checked_spacing(entry["target_spacing"]),
+                   norm=_checked_norm(entry["norm"]))
+
+
+#: ``ubc.preprocess.NORMS``, repeated here: the bundle sits below the preprocessing layer
+NORMS = ("zscore", "percentile", "none")
+#: the U-Net halves a slice five times; larger sizes than this are a typo, not a model
+_SIZE_STEP, _MAX_SIZE = 32, 4096
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _pair(value: object, field: str, what: str) -> list[Any]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise BundleError(f"{field} must be a list of two {what}, got {value!r}")
+    return value
+
+
+def _checked_size(value: object) -> tuple[int, int]:
+    size = _pair(value, "preprocessing.size", "pixel counts [height, width]")
+    if not all(_is_int(s) and _SIZE_STEP <= s <= _MAX_SIZE and s % _SIZE_STEP == 0
+               for s in size):
+        raise BundleError(f"preprocessing.size must be two multiples of {_SIZE_STEP} within "
+                          f"{_SIZE_STEP}..{_MAX_SIZE} (the U-Net halves a slice five times), "
+                          f"got {value!r}")
+    return int(size[0]), int(size[1])
+
+
+def _checked_spacing(value: object) -> tuple[float, float]:
+    spacing = _pair(value, "preprocessing.target_spacing", "millimetres")
+    if not all(_is_number(s) and math.isfinite(s) and s > 0 for s in spacing):
+        raise BundleError(f"preprocessing.target_spacing must be two positive millimetre "
+                          f"values, got {value!r}")
+    return float(spacing[0]), float(spacing[1])
+
+
+def _checked_norm(value: object) -> str:
+    if value not in NORMS:
+        raise BundleError(f"preprocessing.norm must be one of {', '.join(NORMS)}, "
+                          f"got {value!r}")
+    return str(value)
+
+
+def _check_format_version(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BundleError(f"format_version must be a whole number >= 1, got {value!r}")
+    if value > FORMAT_VERSION:
+        raise BundleError(f"made by a newer ubc (format_version {value} > {FORMAT_VERSION}); "
+                          "upgrade ubc")
+
+
+def _check_arch(value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise BundleError(f"arch must be the architecture's name, got {value!r}")
+
+
+def _check_class_names(value: object) -> None:
+    if not isinstance(value, list) or len(value) != 2 or \
+            not all(isinstance(n, str) and n.strip() for n in value) or value[0] == value[1]:
+        raise BundleError(f"class_names must be a list of two different names (one per "
+                          f"class logit, e.g. [\"LGG\", \"HGG\"]), got {value!r}")
+
+
+def _check_top_k(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BundleError(f"top_k must be a whole number >= 1 (slices per case that score "
+                          f"it), got {value!r}")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_files(value: object) -> None:
+    if not isinstance(value, dict):
+        raise BundleError(f"files must be a mapping of file name to sha256, got "
+                          f"{type(value).__name__}")
+    wrong = sorted(str(name) for name, sha in value.items()
+                   if not isinstance(sha, str) or not _SHA256.fullmatch(sha))
+    if wrong:
+        raise BundleError(f"files must map each file name to its sha256 (64 hex digits); "
+                          f"{', '.join(wrong)} do not")
+    if WEIGHTS_FILE not in value:
+        raise BundleError(f"files has no {WEIGHTS_FILE!r} entry: every bundle records the "
+                          "sha256 of its weights")
+
+
+#: optional meta.json records that are read when present: each must be a mapping
+_OPTIONAL_MAPPINGS = ("artifacts", "parity", "timing", "scoring", "training")
+
+
+def _check_optional_mappings(meta: dict[str, Any]) -> None:
+    for key in _OPTIONAL_MAPPINGS:
+        if key in meta and not isinstance(meta[key], dict):
+            raise BundleError(f"{key} must be a mapping, got {type(meta[key]).__name__}")
+    wrong = sorted(str(name) for name, entry in meta.get("artifacts", {}).items()
+                   if not isinstance(entry, dict))
+    if wrong:
+        raise BundleError(f"artifacts must map each file name to its description (a "
+                          f"mapping); {', '.join(wrong)} do not")
+
+
+def checked_meta(meta: object) -> Preprocessing:
+    """Check every meta.json field that is read (presence, type, range) and return its
+    preprocessing; BundleError naming the field otherwise. A bundle that opens can score."""
+    if not isinstance(meta, dict):
+        raise BundleError(f"meta.json must be a JSON object, got {type(meta).__name__}")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise BundleError(f"malformed meta.json, missing {', '.join(missing)}")
+    _check_format_version(meta["format_version"])
+    _check_arch(meta["arch"])
+    _check_class_names(meta["class_names"])
+    _check_top_k(meta["top_k"])
+    _check_files(meta["files"])
+    _check_optional_mappings(meta)
+    return Preprocessing.from_json(meta["preprocessing"])
+
+
+def artifact_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The ``ubc.*`` metadata every artifact carries from its export (``EMBEDDED_SETTINGS``
+    of meta.json as JSON text)."""
+    return {f"ubc.{key}": json.dumps(meta[key], sort_keys=True) for key in EMBEDDED_SETTINGS}
+
+
+def artifact_metadata_mismatch(meta: dict[str, Any],
+                               embedded: Mapping[str, str]) -> str | None:
+    """Why the ``ubc.*`` metadata ``embedded`` in an artifact disagrees with meta.json
+    (meta.json edited by hand, or the artifact made for another bundle), or None. The
+    one comparison every engine and the weights make."""
+    for key, expected in artifact_metadata(meta).items():
+        if key not in embedded:
+            return f"it carries no {key!r} metadata"
+        try:
+            same = json.loads(embedded[key]) == json.loads(expected)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            return f"its {key} {embedded[key]} differs from meta.json's {expected}"
+    return None
+
+
+def weights_with_metadata(state_dict: Mapping[str, Any],
+                          meta: dict[str, Any]) -> OrderedDict[str, Any]:
+    """``state_dict`` as weights.pt stores it: the settings it was trained with
+    (``artifact_metadata``) in its state-dict metadata, which ``torch.save`` and
+    ``torch.load(weights_only=True)`` keep and ``load_state_dict`` ignores (plain PyTorch
+    sees an ordinary state dict)."""
+    saved: OrderedDict[str, Any] = OrderedDict(state_dict)
+    metadata = OrderedDict(getattr(state_dict, "_metadata", None) or {})
+    metadata[""] = {**metadata.get("", {}), **artifact_metadata(meta)}
+    saved._metadata = metadata  # type: ignore[attr-defined]
+    return saved
+
+
+def weights_metadata(state_dict: Mapping[str, Any]) -> dict[str, str]:
+    """The ``ubc.*`` metadata saved with a state dict; empty for weights saved without it."""
+    root = (getattr(state_dict, "_metadata", None) or {}).get("", {})
+    if not isinstance(root, dict):
+        return {}
+    return {k: v for k, v in root.items() if isinstance(k, str) and k.startswith("ubc.")}
 
 
 def sha256_of(path: Path) -> str:
@@ -65,13 +246,10 @@ class Bundle:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as exc:
             raise BundleError(f"{meta_path}: unreadable meta.json ({exc})") from exc
-        missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
-        if missing:
-            raise BundleError(f"{meta_path}: malformed meta.json, missing {', '.join(missing)}")
         try:
-            self.preprocessing = Preprocessing.from_json(meta["preprocessing"])
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise BundleError(f"{meta_path}: malformed 'preprocessing' entry ({exc})") from exc
+            self.preprocessing = checked_meta(meta)
+        except BundleError as exc:
+            raise BundleError(f"{meta_path}: {exc}") from None
         self.meta: dict[str, Any] = meta
         self._verified: dict[str, tuple[int, int]] = {}
 
@@ -134,9 +312,19 @@ class Bundle:
         atomic_write(self.path / META_FILE, lambda tmp: tmp.write_text(text))
 
     def load_state_dict(self) -> dict[str, Any]:
+        """weights.pt's tensors; BundleError when the settings saved with them (weights
+        saved by ``create_bundle``) differ from meta.json's: a model trained at 64 x 64
+        scores nonsense at 128 x 128, and an exporter would bake the wrong settings in."""
         import torch
 
-        return torch.load(self.file(WEIGHTS_FILE), map_location="cpu", weights_only=True)
+        path = self.file(WEIGHTS_FILE)
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        embedded = weights_metadata(state)
+        mismatch = artifact_metadata_mismatch(self.meta, embedded) if embedded else None
+        if mismatch is not None:
+            raise BundleError(f"{path}: {mismatch}: the model was trained with other "
+                              "settings than meta.json now says; restore meta.json")
+        return state
 
 
 def create_bundle(path: str | os.PathLike[str], *, arch: str, state_dict: dict[str, Any],
@@ -153,7 +341,8 @@ def create_bundle(path: str | os.PathLike[str], *, arch: str, state_dict: dict[s
         "preprocessing": preprocessing.to_json(), "class_names": list(class_names),
         "top_k": top_k, "files": {}, **meta_entries,
     }
+    saved = weights_with_metadata(state_dict, meta)
+    weights = atomic_write(root / WEIGHTS_FILE, lambda tmp: torch.save(saved, tmp))
+    meta["files"] = {WEIGHTS_FILE: sha256_of(weights)}
     atomic_write(root / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
-    bundle = Bundle(root)
-    bundle.write_file(WEIGHTS_FILE, lambda tmp: torch.save(state_dict, tmp))
-    return bundle
+    return Bundle(root)

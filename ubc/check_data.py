@@ -18,16 +18,17 @@ from ubc.parity import MIN_SLICES
 
 
 def phantom_slices(preprocessing: Preprocessing, n: int = MIN_SLICES, *, seed: int = 0,
-                   cases: int = 8, shape: tuple[int, int, int] = (240, 240, 155)
-                   ) -> np.ndarray:
+                   cases: int = 8, shape: tuple[int, int, int] = (240, 240, 155),
+                   end_fraction: float = 0.0) -> np.ndarray:
     """float32 [n, 1, H, W]: slices of synthetic phantoms (``ubc.synth``) written as NIfTI and
-    read back through ``ubc.io`` and ``ubc.preprocess``, half of them through the lesion."""
+    read back through ``ubc.io`` and ``ubc.preprocess``, half of them through the lesion
+    (``ubc.data.sample_slices``)."""
     from ubc.data import sample_slices
     from ubc.synth import write_archive
 
     with tempfile.TemporaryDirectory(prefix="ubc-parity-") as tmp:
         archive = write_archive(Path(tmp), cases, seed=seed, shape=shape)
-        return sample_slices(archive, preprocessing, n, seed=seed)
+        return sample_slices(archive, preprocessing, n, seed=seed, end_fraction=end_fraction)
 
 
 def volume_slices(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing,
@@ -52,13 +53,16 @@ def volume_slices(paths: Sequence[str | os.PathLike[str]], preprocessing: Prepro
 
 
 def slices_from(paths: Sequence[str | os.PathLike[str]], preprocessing: Preprocessing,
-                n: int = MIN_SLICES, *, seed: int = 0) -> tuple[np.ndarray, str]:
+                n: int = MIN_SLICES, *, seed: int = 0, end_fraction: float = 0.0
+                ) -> tuple[np.ndarray, str]:
     """(float32 [n, 1, H, W] slices, a description of where they came from) out of
     ``paths``: nothing (synthetic phantoms), one ``.npy`` of preprocessed slices, one
-    archive folder (``ubc.data.discover`` layouts) or NIfTI volumes."""
+    archive folder (``ubc.data.discover`` layouts) or NIfTI volumes. ``end_fraction``: as
+    ``ubc.data.sample_slices`` (phantoms and archives)."""
     if not paths:
         cases = min(8, max(1, n // 8))
-        return phantom_slices(preprocessing, n, seed=seed, cases=cases), \
+        return phantom_slices(preprocessing, n, seed=seed, cases=cases,
+                              end_fraction=end_fraction), \
             f"{n} slices of {cases} phantoms (ubc.synth, seed {seed})"
     files = [Path(p) for p in paths]
     missing = [str(p) for p in files if not p.exists()]
@@ -70,8 +74,10 @@ def slices_from(paths: Sequence[str | os.PathLike[str]], preprocessing: Preproce
     if len(files) == 1 and files[0].is_dir():
         from ubc.data import sample_slices
 
-        return sample_slices(files[0], preprocessing, n, seed=seed), \
-            f"{n} slices of the archive {files[0]}"
+        ends = f", {end_fraction:.0%} of the rest at the brain's ends" if end_fraction else ""
+        return sample_slices(files[0], preprocessing, n, seed=seed, end_fraction=end_fraction), \
+            f"{n} slices of the archive {files[0]} (per case: half through its largest " \
+            f"lesion{ends})"
     return volume_slices(files, preprocessing, n), \
         f"{n} slices of {', '.join(p.name for p in files)}"
 

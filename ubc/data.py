@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,11 +26,18 @@ from ubc.errors import UBCInputError
 from ubc.scoring.aggregate import top_slices
 from ubc.scoring.discover import GRADES, Case, discover_cases
 
+if TYPE_CHECKING:
+    from ubc.provenance import TrainingData
+
 __all__ = ["GRADES", "Case", "CaseSlices", "SliceSet", "case_slices", "discover", "load_cases",
-           "load_lesion_free",
+           "load_lesion_free", "case_spacing", "CALIBRATION_ENDS", "training_data",
            "split_cases", "subsample", "sample_slices"]
 
 UNLABELLED = -1
+#: Share of a case's non-lesion INT8 calibration slices drawn from the brain's ends. Parity
+#: slices take none: a border slice's P(HGG) can sit at 0.5, where any rounding flips its
+#: class (on the 224 px bundle one such slice failed OpenVINO bf16's 1 % flip gate).
+CALIBRATION_ENDS = 0.5
 # BraTS codes of the sub-region masks (``mask_channels=3``): necrotic / non-enhancing core,
 # enhancing rim, oedema. The union mask (one channel) is the paper's target.
 SUBREGION_CODES = (1, 4, 2)
@@ -91,6 +99,77 @@ def discover(path: str | os.PathLike[str], *, labels: str | os.PathLike[str] | N
         raise UBCInputError(f"{path}: no cases found (expected HGG/<case>/<case>_flair.nii.gz, "
                             "<case>/<case>_flair.nii.gz with a grade CSV, or a manifest CSV)")
     return sorted(cases, key=lambda c: c.case_id)
+
+
+def _header_spacing(path: Path) -> tuple[float, float, float] | None:
+    """Canonical RAS voxel size from a NIfTI file's header alone; None when nibabel cannot
+    read it as NIfTI or its affine has no orientation (the loader then says what is wrong)."""
+    import nibabel as nib
+
+    from ubc.io.volume import orientation_of
+
+    try:
+        header = nib.load(path).header
+    except Exception:  # nibabel raises many kinds for a broken file
+        return None
+    if not isinstance(header, nib.Nifti1Header):
+        return None
+    ornt = orientation_of(np.asarray(header.get_best_affine(), dtype=np.float64))
+    if ornt is None:
+        return None
+    zooms, spacing = header.get_zooms(), [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(ornt):
+        spacing[int(target)] = float(zooms[axis])
+    return spacing[0], spacing[1], spacing[2]
+
+
+def case_spacing(case: Case) -> tuple[float, float, float]:
+    """The voxel size (x, y, z) in mm of ``case``'s image in canonical RAS, as scoring sees
+    it: from the header alone for NIfTI, else (or for a file the header does not settle)
+    from the loaded volume; ``UBCInputError`` naming the file when it cannot be read."""
+    from ubc.io.readers import NiftiFile
+
+    spacing = _header_spacing(case.reader.path) if isinstance(case.reader, NiftiFile) else None
+    return spacing or case.reader.load().spacing
+
+
+def _archive_source(source: Path, cases: Sequence[Case]) -> str:
+    """What kind of training archive ``source`` is (``ubc.provenance.SOURCES``)."""
+    from ubc.provenance import BRATS, FOLDER, MANIFEST, SYNTH_MARKER, SYNTHETIC
+
+    if source.is_file() and source.suffix.lower() == ".zip":
+        from ubc.scoring.archive_zip import extract_zip
+
+        source = extract_zip(source)  # the folder discovery extracted it to (cached)
+    if source.is_file():
+        return MANIFEST
+    if (source / SYNTH_MARKER).is_file():
+        return SYNTHETIC
+    if cases and all(c.image.parent.name == c.case_id for c in cases):
+        return BRATS  # every id is its image's folder: <case>/<case>_flair.nii.gz
+    return FOLDER
+
+
+def training_data(source: str | os.PathLike[str], cases: Sequence[Case]) -> TrainingData:
+    """The record of what a model is trained on (``ubc.provenance``): the kind and name of
+    the archive ``source``, the ``cases`` per grade and their spacing range (headers
+    read, NIfTI voxels not)."""
+    from ubc.io.conformance import TrainedSpacing
+    from ubc.provenance import TrainingData
+
+    if not cases:
+        raise ValueError("no training cases")
+    spacings = np.array([case_spacing(c) for c in cases], dtype=np.float64)
+    inplane, thickness = spacings[:, :2], spacings[:, 2]
+
+    def span(values: np.ndarray) -> tuple[float, float]:
+        return round(float(values.min()), 4), round(float(values.max()), 4)
+
+    counts = tuple((grade, sum(c.label == i for c in cases)) for i, grade in enumerate(GRADES))
+    unlabelled = sum(c.label is None for c in cases)
+    return TrainingData(_archive_source(Path(source), cases), Path(source).name,
+                        counts + ((("unlabelled", unlabelled),) if unlabelled else ()),
+                        TrainedSpacing(span(inplane), span(thickness)))
 
 
 def _read(case: Case) -> tuple[Any, Any]:
@@ -264,10 +343,12 @@ def subsample(data: SliceSet, per_class: int, *, seed: int = 0) -> SliceSet:
 
 def sample_slices(archive: str | os.PathLike[str] | Sequence[Case],
                   preprocessing: Preprocessing, n: int, *, seed: int = 0,
-                  lesion_fraction: float = 0.5) -> np.ndarray:
-    """float32 [n, 1, H, W] preprocessed slices for INT8 calibration: about
-    ``lesion_fraction`` from the largest-lesion slices, the rest random brain slices, drawn
-    from cases in a seeded random order (as few cases as ``n`` needs)."""
+                  lesion_fraction: float = 0.5, end_fraction: float = 0.0) -> np.ndarray:
+    """float32 [n, 1, H, W] preprocessed slices for parity and INT8 calibration: per case,
+    about ``lesion_fraction`` from the largest-lesion slices, ``end_fraction`` of the rest
+    from the brain's ends (the slices with the least brain, which calibration should see:
+    ``CALIBRATION_ENDS``), the others random brain slices; cases in a seeded random order
+    (as few as ``n`` needs)."""
     from ubc import preprocess
 
     cases = discover(archive) if isinstance(archive, (str, os.PathLike)) else list(archive)
@@ -280,10 +361,13 @@ def sample_slices(archive: str | os.PathLike[str] | Sequence[Case],
         volume, seg = _read(cases[i])
         n_lesion = int(round(per_case * lesion_fraction)) if seg is not None else 0
         picks = list(top_slices(_choose(cases[i], volume, seg, None)[1], n_lesion))
-        brain = np.setdiff1d(np.flatnonzero(preprocess.foreground_counts(volume.data) > 0),
-                             picks)
-        picks += list(rng.choice(brain, size=min(per_case - len(picks), len(brain)),
-                                 replace=False))
+        counts = preprocess.foreground_counts(volume.data)
+        brain = np.setdiff1d(np.flatnonzero(counts > 0), picks)
+        ends = brain[np.argsort(counts[brain], kind="stable")[
+            :int((per_case - len(picks)) * end_fraction)]]
+        rest = np.setdiff1d(brain, ends)
+        picks += [*ends, *rng.choice(rest, size=min(per_case - len(picks) - len(ends),
+                                                    len(rest)), replace=False)]
         out.append(_preprocessed(cases[i], volume, None, np.asarray(picks, np.int64),
                                  preprocessing)[0])
         if sum(len(o) for o in out) >= n:

@@ -1,8 +1,9 @@
-"""What this machine offers: devices (without importing torch when it is not installed: a
-TensorRT-only deployment has only tensorrt + cuda-bindings + numpy), the GPU's name and
-compute capability, the CPU's vector instruction set (for AOTInductor packages), and its
-class and native reduced precisions (bf16, int8 dot products) read from the CPU flags at
-run time: users have AMX Xeons and AVX2-only EPYCs, nothing may assume either."""
+"""What this machine offers: devices (asking the NVIDIA driver itself, never a framework: an
+ONNX Runtime service must not load torch to learn there is no GPU, and a TensorRT-only
+deployment has only tensorrt + cuda-bindings + numpy), the GPU's name and compute
+capability, the CPU's vector instruction set (for AOTInductor packages), and its class and
+native reduced precisions (bf16, int8 dot products) read from the CPU flags at run time:
+users have AMX Xeons and AVX2-only EPYCs, nothing may assume either."""
 
 from __future__ import annotations
 
@@ -53,24 +54,35 @@ def _runtime_device_count() -> int | None:
     return int(count) if err == runtime.cudaError_t.cudaSuccess else 0
 
 
+#: the NVIDIA driver's library (Linux, Windows), which every CUDA framework loads
+_DRIVER_LIBRARIES = ("libcuda.so.1", "nvcuda.dll")
+
+
 @lru_cache(maxsize=1)
 def cuda_device_count() -> int:
-    """Number of usable CUDA GPUs (0 on a machine without a GPU or driver)."""
-    count = _runtime_device_count()
-    if count:
-        return count
-    # cuda-bindings may be absent or built for a newer driver than torch's CUDA needs.
-    if importlib.util.find_spec("torch") is not None:
-        import torch
+    """Number of usable CUDA GPUs (0 on a machine without a GPU or driver), as the driver
+    API counts them (``cuDeviceGetCount``, which honours ``CUDA_VISIBLE_DEVICES``): asked
+    through ctypes, so that no framework (torch, a CUDA runtime) is imported to learn it."""
+    import ctypes
 
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    for name in _DRIVER_LIBRARIES:
+        try:
+            driver = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0  # a driver without a usable GPU (or too old for any)
+        return int(count.value)
     return 0
 
 
-def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is usable, else ``"cpu"``; checks the others."""
+def resolve_device(device: str, kinds: Sequence[str] = ("cpu", "cuda")) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is usable and ``kinds`` (the device kinds of the
+    backend that will run, e.g. an engine class's ``devices``) include it, else ``"cpu"``;
+    checks the others. A CPU-only backend's "auto" asks no driver at all."""
     if device == "auto":
-        return "cuda" if cuda_device_count() > 0 else "cpu"
+        return "cuda" if "cuda" in kinds and cuda_device_count() > 0 else "cpu"
     kind, index = parse_device(device)
     if kind == "cuda" and index >= cuda_device_count():
         found = cuda_device_count()

@@ -16,7 +16,7 @@ from ubc.artifacts import ONNX, stale_reason
 from ubc.bundle import Bundle
 from ubc.export import ExportResult, export
 from ubc.export.tensorrt import TensorRTOptions
-from ubc.parity import HeldOut, ParityResult, Skipped, check_bundle
+from ubc.parity import HeldOut, ParityResult, Skipped, check_bundle, margin_at
 from ubc.parity_timing import scoring_batch, time_passing
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ def _run_cpu(bundle: Bundle, job: ExportJob, slices: np.ndarray | None, source: 
     if not job.retime:
         if calib is None:
             raise ValueError("a CPU run needs INT8 calibration slices")
-        written = write_cpu_artifacts(bundle, example=slices[:2], calib=calib, say=say)
+        written = write_cpu_artifacts(bundle, example=slices[:2], calib=calib,
+                                      gate=margin_at("int8"), say=say)
         report.exports, report.skipped = written.exports, written.skipped
         say(f"checking against eager PyTorch fp32 on {source or 'the parity slices'} ...")
         report.parity = check_bundle(bundle, slices, device="cpu", source=source,

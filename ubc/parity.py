@@ -14,14 +14,14 @@ the cases (``ubc.check_data`` makes them). ``ubc.parity_timing`` times what pass
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import parity_key
+from ubc.artifacts import Outputs, parity_key
 from ubc.bundle import Bundle
 from ubc.metrics import dice
 from ubc.scoring.aggregate import p_hgg_of
@@ -85,8 +85,7 @@ class ParityResult:
         return entry
 
 
-def measure(reference: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]
-            ) -> dict[str, float]:
+def measure(reference: Outputs, got: Outputs) -> dict[str, float]:
     """The parity figures of ``got`` against ``reference`` (class logits, mask logits)."""
     ref_cls, ref_mask = (np.asarray(r, np.float64) for r in reference)
     cls, mask = (np.asarray(g, np.float64) for g in got)
@@ -118,8 +117,26 @@ def _failures(figures: dict[str, float], tol: Tolerance) -> tuple[str, ...]:
     return tuple(message for ok, message in checks if not ok)
 
 
+def gate_margin(figures: dict[str, float], tol: Tolerance) -> float:
+    """How far inside its gates a result is (figures from ``measure``): 1 when it equals the
+    reference, 0 at the nearest tolerance, negative past it; the smallest of the four
+    figures' margins, each relative to its tolerance."""
+    flips = figures["class_flip_share"]
+    return min(1 - figures["max_rel_class_logits"] / tol.class_logits,
+               1 - figures["max_abs_p_hgg"] / tol.p_hgg,
+               1 - (1 - figures["mask_dice"]) / (1 - tol.mask_dice),
+               1 - flips / tol.class_flips if tol.class_flips else 1.0 - 2 * (flips > 0))
+
+
+def margin_at(precision: str) -> Callable[[Outputs, Outputs], float]:
+    """``gate_margin`` of ``got`` against ``reference`` under ``precision``'s tolerances:
+    what accuracy-aware quantisation (``ubc.export.int8_openvino``) keeps positive."""
+    tol = TOLERANCES[precision]
+    return lambda reference, got: gate_margin(measure(reference, got), tol)
+
+
 def reference_outputs(bundle: Bundle, slices: np.ndarray, *, batch: int = 16
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      ) -> Outputs:
     """Eager PyTorch fp32 on the CPU: the reference every backend is compared with."""
     from ubc.engine.torch_backend import TorchEngine
 
@@ -140,7 +157,7 @@ def _checked_slices(bundle: Bundle, slices: np.ndarray, *, minimum: int) -> np.n
 
 def compare(bundle: Bundle | str | os.PathLike[str], backend: str, slices: np.ndarray, *,
             device: str = "cpu", precision: str = "fp32",
-            reference: tuple[np.ndarray, np.ndarray] | None = None, record: bool = False,
+            reference: Outputs | None = None, record: bool = False,
             min_slices: int = MIN_SLICES, source: str = "", **options: Any) -> ParityResult:
     """Run ``backend`` (see ``ubc.engine.BACKENDS``) on ``slices`` (float32 [N, 1, H, W],
     preprocessed, N >= ``min_slices``) and compare with eager PyTorch fp32 (``reference``,

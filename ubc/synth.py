@@ -23,8 +23,10 @@ Geometry: 1 mm isotropic voxels, stored like BraTS with LPS axis codes (affine
 ``diag(-1, -1, 1)``, origin at the volume centre), so readers exercise the reorientation to
 RAS. ``phantom`` returns arrays in that on-disk voxel order. The archive layout is
 ``OUT/HGG/<case>/<case>_flair.nii.gz``, ``..._seg.nii.gz`` (same for LGG) and
-``OUT/labels.csv`` with columns ``case_id,grade``. Files are gzip level 1 with mtime 0, so
-the same seed gives the same bytes.
+``OUT/labels.csv`` with columns ``case_id,grade``, and ``OUT/ubc-synth.json``, the settings
+(format, cases, seed, shape, ``SynthConfig``) that say the archive is synthetic
+(``ubc-train`` records it in the bundle, ``ubc.provenance``). Files are gzip level 1 with
+mtime 0, so the same seed gives the same bytes.
 
 ``write_dicom_archive`` writes the same phantoms (same seed, same voxels) as DICOM: one study
 per case in ``OUT/<case>/``, a FLAIR series (``1_FLAIR/``, files without extension) and a
@@ -39,10 +41,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -334,6 +337,17 @@ def _write_labels(root: Path, header: list[str], rows: list[_Row]) -> None:
         writer.writerows(rows)
 
 
+def _write_marker(root: Path, kind: str, cases: int, seed: int, shape: tuple[int, int, int],
+                  config: SynthConfig | None) -> None:
+    """``SYNTH_MARKER`` in the archive root: the archive is synthetic, and how it was made."""
+    from ubc.provenance import SYNTH_MARKER
+
+    settings = {"generator": "ubc-synth", "format": kind, "cases": cases, "seed": seed,
+                "shape": list(shape), "config": asdict(config or SynthConfig())}
+    atomic_write_bytes(root / SYNTH_MARKER,
+                       (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
+
+
 def write_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: int = 0,
                   shape: tuple[int, int, int] = (240, 240, 155),
                   config: SynthConfig | None = None, progress: bool = False) -> Path:
@@ -354,6 +368,7 @@ def write_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: int = 0,
 
     rows = _each_phantom(cases, seed, shape, config, progress, "case", write)
     _write_labels(root, ["case_id", "grade"], rows)
+    _write_marker(root, "nifti", cases, seed, shape, config)
     return root
 
 
@@ -415,10 +430,12 @@ def write_dicom_archive(out_dir: str | os.PathLike[str], cases: int, *, seed: in
                      SeriesSpec(study, uid("t1"), frame, description="AX T1 SE",
                                 series_number=2, patient_id=name, scanning_sequence="SE",
                                 inversion_time_ms=None, echo_time_ms=12.0,
-                                repetition_time_ms=500.0),
+                                repetition_time_ms=500.0, echo_train_length=1,
+                                contrast="T1", pulse_sequence_name="se2d"),
                      multiframe=i % 3 == 2)
         return (study, GRADES[grade], name)
 
     rows = _each_phantom(cases, seed, shape, config, progress, "study", write)
     _write_labels(root, ["case_id", "grade", "patient_id"], rows)
+    _write_marker(root, "dicom", cases, seed, shape, config)
     return root

@@ -27,6 +27,7 @@ from ubc.data import GRADES, SliceSet
 from ubc.losses import ubc_loss
 from ubc.metrics import Metrics, evaluate_predictions
 from ubc.model import build_model, inference_state_dict
+from ubc.provenance import TrainingData
 from ubc.scoring.aggregate import p_hgg_of
 
 __all__ = ["TrainConfig", "EpochLog", "FitResult", "TrainResult", "fit", "predict",
@@ -175,12 +176,14 @@ class FitResult:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What ``train`` produced: the bundle, its test metrics, the train-set summary."""
+    """What ``train`` produced: the bundle, its test metrics, the train-set summary and the
+    record of the training data (``ubc.provenance``)."""
 
     bundle: Bundle
     test: dict[str, Any] | None
     train_summary: dict[str, int]
     fit: FitResult = field(repr=False)
+    training_data: TrainingData | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -413,8 +416,9 @@ def _postfix(entry: EpochLog) -> dict[str, str]:
 
 def _load_split(data: str | os.PathLike[str], config: TrainConfig,
                 labels: str | os.PathLike[str] | None, progress: bool
-                ) -> tuple[SliceSet, SliceSet | None]:
-    from ubc.data import discover, load_cases, split_cases, subsample
+                ) -> tuple[SliceSet, SliceSet | None, TrainingData]:
+    """(train slices, test slices, the record of the training cases)."""
+    from ubc.data import discover, load_cases, split_cases, subsample, training_data
 
     cases = discover(data, labels=labels)
     if config.test_fraction > 0:
@@ -422,6 +426,7 @@ def _load_split(data: str | os.PathLike[str], config: TrainConfig,
                                               seed=config.split_seed)
     else:
         train_cases, test_cases = list(cases), []
+    record = training_data(data, train_cases)  # headers first: a broken file fails fast
     prep = config.preprocessing
     train_set = load_cases(train_cases, prep, top_k=config.top_k,
                            lesion_free=config.lesion_free_per_case, progress=progress)
@@ -429,7 +434,7 @@ def _load_split(data: str | os.PathLike[str], config: TrainConfig,
         if test_cases else None
     if config.per_class is not None:
         train_set = subsample(train_set, config.per_class, seed=config.seed)
-    return train_set, test_set
+    return train_set, test_set, record
 
 
 def train(data: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -437,12 +442,14 @@ def train(data: str | os.PathLike[str], out: str | os.PathLike[str],
           progress: bool = True) -> TrainResult:
     """Archive -> bundle: discover cases, split by patient (stratified, seeded), take the
     top-k lesion slices, optionally subsample ``per_class``, train, evaluate on the test
-    split and write the bundle at ``out`` (weights, meta.json, per-epoch log, curves PNG)."""
+    split and write the bundle at ``out`` (weights, meta.json, per-epoch log, curves PNG).
+    meta.json's ``training.training_data`` records the source, cases per grade and spacing
+    range of the training cases (``ubc.provenance``)."""
     config = config or TrainConfig()
     if config.mask_channels != 1:
         raise ValueError("a bundle holds the union-mask model (mask_channels=1); sub-region "
                          "masks are a training experiment of fit() (train/sweep.py)")
-    train_set, test_set = _load_split(data, config, labels, progress)
+    train_set, test_set, record = _load_split(data, config, labels, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_tmp = out / f".{LOG_FILE}.partial"
@@ -450,8 +457,8 @@ def train(data: str | os.PathLike[str], out: str | os.PathLike[str],
     bundle = create_bundle(
         out, arch=config.arch, state_dict=inference_state_dict(result.model),
         preprocessing=config.preprocessing, class_names=GRADES, top_k=config.top_k,
-        training={"config": _config_json(config), "data": str(data),
-                  "train": train_set.summary(),
+        training={"config": _config_json(config), "data": str(Path(data).resolve()),
+                  "train": train_set.summary(), "training_data": record.to_json(),
                   "test": test_set.summary() if test_set is not None else None,
                   "epochs_run": result.epochs, "seconds_per_epoch": result.seconds_per_epoch,
                   "device": str(resolve_device(config.device)),
@@ -463,7 +470,7 @@ def train(data: str | os.PathLike[str], out: str | os.PathLike[str],
 
     bundle.write_file(CURVES_FILE, lambda tmp: plot_curves(result.history, tmp,
                                                            title=f"{config.arch} on {data}"))
-    return TrainResult(bundle, result.test, train_set.summary(), result)
+    return TrainResult(bundle, result.test, train_set.summary(), result, record)
 
 
 def _config_json(config: TrainConfig) -> dict[str, Any]:

@@ -29,8 +29,12 @@ from types import ModuleType
 ARTIFACTS = ("crash-", "oom-", "timeout-", "leak-", "slow-unit-")
 
 
+DEFAULT_MAX_LEN = 4096
+
+
 def target_module(name: str) -> ModuleType:
-    """``tests/fuzz/target_NAME.py``: NAME, INSTRUMENT, SEEDS, REGRESSIONS, prepare()."""
+    """``tests/fuzz/target_NAME.py``: NAME, INSTRUMENT, SEEDS, REGRESSIONS, prepare(), and
+    optionally MAX_LEN (the longest input, default ``DEFAULT_MAX_LEN`` bytes)."""
     return importlib.import_module(f"{__package__}.target_{name}")
 
 
@@ -171,13 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
     parser.add_argument("--memory-mb", type=int, default=4096,
                         help="address-space and RSS limit of the fuzzing process")
-    parser.add_argument("--max-len", type=int, default=4096, help="longest input in bytes")
+    parser.add_argument("--max-len", type=int, help="longest input in bytes (default: the "
+                        f"target's MAX_LEN, else {DEFAULT_MAX_LEN}; upload: 1 MiB)")
     parser.add_argument("--libfuzzer", action="append", default=[],
                         help="extra libFuzzer flag, e.g. --libfuzzer=-seed=1 (repeatable)")
     parser.add_argument("--replay", nargs="*", type=Path, metavar="FILE",
                         help="run FILEs (default: seeds + regressions) without the fuzzer")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.max_len is None:
+        args.max_len = getattr(target_module(args.target), "MAX_LEN", DEFAULT_MAX_LEN)
     if args.child:
         child(args)
         return 0

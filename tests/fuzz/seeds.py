@@ -75,6 +75,9 @@ def nifti_seeds() -> dict[str, bytes]:
         "int16_nifti2.nii": nifti_bytes(ramp, version=2),
         "int16_extension.nii": nifti_bytes(ramp, extension=b"a comment extension"),
         "int16_two_members.nii.gz": gz(nifti_bytes(ramp), members=2),
+        # 3.7 KB inflating to 1 MiB: a start for the upload target's larger inputs, whose
+        # fuzzer may grow it into a stream that inflates far more (issue 26)
+        "uint8_ramp_1mib.nii.gz": gz(nifti_bytes(_ramp((128, 128, 64), "uint8"))),
     }
     if REAL_FLAIR.is_file():
         image = nib.load(REAL_FLAIR)

@@ -3,7 +3,7 @@ read as discovery does (``read_header``), the file assembled as a one-instance s
 (``load_series``), checked (``check_volume``) and cut into model slices, as ``ubc-infer``
 treats every DICOM file of an archive.
 
-Allowed outcomes: not DICOM (no marker), a non-image object (``read_header`` gives None), a
+Allowed outcomes: not DICOM (no marker), a non-image object (``read_header`` says so), a
 volume whose slices are finite, ``UBCInputError`` naming the file, or a preprocessing refusal
 of a volume the reader rightly accepted. Anything else, a warning included, is a finding.
 
@@ -53,7 +53,8 @@ def prepare() -> Callable[[bytes], None]:
         if not is_dicom_file(path):
             return
         try:
-            if read_header(path) is None:
+            header = read_header(path)
+            if header is None or not header.image:
                 return
             volume, sources = load_series([path])
             volume = check_volume(volume, target_spacing=(1.0, 1.0)).volume

@@ -3,8 +3,8 @@ model slices by ``ubc.preprocess.slices``, as ``ubc-infer`` treats every file of
 
 Allowed outcomes: a volume whose slices are finite, ``UBCInputError`` from the loader, or one
 of the preprocessing refusals below for a volume the loader rightly accepted (NaN voxels, an
-empty or constant scan, a dtype the native core does not read). Anything else, a warning
-included, is a finding.
+empty or constant scan). Anything else, a warning included, is a finding: a voxel type the
+loader accepts and preprocessing refuses too (int8 and uint32 once were).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REGRESSIONS = Path(__file__).resolve().parent / "regressions" / NAME
 SIZE = (32, 32)
 # Refusals by ubc.preprocess of a volume that load_volume may rightly return.
 PREPROCESS_REFUSALS = ("NaN/Inf voxels", "no foreground", "foreground is constant",
-                       "unsupported volume dtype", "beyond the native core's limits",
+                       "beyond the native core's limits",
                        "give both spacings in mm")  # a spacing ratio past MAX_RATIO
 
 

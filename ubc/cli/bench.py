@@ -7,9 +7,13 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ubc.devices import ISA_CAPS
 from ubc.errors import UBCError
+
+if TYPE_CHECKING:
+    from ubc.bundle import Bundle
 from ubc.quiet import configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -117,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volumes for the ubc-infer pipeline row (default 4; 0 skips it)")
     p.add_argument("--pipeline-backend", default="auto", metavar="NAME",
                    help="backend of the pipeline row (default auto, as ubc-infer)")
+    feed = p.add_argument_group("feed: the CPU side of scoring with a replay engine")
+    feed.add_argument("--feed", action="store_true",
+                      help="time ubc-infer's whole path with an engine that replays the "
+                      "model's recorded outputs (NIfTI, DICOM; rows, masks, SEG; 1 and 2 "
+                      "cores) against the read and inflate floors, instead of the backends")
+    feed.add_argument("--cases", type=int, default=8, metavar="N",
+                      help="phantom volumes per input kind for --feed (default 8)")
+    feed.add_argument("--workdir", metavar="DIR",
+                      help="where --feed keeps its archives between runs (default: a folder "
+                      "in the temp dir)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write the results as JSON")
     out.add_argument("--plot", metavar="FILE.png", help="write throughput/latency plots")
@@ -147,6 +161,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
     from ubc.bundle import Bundle
 
     bundle = Bundle(args.bundle)
+    if args.feed:
+        return _feed(args, bundle)
     if args.size is not None and tuple(args.size) != bundle.preprocessing.size:
         have = "x".join(map(str, bundle.preprocessing.size))
         raise ValueError(f"--size {args.size[0]}x{args.size[1]}: {bundle.path} takes "
@@ -171,6 +187,29 @@ def _run(args: argparse.Namespace, command: str) -> int:
         Path(args.markdown).write_text(benchmark.to_markdown(doc, plot=args.plot))
         print(f"wrote {args.markdown}")
     return EXIT_FAILED if benchmark.fatal(doc) else EXIT_OK
+
+
+def _feed(args: argparse.Namespace, bundle: Bundle) -> int:
+    from pathlib import Path
+
+    from ubc.benchmark import feed
+
+    options = feed.FeedOptions(cases=args.cases, backend=args.pipeline_backend,
+                               workdir=Path(args.workdir or feed.FeedOptions.workdir))
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"ubc-bench --feed: {message}", file=sys.stderr, flush=True)
+
+    doc = feed.run_feed(bundle, options, progress)
+    feed.print_feed(doc)
+    if args.json:
+        from ubc.benchmark import write_json
+
+        print(f"wrote {write_json(doc, args.json)}")
+    if args.plot:
+        print(f"wrote {feed.plot_feed(doc, args.plot)}")
+    return EXIT_OK
 
 
 def cap_isa(isa: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ubc.artifacts import FORMATS
@@ -15,8 +16,6 @@ from ubc.errors import UBCError
 from ubc.quiet import configure_logging
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ubc.bundle import Bundle
     from ubc.export.tensorrt import TensorRTOptions
 
@@ -141,19 +140,17 @@ def _inputs(args: argparse.Namespace, bundle: Bundle, formats: list[str],
     --slices-from; the INT8 calibration of --cpu on --calib, else the bundle's training
     archive when it still exists, else phantoms of another seed; 6 held-out phantoms beside
     the --held-out sets."""
-    from pathlib import Path
-
     from ubc.check_data import phantom_archive, slices_from
+    from ubc.data import CALIBRATION_ENDS
     from ubc.parity import MIN_SLICES, case_volumes
 
     prep = bundle.preprocessing
     if args.cpu and args.retime:
         return {"slices": slices_from(args.slices_from or [], prep, MIN_SLICES, seed=0)[0]}
     if args.cpu:
-        trained_on = str(bundle.meta.get("training", {}).get("data") or "")
-        calib, calib_source = slices_from(
-            args.calib or ([trained_on] if trained_on and Path(trained_on).is_dir() else []),
-            prep, args.calib_slices, seed=1)
+        calib, calib_source = slices_from(args.calib or _training_archive(bundle), prep,
+                                          args.calib_slices, seed=1,
+                                          end_fraction=CALIBRATION_ENDS)
         print(f"INT8 calibration on {calib_source}", flush=True)
         slices, source = slices_from(args.slices_from or [], prep,
                                      max(MIN_SLICES, args.check_slices), seed=0)
@@ -168,8 +165,20 @@ def _inputs(args: argparse.Namespace, bundle: Bundle, formats: list[str],
         inputs["slices"], inputs["source"] = slices_from(
             args.slices_from or [], prep, args.check_slices if args.check else 2)
     if "tensorrt" in formats and args.precision == "int8" and args.calib:
-        inputs["calib"] = slices_from(args.calib, prep, args.calib_slices)[0]
+        inputs["calib"] = slices_from(args.calib, prep, args.calib_slices,
+                                      end_fraction=CALIBRATION_ENDS)[0]
     return inputs
+
+
+def _training_archive(bundle: Bundle) -> list[str]:
+    """The archive the bundle was trained on, where it still is (else phantoms calibrate,
+    and this says why)."""
+    trained_on = str(bundle.meta.get("training", {}).get("data") or "")
+    if trained_on and Path(trained_on).is_dir():
+        return [trained_on]
+    if trained_on:
+        print(f"the training archive {trained_on} is not here (give --calib)", flush=True)
+    return []
 
 
 def _tensorrt_options(args: argparse.Namespace) -> TensorRTOptions:

@@ -4,16 +4,19 @@ only; the work is ``ubc.scoring.score_archive``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ubc.errors import UBCError
+from ubc.errors import OutputFault, UBCError
 
 if TYPE_CHECKING:
+    from ubc.net import PacsSettings
     from ubc.scoring import OutputSpec, RunSummary, ScoringOptions
 
-EXIT_OK, EXIT_FAILED_CASES, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED_CASES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 _EPILOG = """\
 input:
@@ -32,7 +35,14 @@ output (--out, format by extension: .csv, .jsonl, .parquet), one row per case:
   lesion_volume_ml, slices_total, slices_scored, slices_used (top-k axial indices), model,
   bundle_sha256, backend, precision, seconds, input_bytes, input_mtime_ns, input_digest,
   flags (inputs the model was not trained for, e.g. thick_slices:5.5mm; how a series was
-  chosen), study_uid, series_uid, series_description (DICOM).
+  chosen), study_uid, series_uid, series_description (DICOM), mask_file, seg_file,
+  overlay_file (the case's outputs, relative to --out's folder), output_error (outputs
+  that failed to write, and why), trained_on (where the model's training data came from),
+  seg_stored (--store-seg: the stored SEG's SOPInstanceUID@node).
+  From a PACS: one row per study (input_digest: a digest of the chosen series'
+  SOPInstanceUIDs, so a re-run skips unchanged studies and scores again a study whose
+  series gained instances); a PACS fault is an error row naming the step (find,
+  metadata, retrieve, store) after --retries; --retry-errors completes them later.
   Inputs that cannot be scored meaningfully (not skull-stripped, background not 0 and not
   recoverable, NaN inside the head) and implausible outputs (lesion > 50% of the brain)
   are error rows that say why and what to do.
@@ -42,11 +52,15 @@ output (--out, format by extension: .csv, .jsonl, .parquet), one row per case:
   cases already there (same case id, same file size and mtime), so a killed run resumes.
 
 exit codes:
-  0  every case is ok or no_lesion
-  1  some cases failed: their rows have status "error" and say why
+  0  every case is ok or no_lesion, and every output was written
+  1  some cases failed: their rows have status "error" and say why; or some outputs
+     (mask, SEG, overlay) failed to write: those rows keep the score and say why in
+     output_error (--retry-errors writes just those outputs)
   2  usage error: bad arguments, unknown or broken bundle, unreadable input, or an --out
      that is not a results file of this model
-  3  the run stopped on an internal error (re-run to resume)
+  3  the run stopped: an output folder is not writable or the disk is full (the message
+     names the path; checked before the model loads, and at every write), or an internal
+     error; rows already written stay: fix the cause and re-run to resume
   130 interrupted (Ctrl-C); re-run to resume
 """
 
@@ -63,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle directory")
     p.add_argument("--input", required=True, metavar="PATH",
-                   help="folder, text list, CSV manifest, NIfTI or NRRD file")
+                   help="folder, text list, CSV manifest, NIfTI or NRRD file, or a PACS: "
+                   "http(s)://HOST/dicom-web or dicom://AET@HOST:PORT (see PACS below)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="results file: .csv, .jsonl or .parquet")
     p.add_argument("--masks", metavar="DIR", help="write each predicted mask as NIfTI here, in "
@@ -96,7 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log what happens, third-party warnings included")
     _add_scale_out(p)
     _add_dicom(p)
+    _add_pacs(p)
     return p
+
+
+def _add_pacs(p: argparse.ArgumentParser) -> None:
+    """The options of a PACS as --input (issue 29)."""
+    g = p.add_argument_group(
+        "PACS", "--input http(s)://HOST/dicom-web (DICOMweb: QIDO-RS, WADO-RS, STOW-RS) or "
+        "dicom://CALLED_AET@HOST:PORT (DIMSE: C-FIND, C-GET or C-MOVE, C-STORE); one row per "
+        "matching study; only the chosen series is retrieved (pip install ubc[pacs])")
+    g.add_argument("--query", action="append", default=[], metavar="KEY=VALUE",
+                   help="a study filter, repeatable: ModalitiesInStudy=MR, "
+                   "StudyDate=20260101-20261231, StudyInstanceUID=...")
+    g.add_argument("--auth-file", metavar="FILE", help="DICOMweb credentials: a file holding "
+                   "a bearer token or user:password")
+    g.add_argument("--ca-bundle", metavar="FILE", help="CA certificates to trust for https "
+                   "(TLS is always verified; default: the system's)")
+    g.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds per request (default: 30)")
+    g.add_argument("--retries", type=int, default=3, metavar="N", help="tries again after a "
+                   "failure, with backoff; then the study is an error row naming the step "
+                   "(default: 3)")
+    g.add_argument("--spool", metavar="DIR", help="where retrieved series wait while scored "
+                   "(default: a temporary folder)")
+    g.add_argument("--spool-max-gb", type=float, default=10.0, metavar="GB",
+                   help="a study's series larger than this is an error row (default: 10)")
+    g.add_argument("--keep-spool", action="store_true", help="keep the retrieved series")
+    g.add_argument("--store-seg", nargs="?", const="", metavar="DEST",
+                   help="send each study's DICOM SEG back to the --input PACS, or to DEST "
+                   "(http(s)://.../dicom-web or AET@HOST:PORT); the row's seg_stored says "
+                   "what was stored where; SEGs are written to --dicom-seg (default: "
+                   "OUT-stem_seg/ beside --out)")
+    g.add_argument("--ae-title", default="UBC", metavar="AET",
+                   help="our AE title for DIMSE (default: UBC)")
+    g.add_argument("--move-to", metavar="AET:PORT", help="DIMSE: C-MOVE to this AE title "
+                   "(ours, as the PACS knows it) instead of C-GET, received on PORT")
 
 
 def _add_dicom(p: argparse.ArgumentParser) -> None:
@@ -206,11 +256,66 @@ def _options(args: argparse.Namespace) -> ScoringOptions:
                           series_select=args.series_select, case_id=args.case_id)
 
 
-def _outputs(args: argparse.Namespace) -> OutputSpec:
+def _outputs(args: argparse.Namespace, settings: PacsSettings | None) -> OutputSpec:
     from ubc.scoring import OutputSpec
 
-    return OutputSpec.of(args.out, masks=args.masks, overlays=args.overlays,
-                         dicom_seg=args.dicom_seg, report=args.report, skipped=args.skipped)
+    dicom_seg = args.dicom_seg
+    if args.store_seg is not None and dicom_seg is None:
+        out = Path(args.out)
+        dicom_seg = out.with_name(f"{out.stem}_seg")
+    spec = OutputSpec.of(args.out, masks=args.masks, overlays=args.overlays,
+                         dicom_seg=dicom_seg, report=args.report, skipped=args.skipped)
+    if args.store_seg is None:
+        return spec
+    from ubc.net import PacsSettings, open_store
+
+    destination = args.store_seg or args.input
+    return dataclasses.replace(spec, store_seg=open_store(destination,
+                                                          settings or PacsSettings()))
+
+
+def _is_pacs(text: str) -> bool:
+    from ubc.net import is_pacs_url
+
+    return is_pacs_url(text)
+
+
+def _pacs_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
+                   ) -> PacsSettings | None:
+    """The PACS settings when --input or --store-seg is a PACS (else None)."""
+    pacs_input = _is_pacs(args.input)
+    if not pacs_input and args.store_seg == "":
+        parser.error("--store-seg without DEST stores back to the --input PACS; --input is "
+                     "not one (give DEST: http(s)://.../dicom-web or AET@HOST:PORT)")
+    if pacs_input and args.ray is not None:
+        parser.error("--ray does not read a PACS yet: score it on one machine (or with "
+                     "--num-parts)")
+    if not pacs_input and args.store_seg is None:
+        return None
+    from ubc.net import PacsSettings
+    from ubc.net.sources import parse_query, read_auth
+
+    try:
+        return PacsSettings(
+            query=parse_query(args.query),
+            auth=None if args.auth_file is None else read_auth(args.auth_file),
+            ca_bundle=None if args.ca_bundle is None else Path(args.ca_bundle),
+            timeout_s=args.timeout, retries=args.retries,
+            spool=None if args.spool is None else Path(args.spool),
+            spool_max_gb=args.spool_max_gb, keep_spool=args.keep_spool,
+            ae_title=args.ae_title, move_to=args.move_to)
+    except (ValueError, UBCError) as exc:
+        parser.error(str(exc))
+
+
+def _warn_if_synthetic(model: str) -> None:
+    """The one line at start for a model trained on phantoms (``ubc.provenance``)."""
+    from ubc.bundle import Bundle
+    from ubc.provenance import TrainingData, synthetic_warning
+
+    warning = synthetic_warning(TrainingData.of_bundle(Bundle(model)))
+    if warning:
+        print(f"ubc-infer: {warning}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,19 +331,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose)
 
     run, extra = _runner(args, parser)
+    settings = _pacs_settings(args, parser)
+    source: Any = args.input
     try:
-        summary = run(args.model, args.input, _outputs(args), backend=args.backend,
+        _warn_if_synthetic(args.model)
+        outputs = _outputs(args, settings)
+        if settings is not None and _is_pacs(args.input):
+            from ubc.net import open_source
+
+            source = open_source(args.input, settings)
+        summary = run(args.model, source, outputs, backend=args.backend,
                       device=args.device, pattern=args.pattern, limit=args.limit,
                       options=_options(args), progress=not args.quiet, **extra)
-    except PipelineError as exc:
-        print(f"ubc-infer: {exc}; re-run the same command to resume", file=sys.stderr)
-        return EXIT_INTERNAL
+    except (PipelineError, OutputFault) as exc:
+        print(f"ubc-infer: stopped: {exc}; re-run the same command to resume",
+              file=sys.stderr)
+        return EXIT_STOPPED
     except (UBCError, ValueError, OSError) as exc:  # raised before any case is scored
         print(f"ubc-infer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ubc-infer: interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if not isinstance(source, str):
+            source.close()
     if not args.quiet:
         print(summary.format())
     return EXIT_FAILED_CASES if summary.failed else EXIT_OK

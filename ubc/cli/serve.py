@@ -4,6 +4,7 @@ service is ``ubc.serve``)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -23,6 +24,12 @@ endpoints (OpenAPI schema at /openapi.json, interactive docs at /docs):
                                  columns of ubc-infer + per-slice scores
   POST /v1/mask[?case_id=ID]     the same; answers the lesion mask as .nii.gz in the
                                  input's grid (the row as JSON in the X-UBC-Result header)
+  POST /v1/studies[/UID][?seg=true]  body: a DICOM study, STOW-RS style (multipart/related;
+                                 type="application/dicom", as dicomweb-client's
+                                 store_instances sends it) or a zip; the FLAIR series is
+                                 chosen as for files; answers the row as DICOM JSON
+                                 (application/json with Accept: application/json), the SEG
+                                 too with seg=true
   GET /healthz  /readyz  /metrics  /v1/model
   curl --data-binary @scan.nii.gz http://127.0.0.1:8000/v1/predict?case_id=c1
 
@@ -38,7 +45,22 @@ plan and activations in device memory. With --workers, /readyz answers for the w
 that takes the connection. On one accelerator prefer one process with larger batches
 (more requests per engine call); on a CPU host, workers share its cores.
 
-SIGTERM: stops accepting, finishes the requests in flight, exits 0.
+limits (every refusal is answered, and the rest of a body still coming after
+an early answer is read and discarded, at most 64 MB for 5 s, so that clients that send
+their whole body before reading, like Python's urllib, get the answer, not a reset):
+  --max-upload-mb      a request body; larger get 413 (from Content-Length, before reading)
+  --max-volume-mb      the memory one volume takes to score: its voxels as stored (read from
+                       its header before decoding) + 4 bytes per voxel of working memory;
+                       larger get 413. 768 MB admits 512 x 512 x 512 at int16
+  --decode-budget-mb   all volumes being decoded and scored at once; a request that finds
+                       no room waits up to 10 s, then gets 503 + Retry-After
+  --header-timeout-s   the request line and headers; then the connection is closed
+  --body-timeout-s     grace time for a body, extended 1 s per KB received (a client sending
+                       at 1 KB/s or faster is never cut off); then 408
+A client that went away before its answer counts as status 499 in /metrics.
+
+SIGTERM: stops accepting, finishes the requests in flight for at most --shutdown-timeout-s
+(those still running then are answered 503), exits 0.
 """
 
 
@@ -62,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slices waiting at most; more get 503 (default 1024)")
     p.add_argument("--max-upload-mb", type=float, default=256.0, metavar="U",
                    help="largest request body (default 256 MB); larger get 413")
+    p.add_argument("--max-volume-mb", type=float, default=768.0, metavar="V",
+                   help="most memory one volume may take to score (default 768 MB: 512^3 "
+                   "int16); larger get 413")
+    p.add_argument("--decode-budget-mb", type=float, default=1536.0, metavar="B",
+                   help="memory all volumes being scored at once may take (default 1536 MB)")
+    p.add_argument("--header-timeout-s", type=float, default=10.0, metavar="S",
+                   help="time for the request line and headers (default 10 s)")
+    p.add_argument("--body-timeout-s", type=float, default=10.0, metavar="S",
+                   help="grace time for a request body, + 1 s per KB received (default 10 s)")
+    p.add_argument("--shutdown-timeout-s", type=int, default=30, metavar="S",
+                   help="after SIGTERM, how long requests in flight may finish (default 30 s)")
     p.add_argument("--token-file", metavar="F",
                    help="require 'Authorization: Bearer <the file's token>' (not on "
                    "/healthz and /readyz)")
@@ -74,19 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> ServeConfig:
     from ubc.bundle import Bundle
+    from ubc.provenance import TrainingData, synthetic_warning
     from ubc.serve import ServeConfig
 
-    Bundle(args.model)  # refuse a missing or broken bundle now, not in a worker
+    bundle = Bundle(args.model)  # refuse a missing or broken bundle now, not in a worker
+    warning = synthetic_warning(TrainingData.of_bundle(bundle))
+    if warning:  # once, here: not in each worker
+        print(f"ubc-serve: {warning}", file=sys.stderr)
     for name in ("port", "max_queue", "workers"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if args.max_upload_mb <= 0:
-        raise ValueError("--max-upload-mb must be positive")
+    for name in ("max_upload_mb", "max_volume_mb", "decode_budget_mb", "header_timeout_s",
+                 "body_timeout_s", "shutdown_timeout_s"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.decode_budget_mb < args.max_volume_mb:
+        raise ValueError(f"--decode-budget-mb ({args.decode_budget_mb:g}) must be at least "
+                         f"--max-volume-mb ({args.max_volume_mb:g}): a volume at the cap "
+                         "would never fit")
     config = ServeConfig(model=str(args.model), backend=args.backend, device=args.device,
                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_queue=args.max_queue, max_upload_mb=args.max_upload_mb,
                          token_file=os.path.abspath(args.token_file) if args.token_file
-                         else None)
+                         else None, max_volume_mb=args.max_volume_mb,
+                         decode_budget_mb=args.decode_budget_mb,
+                         body_timeout_s=args.body_timeout_s)
     config.read_token()  # an unreadable or empty token file is a usage error
     return config
 
@@ -105,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from ubc.errors import UBCError
         from ubc.serve.app import ENV_CONFIG, create_app
+        from ubc.serve.protocol import GuardedH11Protocol
 
         config = _config(args)
     except ImportError as exc:
@@ -115,8 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ubc-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # a partial of a module-level class: it pickles into --workers' processes
+    http = functools.partial(GuardedH11Protocol, header_timeout_s=args.header_timeout_s)
     options = dict(host=args.host, port=args.port, log_level=args.log_level,
-                   access_log=False, server_header=False, timeout_graceful_shutdown=None)
+                   access_log=False, server_header=False, http=http,
+                   timeout_graceful_shutdown=args.shutdown_timeout_s)
     if args.workers > 1:
         os.environ[ENV_CONFIG] = config.to_json()
         uvicorn.run("ubc.serve.app:app_from_env", factory=True, workers=args.workers,

@@ -13,6 +13,7 @@ import sys
 
 from ubc.errors import UBCError
 from ubc.model import ARCHITECTURES
+from ubc.provenance import synthetic_warning
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ubc-train: {exc}", file=sys.stderr)
         return 2
     print(f"bundle: {result.bundle.path}")
-    print(json.dumps({"train": result.train_summary, "test": result.test}, indent=2))
+    record = result.training_data
+    print(json.dumps({"train": result.train_summary, "test": result.test,
+                      "training_data": record.to_json() if record else None}, indent=2))
+    warning = synthetic_warning(record)
+    if warning:
+        print(f"ubc-train: {warning}", file=sys.stderr)
     return 0
 
 

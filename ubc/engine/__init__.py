@@ -58,7 +58,10 @@ def load(bundle: Bundle | str | os.PathLike[str], backend: str = "auto", device:
                          f"{precision!r}")
     if not isinstance(bundle, Bundle):
         bundle = Bundle(bundle)
-    device = resolve_device(device)
+    # a named backend is asked which devices it runs on: an ONNX Runtime engine's "auto"
+    # is the CPU without asking any driver or framework (issue 26)
+    device = resolve_device(device, backend_class(backend).devices if backend != "auto"
+                            else ("cpu", "cuda"))
     if backend != "auto":
         return _load_named(bundle, backend, device,
                            "fp32" if precision == "auto" else precision, options)

@@ -94,6 +94,7 @@ class AotiEngine(Engine):
         self._staging = HostStaging(torch, self._device, max_batch, self.input_size)
         self._runner: Any = torch._inductor.aoti_load_package(
             str(bundle.file(name)), device_index=index if kind == "cuda" else -1)
+        self.check_settings(self._runner.get_metadata())  # ubc.export.aoti embeds them
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch

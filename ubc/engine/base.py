@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ubc.artifacts import artifacts_of, rebuild_hint
+from ubc.bundle import artifact_metadata_mismatch
 from ubc.devices import missing
+from ubc.errors import BundleError
 
 if TYPE_CHECKING:
     from ubc.bundle import Bundle
@@ -94,6 +96,16 @@ class Engine(ABC):
         self.precision = precision
         self.max_batch = max_batch
         self.input_size = bundle.preprocessing.size
+
+    def check_settings(self, embedded: Mapping[str, str]) -> None:
+        """Refuse the artifact (BundleError) when the settings it was exported with
+        (``embedded``: its ``ubc.*`` metadata) differ from meta.json's: scoring with other
+        preprocessing than the model's gives confident nonsense."""
+        mismatch = artifact_metadata_mismatch(self.meta, embedded)
+        if mismatch is not None:
+            raise BundleError(f"{self.bundle.path / self.artifact}: {mismatch}; restore "
+                              "meta.json, or re-export it with "
+                              f"`{rebuild_hint(self.bundle.path, self.artifact)}`")
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Class logits float32 [B, 2] and mask logits float32 [B, 1, H, W] for a batch."""

@@ -8,17 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import (
-    INPUT_NAME,
-    INT8_ONNX,
-    ONNX,
-    OUTPUT_NAMES,
-    onnx_metadata_mismatch,
-    rebuild_hint,
-)
+from ubc.artifacts import INPUT_NAME, INT8_ONNX, ONNX, OUTPUT_NAMES, rebuild_hint
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
-from ubc.errors import BundleError
 
 
 class OnnxRuntimeEngine(Engine):
@@ -68,11 +60,7 @@ class OnnxRuntimeEngine(Engine):
             raise ValueError(f"{path}: expected input {INPUT_NAME!r} and outputs "
                              f"{list(OUTPUT_NAMES)}, found {inputs} -> {outputs}; re-export it "
                              f"with `{rebuild_hint(bundle.path, self.artifact)}`")
-        mismatch = onnx_metadata_mismatch(bundle.meta,
-                                          self._session.get_modelmeta().custom_metadata_map)
-        if mismatch is not None:
-            raise BundleError(f"{path}: {mismatch}; re-export it with "
-                              f"`{rebuild_hint(bundle.path, self.artifact)}`")
+        self.check_settings(self._session.get_modelmeta().custom_metadata_map)
         self.threads = options.intra_op_num_threads
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,13 +9,26 @@ from typing import Any
 import numpy as np
 
 from ubc.artifacts import INT8_OPENVINO, ONNX, OUTPUT_NAMES, artifacts_of
-from ubc.bundle import Bundle
+from ubc.bundle import EMBEDDED_SETTINGS, Bundle
 from ubc.devices import native_bf16
 from ubc.engine.base import Engine
 
 # OpenVINO picks bf16 by itself on CPUs that have it; we say which precision we want. The
 # INT8 IR keeps the ops it does not quantise in fp32: its parity is int8's alone.
 _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def model_settings(model: Any) -> dict[str, str]:
+    """The ``ubc.*`` metadata of a model OpenVINO read: an ONNX file's ``metadata_props``
+    (rt_info ``framework``) or what ``ubc.export.int8_openvino`` set (rt_info ``ubc``)."""
+    found = {}
+    for setting in EMBEDDED_SETTINGS:
+        key = f"ubc.{setting}"
+        for path in (["ubc", setting], ["framework", key]):
+            if model.has_rt_info(path):
+                found[key] = str(model.get_rt_info(path).astype(str))
+                break
+    return found
 
 
 class OpenVinoEngine(Engine):
@@ -65,7 +78,9 @@ class OpenVinoEngine(Engine):
         self.threads = int(threads or len(os.sched_getaffinity(0)))
         self.config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self.threads,
                        "INFERENCE_PRECISION_HINT": _HINTS[precision]}
-        self._compiled = core.compile_model(self.read_model(core), "CPU", self.config)
+        model = self.read_model(core)
+        self.check_settings(model_settings(model))
+        self._compiled = core.compile_model(model, "CPU", self.config)
         self._request = self._compiled.create_infer_request()
         self._outputs = [self._compiled.output(name) for name in OUTPUT_NAMES]
 

@@ -53,6 +53,13 @@ def plan_mismatch(entry: dict[str, Any], gpu: GpuInfo, trt_version: str) -> str 
     return None
 
 
+def plan_settings(entry: dict[str, Any]) -> dict[str, str]:
+    """The ``ubc.*`` metadata of a plan: a plan has none of its own, so its meta.json
+    record keeps that of the ONNX it was built from (``ubc.export.tensorrt``)."""
+    recorded = entry.get("metadata")
+    return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
+
+
 class TensorRTEngine(Engine):
     """A TensorRT plan on CUDA device ``device``. ``precision`` (fp32, fp16, int8) selects the
     plan; ``max_batch`` defaults to the plan's profile maximum and may not exceed it."""
@@ -108,6 +115,7 @@ class TensorRTEngine(Engine):
                              "rebuild the plan with a larger --max-batch")
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
         self.artifact = name
+        self.check_settings(plan_settings(artifacts_of(bundle.meta).get(name, {})))
         self._runtime, self._engine = runtime, engine
         self._check_io(engine, name)
         self._context = engine.create_execution_context()

@@ -8,16 +8,18 @@ channels_last, and optional CUDA-graph capture for fixed batch sizes (``cuda_gra
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import TORCHSCRIPT, WEIGHTS
+from ubc.artifacts import TORCHSCRIPT, TORCHSCRIPT_META, WEIGHTS
 from ubc.bundle import Bundle
 from ubc.devices import parse_device, strict_fp32
 from ubc.engine.base import Engine
+from ubc.errors import BundleError
 from ubc.quiet import TORCHSCRIPT_DEPRECATED, ignoring_warnings
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,31 @@ def _check_options(device: str, precision: str, artifact: str, half_weights: boo
         raise ValueError("cuda_graphs needs device='cuda'")
     if half_weights and precision == "fp32":
         raise ValueError("half_weights needs precision='fp16' or 'bf16'")
+
+
+def torchscript_settings(extra_file: str | bytes) -> dict[str, str]:
+    """The ``ubc.*`` metadata of model.ts from its extra file ``ubc_meta.json`` (written by
+    ``ubc.export.torchscript``); empty when it has none or it is not a JSON object."""
+    try:
+        settings = json.loads(extra_file or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(settings, dict):
+        return {}
+    return {f"ubc.{key}": json.dumps(value) for key, value in settings.items()}
+
+
+def eager_model(bundle: Bundle) -> Any:
+    """The eager model of the bundle's weights.pt; BundleError when the weights do not fit
+    the architecture meta.json names (or their settings differ from meta.json's)."""
+    from ubc.model import model_from_bundle
+
+    try:
+        return model_from_bundle(bundle)
+    except (RuntimeError, ValueError) as exc:  # load_state_dict's keys and shapes, the arch
+        detail = str(exc).strip().splitlines()[0][:300]
+        raise BundleError(f"{bundle.path / WEIGHTS}: does not fit arch {bundle.arch!r} of "
+                          f"meta.json ({detail}); restore meta.json") from exc
 
 
 def optimizes_for_inference(autocast: bool) -> bool:
@@ -101,6 +128,13 @@ class TorchEngine(Engine):
         return TORCHSCRIPT if artifact == "torchscript" else WEIGHTS
 
     @classmethod
+    def absent(cls, bundle: Bundle, name: str, device: str, precision: str) -> str:
+        if name == WEIGHTS:
+            return (f"{bundle.path} has no {WEIGHTS}, which eager PyTorch runs (meta.json "
+                    "lists it: copy the whole bundle folder; ubc-train writes it)")
+        return super().absent(bundle, name, device, precision)
+
+    @classmethod
     def unfit(cls, bundle: Bundle, name: str, device: str, precision: str) -> str | None:
         if name == WEIGHTS and importlib.util.find_spec("segmentation_models_pytorch") is None:
             return "eager weights need segmentation-models-pytorch (pip install ubc[train])"
@@ -147,7 +181,10 @@ class TorchEngine(Engine):
     def _load(self, bundle: Bundle, artifact: str, half_weights: bool) -> Any:
         torch = self._torch
         if artifact == "torchscript":
-            model = torch.jit.load(str(bundle.file(TORCHSCRIPT)), map_location=self._device)
+            extra = {TORCHSCRIPT_META: ""}
+            model = torch.jit.load(str(bundle.file(TORCHSCRIPT)), map_location=self._device,
+                                   _extra_files=extra)
+            self.check_settings(torchscript_settings(extra[TORCHSCRIPT_META]))
             self.optimized = optimizes_for_inference(self._autocast)
             if self.optimized:
                 try:
@@ -159,9 +196,7 @@ class TorchEngine(Engine):
                                 "graph", exc)
                     self.optimized = False
         else:
-            from ubc.model import model_from_bundle
-
-            model = model_from_bundle(bundle)
+            model = eager_model(bundle)
             if half_weights:
                 model = model.to(self._dtype)
         model = model.to(self._device)

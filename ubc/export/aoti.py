@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ubc.artifacts import aoti_name, with_artifact
-from ubc.bundle import Bundle
+from ubc.bundle import Bundle, artifact_metadata
 from ubc.devices import gpu_info, parse_device, resolve_device, strict_fp32
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
 from ubc.model import model_from_bundle
@@ -60,9 +60,11 @@ def to_aoti(bundle: Bundle, *, device: str = "cpu", max_batch: int = DEFAULT_MAX
     def write(tmp: Path) -> None:
         # aoti_compile_and_package wants a path ending in .pt2; compile beside, then move.
         with tempfile.TemporaryDirectory(prefix="ubc-aoti-") as work:
+            # the settings travel in the package; the engine compares them with meta.json
+            configs = {"freezing": freezing,
+                       "aot_inductor.metadata": artifact_metadata(bundle.meta)}
             package = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(Path(work) / "model.pt2"),
-                inductor_configs={"freezing": freezing})
+                program, package_path=str(Path(work) / "model.pt2"), inductor_configs=configs)
             shutil.move(package, tmp)
 
     entry = artifact_entry(bundle, "aoti", device=kind, isa=isa or None,

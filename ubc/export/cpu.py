@@ -1,7 +1,8 @@
 """The CPU artifacts of ``ubc-export --cpu``: every format declared a CPU step
 (``ubc.artifacts.FORMATS``), in order: ``model.ts`` and ``model.onnx`` where missing or
 stale, and the INT8 forms calibrated on the given slices (``model.int8.onnx`` for ONNX
-Runtime, ``model.int8.xml`` for OpenVINO where nncf is installed). bf16 needs no artifact
+Runtime, ``model.int8.xml`` for OpenVINO where nncf is installed, quantised with accuracy
+control against the INT8 gates). bf16 needs no artifact
 (OpenVINO converts ``model.onnx`` at compile time). Gating and timing them is
 ``ubc.parity``'s part of that command.
 """
@@ -18,6 +19,7 @@ from ubc.artifacts import FORMATS, ExportFormat, artifacts_of, stale_reason
 from ubc.bundle import Bundle
 from ubc.export import exporter
 from ubc.export.common import ExportResult
+from ubc.export.int8_openvino import Gate
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,12 @@ def _up_to_date(bundle: Bundle, fmt: ExportFormat) -> bool:
 
 
 def write_cpu_artifacts(bundle: Bundle, *, example: np.ndarray, calib: np.ndarray,
-                        say: Callable[[str], None]) -> CpuArtifacts:
+                        gate: Gate, say: Callable[[str], None]) -> CpuArtifacts:
     """Export every CPU step's format that is not up to date; ``example``: slices to trace
-    with, ``calib``: preprocessed calibration slices float32 [N, 1, H, W] for INT8."""
+    with, ``calib``: preprocessed calibration slices float32 [N, 1, H, W] for INT8,
+    ``gate``: the INT8 gates' margin, which accuracy-aware quantisation keeps."""
     report = CpuArtifacts()
-    inputs = {"example": example, "calib": calib}
+    inputs = {"example": example, "calib": calib, "gate": gate}
     for fmt in (f for f in FORMATS.values() if f.cpu and not _up_to_date(bundle, f)):
         try:
             function = exporter(fmt.name)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import INPUT_NAME, INT8_ONNX, ONNX, onnx_metadata, stale_reason, with_artifact
-from ubc.bundle import Bundle
+from ubc.artifacts import INPUT_NAME, INT8_ONNX, ONNX, stale_reason, with_artifact
+from ubc.bundle import Bundle, artifact_metadata
 from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
 from ubc.quiet import ignoring_log
 
@@ -74,7 +74,7 @@ def _embed_metadata(path: Path, bundle: Bundle) -> None:
     model = onnx.load(str(path))
     del model.metadata_props[:]
     for key, value in {"ubc.arch": bundle.arch, "ubc.precision": "int8",
-                       **onnx_metadata(bundle.meta)}.items():
+                       **artifact_metadata(bundle.meta)}.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES, onnx_metadata, with_artifact
-from ubc.bundle import Bundle
+from ubc.artifacts import INPUT_NAME, ONNX, OUTPUT_NAMES, with_artifact
+from ubc.bundle import Bundle, artifact_metadata
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
 from ubc.model import model_from_bundle
 
@@ -39,7 +39,7 @@ def _finish(path: Path, bundle: Bundle) -> None:
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     del model.metadata_props[:]
-    for key, value in {"ubc.arch": bundle.arch, **onnx_metadata(bundle.meta)}.items():
+    for key, value in {"ubc.arch": bundle.arch, **artifact_metadata(bundle.meta)}.items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))

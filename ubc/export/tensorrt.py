@@ -33,7 +33,7 @@ from ubc.artifacts import (
     timing_cache_name,
     with_artifact,
 )
-from ubc.bundle import Bundle
+from ubc.bundle import Bundle, artifact_metadata_mismatch
 from ubc.devices import gpu_info, parse_device, resolve_device
 from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
 
@@ -129,6 +129,26 @@ def _parse_onnx(trt: Any, builder: Any, logger: Any, bundle: Bundle) -> Any:
     return network, parser
 
 
+def _onnx_settings(bundle: Bundle) -> dict[str, str]:
+    """The ``ubc.*`` metadata of the bundle's ONNX, checked against meta.json: a plan has
+    no metadata of its own, so its meta.json record keeps its source's (the engine compares
+    that record with meta.json). Read by ONNX Runtime, which every install has."""
+    import onnxruntime as ort
+
+    path = bundle.file(ONNX)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    embedded = dict(session.get_modelmeta().custom_metadata_map)
+    mismatch = artifact_metadata_mismatch(bundle.meta, embedded)
+    if mismatch is not None:
+        raise ValueError(f"{path}: {mismatch}; restore meta.json, or re-export the ONNX "
+                         f"(`ubc-export {bundle.path} --onnx`) before building a plan")
+    return {k: v for k, v in embedded.items() if k.startswith("ubc.")}
+
+
 def _profile(builder: Any, size: tuple[int, int], low: int, opt: int, high: int) -> Any:
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (low, 1, *size), (opt, 1, *size), (high, 1, *size))
@@ -220,6 +240,7 @@ def to_tensorrt(bundle: Bundle, *, options: TensorRTOptions | None = None,
         raise ValueError("TensorRT plans are built on the GPU that runs them; none is usable "
                          "here")
     index = parse_device(device)[1]
+    settings = _onnx_settings(bundle)
     cuda_memory.set_device(index)
     gpu = gpu_info(index)
     start = time.perf_counter()
@@ -240,6 +261,7 @@ def to_tensorrt(bundle: Bundle, *, options: TensorRTOptions | None = None,
     entry = artifact_entry(bundle, "tensorrt", precision=options.precision, min_batch=1,
                            opt_batch=options.optimal_batch, max_batch=options.max_batch,
                            build_seconds=round(seconds, 1), **base,
+                           onnx_sha256=bundle.meta["files"][ONNX], metadata=settings,
                            calibration=(artifacts_of(bundle.meta).get(CALIB_CACHE, {})
                                         if options.precision == "int8" else None))
     path = bundle.write_file(name, lambda tmp: tmp.write_bytes(plan),

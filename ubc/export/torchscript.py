@@ -14,20 +14,19 @@ import time
 
 import numpy as np
 
-from ubc.artifacts import TORCHSCRIPT, with_artifact
-from ubc.bundle import Bundle
+from ubc.artifacts import TORCHSCRIPT, TORCHSCRIPT_META, with_artifact
+from ubc.bundle import EMBEDDED_SETTINGS, Bundle
 from ubc.export.common import ExportResult, artifact_entry, check_arch, example_batch
 from ubc.model import model_from_bundle
 from ubc.quiet import TORCHSCRIPT_DEPRECATED, ignoring_warnings
-
-META_EXTRA_FILE = "ubc_meta.json"
 
 
 @ignoring_warnings(TORCHSCRIPT_DEPRECATED, FutureWarning)
 def to_torchscript(bundle: Bundle, *, example: np.ndarray | None = None) -> ExportResult:
     """Trace the bundle's model on ``example`` slices (float32 [B, 1, H, W]), freeze it and
     write ``model.ts`` atomically; meta.json records its sha256 and description. The
-    file embeds the bundle's preprocessing as the extra file ``ubc_meta.json``."""
+    file embeds the bundle's settings as the extra file ``ubc_meta.json``, which the
+    engine compares with meta.json when it loads it."""
     import torch
 
     check_arch(bundle)
@@ -43,9 +42,9 @@ def to_torchscript(bundle: Bundle, *, example: np.ndarray | None = None) -> Expo
             if not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max())):
                 raise RuntimeError(f"{bundle.path}: traced model disagrees with the eager one "
                                    f"(max |delta| {float((a - b).abs().max()):.3g})")
-    extra = {META_EXTRA_FILE: json.dumps({"name": bundle.name, "arch": bundle.arch,
-                                          "preprocessing": bundle.meta["preprocessing"],
-                                          "class_names": bundle.class_names})}
+    settings = {"name": bundle.name, "arch": bundle.arch,
+                **{key: bundle.meta[key] for key in EMBEDDED_SETTINGS}}
+    extra = {TORCHSCRIPT_META: json.dumps(settings)}
     entry = artifact_entry(bundle, "torchscript", frozen=True)
     path = bundle.write_file(
         TORCHSCRIPT, lambda tmp: torch.jit.save(frozen, str(tmp), _extra_files=extra),

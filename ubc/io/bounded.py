@@ -27,7 +27,7 @@ GZIP_MARGIN = 1024 * 1024
 """Bytes a .gz may inflate to past the size its header declares (a trailing gzip member or
 padding); a stream that goes on is refused as a gzip bomb."""
 
-_CHUNK = 1024 * 1024  # compressed bytes read per step
+_CHUNK = 1024 * 1024  # compressed bytes read per step, and inflated bytes produced per step
 
 
 class Reader(Protocol):
@@ -70,7 +70,7 @@ class PlainReader:
     def readinto(self, view: memoryview) -> int:
         filled = 0
         while filled < len(view):
-            count = self._file.readinto(view[filled:])
+            count = self._file.readinto(view[filled:filled + _CHUNK])
             if not count:
                 break
             filled += count
@@ -82,7 +82,10 @@ class PlainReader:
 
 class GzipReader:
     """The inflated bytes of a gzip file (every member, as ``gzip.decompress`` reads them),
-    produced on demand: no call inflates more than it is asked for."""
+    produced on demand: no call inflates more than it is asked for, and a large request is
+    served in steps of ``_CHUNK`` bytes (issue 26: one step of 1 GiB held a second copy of
+    the voxels and the interpreter lock through its copy, stalling a service's other
+    threads for seconds)."""
 
     def __init__(self, file: io.BufferedIOBase) -> None:
         self._file = file
@@ -92,7 +95,7 @@ class GzipReader:
     def readinto(self, view: memoryview) -> int:
         filled = 0
         while filled < len(view):
-            chunk = self._inflate(len(view) - filled)
+            chunk = self._inflate(min(len(view) - filled, _CHUNK))
             if not chunk:
                 break
             view[filled:filled + len(chunk)] = chunk

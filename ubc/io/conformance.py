@@ -23,11 +23,17 @@ live); what each check does with a volume:
   field of view is 3 L or more): refused, run brain extraction first. A raw scan whose
   background is noise is refused by the background check already. A partial-coverage head
   scan under the limit with an exactly-zero background is not caught.
-- spacing: in-plane spacing more than ``spacing_ratio`` times off the bundle's training
-  spacing, slices thicker than ``thick_slice_mm`` (training data: 1 mm BraTS slices; the
-  bundle records no slice thickness), or an acquisition whose slices are not axial (the
-  stored slice axis is sagittal or coronal) or oblique beyond ``oblique_deg``: flags with the
-  numbers; the volume is still scored.
+- spacing, against the training volumes' spacing range that ``ubc-train`` records in the
+  bundle (``TrainedSpacing``): in-plane pixels as the model sees them, after resampling to
+  its grid (``max(spacing, grid)``: finer inputs are downsampled by the anti-aliased
+  resampler and look like the training slices), more than ``spacing_ratio`` times coarser
+  or finer than the training slices did; slices more than ``thickness_ratio`` times thicker
+  than the thickest training slices or thinner than the thinnest (slices are not
+  resampled). A bundle without the record (older than it) is checked against its grid
+  (``spacing_ratio`` either way) and ``thick_slice_mm`` (BraTS's 1 mm slices).
+- orientation: an acquisition whose slices are not axial (the stored slice axis is
+  sagittal or coronal) or oblique beyond ``oblique_deg``. Spacing and orientation give
+  flags with the numbers; the volume is still scored.
 - output (``check_output``): a predicted lesion larger than ``max_lesion_share`` of the
   brain (foreground) volume is implausible: flagged and the row is an error.
 """
@@ -42,7 +48,8 @@ import numpy as np
 from ubc.errors import UBCInputError
 from ubc.io.volume import Volume
 
-__all__ = ["SKULL_FIX", "Thresholds", "Conformance", "check_volume", "check_output"]
+__all__ = ["SKULL_FIX", "Thresholds", "TrainedSpacing", "Conformance", "check_volume",
+           "check_output"]
 
 SKULL_FIX = "run brain extraction first (e.g. HD-BET or SynthStrip)"
 
@@ -54,10 +61,20 @@ class Thresholds:
     background_share: float = 0.5  # of the border voxels holding the dominant value
     below_background_share: float = 0.001  # of all voxels allowed below a shifted background
     max_brain_ml: float = 2200.0  # non-zero volume above this is a head, not a brain
-    spacing_ratio: float = 1.5  # in-plane spacing vs training spacing, either way
-    thick_slice_mm: float = 3.0  # slices thicker than this are flagged
+    spacing_ratio: float = 1.5  # in-plane pixels as seen vs as trained, either way
+    thickness_ratio: float = 1.5  # slice thickness vs the training range, either way
+    thick_slice_mm: float = 3.0  # slices thicker than this: flagged (bundles without a range)
     oblique_deg: float = 10.0  # slice normal off its nearest axis by more: flagged
     max_lesion_share: float = 0.5  # predicted lesion / brain volume; above: implausible
+
+
+@dataclass(frozen=True)
+class TrainedSpacing:
+    """The spacing range (min, max) in mm of the volumes a model was trained on, canonical
+    RAS: ``inplane`` over x and y, ``thickness`` along z (``ubc.provenance``)."""
+
+    inplane: tuple[float, float]
+    thickness: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -132,15 +149,43 @@ def _brain_ml(data: np.ndarray, spacing: tuple[float, float, float]) -> float:
     return float(np.count_nonzero(data)) * spacing[0] * spacing[1] * spacing[2] / 1000.0
 
 
-def _geometry_flags(volume: Volume, target_spacing: tuple[float, float],
-                    t: Thresholds) -> list[str]:
+def _mm(low: float, high: float) -> str:
+    """``1mm`` or ``0.9-1.2mm``."""
+    return f"{low:.3g}mm" if f"{low:.3g}" == f"{high:.3g}" else f"{low:.3g}-{high:.3g}mm"
+
+
+def _grid_spacing_flags(spacing: tuple[float, float, float], grid: tuple[float, float],
+                        t: Thresholds) -> list[str]:
+    """The checks of a bundle that does not record its training spacing."""
+    (sx, sy, sz), (tx, ty) = spacing, grid
     flags = []
-    sx, sy, sz = volume.spacing
-    tx, ty = target_spacing
     if max(sx / tx, tx / sx, sy / ty, ty / sy) > t.spacing_ratio:
         flags.append(f"inplane_spacing:{sx:.3g}x{sy:.3g}mm (trained {tx:g}x{ty:g}mm)")
     if sz > t.thick_slice_mm:
         flags.append(f"thick_slices:{sz:.3g}mm (trained 1mm)")
+    return flags
+
+
+def _trained_spacing_flags(spacing: tuple[float, float, float], grid: tuple[float, float],
+                           trained: TrainedSpacing, t: Thresholds) -> list[str]:
+    sx, sy, sz = spacing
+    low, high = trained.inplane
+    flags = []
+    for size, cell in ((sx, grid[0]), (sy, grid[1])):
+        seen = max(size, cell)  # finer pixels are averaged down to the grid
+        if seen > max(high, cell) * t.spacing_ratio or seen < max(low, cell) / t.spacing_ratio:
+            flags.append(f"inplane_spacing:{sx:.3g}x{sy:.3g}mm (trained {_mm(low, high)})")
+            break
+    low, high = trained.thickness
+    if sz > high * t.thickness_ratio:
+        flags.append(f"thick_slices:{sz:.3g}mm (trained {_mm(low, high)})")
+    elif sz < low / t.thickness_ratio:
+        flags.append(f"thin_slices:{sz:.3g}mm (trained {_mm(low, high)})")
+    return flags
+
+
+def _orientation_flags(volume: Volume, t: Thresholds) -> list[str]:
+    flags = []
     normal = np.asarray(volume.original_affine[:3, 2], dtype=np.float64)
     normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
     axis = int(np.argmax(np.abs(normal)))
@@ -153,11 +198,12 @@ def _geometry_flags(volume: Volume, target_spacing: tuple[float, float],
 
 
 def check_volume(volume: Volume, *, target_spacing: tuple[float, float] = (1.0, 1.0),
-                 name: str | None = None, thresholds: Thresholds | None = None
-                 ) -> Conformance:
+                 name: str | None = None, thresholds: Thresholds | None = None,
+                 trained: TrainedSpacing | None = None) -> Conformance:
     """Run the input checks on ``volume`` (see the module docstring); ``target_spacing``:
-    the bundle's in-plane spacing (mm). Refusals raise ``UBCInputError`` naming ``name``
-    (default: the volume's path) with the reason and the fix."""
+    the bundle's in-plane grid (mm); ``trained``: the spacing range of its training volumes
+    (None: a bundle that does not record it). Refusals raise ``UBCInputError`` naming
+    ``name`` (default: the volume's path) with the reason and the fix."""
     t = thresholds or Thresholds()
     name = name or str(volume.path or "<volume>")
     data, flags = _non_finite(volume.data, name)
@@ -168,7 +214,9 @@ def check_volume(volume: Volume, *, target_spacing: tuple[float, float] = (1.0, 
         raise UBCInputError(f"{name}: {brain_ml:.0f} mL of non-zero voxels is more than any "
                             f"brain ({t.max_brain_ml:g} mL): the skull and scalp are probably "
                             f"still there; {SKULL_FIX}")
-    flags += _geometry_flags(volume, target_spacing, t)
+    flags += _grid_spacing_flags(volume.spacing, target_spacing, t) if trained is None \
+        else _trained_spacing_flags(volume.spacing, target_spacing, trained, t)
+    flags += _orientation_flags(volume, t)
     if data is not volume.data:
         volume = replace(volume, data=data)
     return Conformance(volume, tuple(flags))

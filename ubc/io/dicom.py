@@ -73,6 +73,12 @@ class InstanceHeader:
     normal: tuple[float, float, float] | None
     patient_id: str
     study_date: str
+    sop_uid: str = ""
+    image: bool = True  # False for an object without pixel rows (a report, a plan, ...)
+    contents: str = ""  # what the object is, for a study without images: "SR", "RTPLAN"
+    #: what ``load_series`` needs of the instance, read with the header, so that it is not
+    #: parsed again (None when its pixels need pydicom: compressed, unusual layouts)
+    instance: _Instance | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def is_dicom_file(path: str | os.PathLike[str]) -> bool:
@@ -123,6 +129,15 @@ def _shared_item(ds: Dataset, sequence: str) -> Dataset | None:
     return items[0] if items else None
 
 
+def _floats(values: Any) -> list[float] | None:
+    """``values`` as floats; None when they are not a sequence of numbers (a malformed
+    ImageOrientationPatient: one number, text)."""
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+
+
 def _normal(iop: Sequence[float] | None) -> tuple[float, float, float] | None:
     if iop is None or len(iop) != 6 or not np.isfinite(iop).all():
         return None
@@ -131,14 +146,19 @@ def _normal(iop: Sequence[float] | None) -> tuple[float, float, float] | None:
 
 
 def read_header(path: Path) -> InstanceHeader | None:
-    """The header of one DICOM image instance (no pixel data read); None for non-image
-    objects (DICOMDIR, reports, ...). ``UBCInputError`` when the header cannot be parsed or
-    lacks the study and series UIDs (a damaged or truncated file)."""
+    """The header of one DICOM instance (no pixel data read); ``image`` False for objects
+    of a study that are not images (reports, plans, waveforms, an image without Rows);
+    None for a DICOMDIR. ``UBCInputError`` when the header cannot be parsed or lacks the
+    study and series UIDs (a damaged or truncated file)."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return _header_of(ds, path)
+        with open(path, "rb") as file:
+            ds = pydicom.dcmread(file, stop_before_pixels=True)
+            header = _header_of(ds, path)
+            if header is None or not header.image:
+                return header
+            return dataclasses.replace(header, instance=_instance_at(ds, path, file))
     except UBCInputError:
         raise
     except Exception as exc:  # pydicom raises many types on damaged files, some lazily
@@ -153,10 +173,10 @@ def _header_of(ds: Dataset, path: Path) -> InstanceHeader | None:
     if not ds.get("StudyInstanceUID") or not ds.get("SeriesInstanceUID"):
         raise UBCInputError(f"{path}: damaged or truncated DICOM header (no Study/Series "
                             "Instance UID)")
-    if "Rows" not in ds:
-        return None  # a report, presentation state, ...: not an image
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None and (item := _shared_item(ds, "PlaneOrientationSequence")) is not None:
+    image = "Rows" in ds
+    iop = ds.get("ImageOrientationPatient") if image else None
+    if image and iop is None \
+            and (item := _shared_item(ds, "PlaneOrientationSequence")) is not None:
         iop = item.get("ImageOrientationPatient")
     number = _number(ds, "SeriesNumber")
     return InstanceHeader(
@@ -168,12 +188,24 @@ def _header_of(ds: Dataset, path: Path) -> InstanceHeader | None:
         inversion_time_ms=_number(ds, "InversionTime"), echo_time_ms=_number(ds, "EchoTime"),
         image_type=_text(ds, "ImageType"), series_number=None if number is None else int(number),
         frames=int(_number(ds, "NumberOfFrames") or 1),
-        normal=_normal([float(v) for v in iop] if iop is not None else None),
-        patient_id=_text(ds, "PatientID"), study_date=_text(ds, "StudyDate"))
+        normal=_normal(_floats(iop)),
+        patient_id=_text(ds, "PatientID"), study_date=_text(ds, "StudyDate"),
+        sop_uid=_text(ds, "SOPInstanceUID"), image=image, contents=_contents(ds, sop))
+
+
+def _contents(ds: Dataset, sop_class: str) -> str:
+    """``SR``, ``RTPLAN``, ``CT without Rows``: what a non-image object is (its modality)."""
+    modality = _text(ds, "Modality") or "unknown modality"
+    if "Rows" in ds:
+        return modality
+    from pydicom.uid import UID
+
+    is_image_class = "Image" in UID(sop_class).name if sop_class else False
+    return f"{modality} image without Rows" if is_image_class else modality
 
 
 # --- assembly ---------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Frame:
     """One 2-D frame: its dataset, index in that dataset, geometry (LPS) and rescale."""
 
@@ -249,19 +281,111 @@ def _check_geometry(iop: Sequence[Any], ipp: Sequence[Any], spacing: Sequence[An
         raise UBCInputError(f"{where}: PixelSpacing {list(s)} mm is not plausible")
 
 
-def _check_instances(datasets: Sequence[Dataset], paths: Sequence[Path], name: str) -> None:
-    modalities = sorted({_text(ds, "Modality") or "?" for ds in datasets})
+@dataclass(frozen=True, slots=True)
+class _Instance:
+    """What assembling a series needs of one instance: the attributes it checks, its frames
+    (geometry, ``ds_index`` 0) and where its stored values are. ``pixels``: (offset, length,
+    dtype, file size, mtime) of uncompressed little-endian PixelData read at that offset; None
+    when the values need pydicom (then ``dataset`` holds the whole instance). ``error``: why
+    its frames cannot be placed (raised after the checks that come first)."""
+
+    path: Path
+    modality: str
+    rows: int
+    cols: int
+    samples: int
+    photometric: str
+    thickness: float | None
+    n_frames: int
+    frames: tuple[_Frame, ...]
+    error: UBCInputError | None = None
+    pixels: tuple[int, int, str, int, int] | None = None
+    dataset: Dataset | None = None
+
+    def stored(self) -> np.ndarray:
+        """The stored values [frames, rows, cols]."""
+        if self.pixels is None:
+            assert self.dataset is not None
+            return _decode(self.dataset, self.path)
+        offset, length, dtype, size, mtime = self.pixels
+        with open(self.path, "rb") as file:
+            stat = os.fstat(file.fileno())
+            if (stat.st_size, stat.st_mtime_ns) != (size, mtime):  # changed since discovery
+                return _decode(_read_datasets([self.path])[0], self.path)
+            file.seek(offset)
+            data = np.empty(length // np.dtype(dtype).itemsize, dtype)
+            if file.readinto(data.data.cast("B")) != length:
+                raise UBCInputError(f"{self.path}: truncated pixel data")
+        return data.reshape(len(self.frames), self.rows, self.cols)
+
+
+def _instance_of(ds: Dataset, path: Path,
+                 pixels: tuple[int, int, str, int, int] | None = None) -> _Instance:
+    try:
+        frames, error = tuple(_frames_of(ds, 0, path)), None
+    except UBCInputError as exc:
+        frames, error = (), exc
+    return _Instance(path, _text(ds, "Modality") or "?", int(ds.Rows), int(ds.Columns),
+                     int(ds.get("SamplesPerPixel", 1)), _text(ds, "PhotometricInterpretation"),
+                     _number(ds, "SliceThickness"),
+                     max(int(_number(ds, "NumberOfFrames") or 1), 1), frames, error, pixels,
+                     None if pixels is not None else ds)
+
+
+def _plain_dtype(ds: Dataset) -> np.dtype | None:
+    """The dtype of stored values read as they are (little-endian, uncompressed, 8/16/32
+    bits all stored), None when they need decoding."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_compressed or not syntax.is_little_endian:
+        return None
+    bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0))
+    if bits not in (8, 16, 32) or stored != bits:
+        return None
+    return np.dtype(f"<{'i' if int(ds.get('PixelRepresentation', 0)) else 'u'}{bits // 8}")
+
+
+def _instance_at(ds: Dataset, path: Path, file: Any) -> _Instance | None:
+    """The instance read by ``dcmread(file, stop_before_pixels=True)``, its pixels located at
+    the file's position (the PixelData element, where pydicom stopped); None when anything
+    is unusual (``load_series`` then reads the file with pydicom and says what is wrong)."""
+    try:
+        dtype = _plain_dtype(ds)
+        if dtype is None:
+            return None
+        start = file.tell()
+        head = file.read(12)
+        explicit = not ds.file_meta.TransferSyntaxUID.is_implicit_VR
+        if head[:4] != b"\xe0\x7f\x10\x00":  # (7FE0,0010) little-endian
+            return None
+        if explicit and head[4:6] in (b"OB", b"OW"):
+            offset, length = start + 12, int.from_bytes(head[8:12], "little")
+        elif not explicit:
+            offset, length = start + 8, int.from_bytes(head[4:8], "little")
+        else:
+            return None
+        frames = int(_number(ds, "NumberOfFrames") or 1)
+        if length != int(ds.Rows) * int(ds.Columns) * frames * dtype.itemsize:
+            return None  # odd lengths (padding, truncation): pydicom explains
+        stat = os.fstat(file.fileno())
+        instance = _instance_of(ds, path, (offset, length, dtype.str, stat.st_size,
+                                           stat.st_mtime_ns))
+        return instance if instance.error is None else None
+    except Exception:  # a header odd enough to fail here fails with its reason at load
+        return None
+
+
+def _check_instances(instances: Sequence[_Instance], name: str) -> None:
+    modalities = sorted({i.modality for i in instances})
     if modalities != ["MR"]:
         raise UBCInputError(f"{name}: modality {'/'.join(modalities)}, not MR; the model reads "
                             "MR FLAIR only")
-    sizes = sorted({(int(ds.Rows), int(ds.Columns)) for ds in datasets})
+    sizes = sorted({(i.rows, i.cols) for i in instances})
     if len(sizes) > 1:
         raise UBCInputError(f"{name}: frames of mixed sizes {sizes} in one series")
-    for ds, path in zip(datasets, paths, strict=True):
-        if int(ds.get("SamplesPerPixel", 1)) != 1 or _text(ds, "PhotometricInterpretation") \
-                not in ("MONOCHROME2", ""):
-            raise UBCInputError(f"{path}: {_text(ds, 'PhotometricInterpretation')} images "
-                                "are not supported (expected MONOCHROME2 grey levels)")
+    for i in instances:
+        if i.samples != 1 or i.photometric not in ("MONOCHROME2", ""):
+            raise UBCInputError(f"{i.path}: {i.photometric} images are not supported "
+                                "(expected MONOCHROME2 grey levels)")
 
 
 def _check_frames(frames: list[_Frame], name: str) -> None:
@@ -313,13 +437,9 @@ def _plain_pixels(ds: Dataset) -> np.ndarray | None:
     """The stored values as a view of the PixelData bytes, for the common case that needs no
     decoding (little-endian, uncompressed, 8/16/32 bits all stored, the exact length):
     ``pixel_array`` costs 2 ms per instance more (bench/bench_dicom.py). None otherwise."""
-    syntax = ds.file_meta.TransferSyntaxUID
-    if syntax.is_compressed or not syntax.is_little_endian or "PixelData" not in ds:
+    dtype = _plain_dtype(ds)
+    if dtype is None or "PixelData" not in ds:
         return None
-    bits, stored = int(ds.get("BitsAllocated", 0)), int(ds.get("BitsStored", 0))
-    if bits not in (8, 16, 32) or stored != bits:
-        return None
-    dtype = np.dtype(f"<{'i' if int(ds.get('PixelRepresentation', 0)) else 'u'}{bits // 8}")
     rows, cols = int(ds.Rows), int(ds.Columns)
     frames = int(_number(ds, "NumberOfFrames") or 1)
     data = ds.PixelData
@@ -368,11 +488,16 @@ def _read_datasets(paths: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
-def _pixels(datasets: Sequence[Dataset], paths: Sequence[Path],
-            frames: Sequence[_Frame]) -> np.ndarray:
+def _pixels(instances: Sequence[_Instance], frames: Sequence[_Frame]) -> np.ndarray:
     """Stored values stacked [K, rows, cols] in the order of ``frames``, rescaled."""
-    decoded = [_decode(ds, path) for ds, path in zip(datasets, paths, strict=True)]
-    stack = np.stack([decoded[f.ds_index][f.frame] for f in frames])
+    if all(len(i.frames) == 1 for i in instances):  # single-frame: one copy, into place
+        first = instances[frames[0].ds_index].stored()
+        stack = np.empty((len(frames), *first.shape[1:]), first.dtype)
+        for k, f in enumerate(frames):
+            stack[k] = first[0] if k == 0 else instances[f.ds_index].stored()[0]
+    else:
+        decoded = [i.stored() for i in instances]
+        stack = np.stack([decoded[f.ds_index][f.frame] for f in frames])
     rescale = np.array([(f.slope, f.intercept) for f in frames])
     if np.all(rescale == (1.0, 0.0)):
         return stack
@@ -380,9 +505,13 @@ def _pixels(datasets: Sequence[Dataset], paths: Sequence[Path],
     return stack.astype(np.float32) * slopes + rescale[:, 1].astype(np.float32)[:, None, None]
 
 
-def load_series(paths: Sequence[str | os.PathLike[str]], *, name: str | None = None
+def load_series(paths: Sequence[str | os.PathLike[str]], *, name: str | None = None,
+                headers: Sequence[InstanceHeader] = ()
                 ) -> tuple[Volume, list[tuple[Path, int]]]:
     """Assemble the instances ``paths`` of one series into a canonical RAS ``Volume``.
+    ``headers``: those discovery read of the same files (``read_header``), in any order;
+    the files they describe are not parsed again (their pixels are read where the header
+    located them), the others are read with pydicom.
 
     Returns ``(volume, sources)``: ``sources[k]`` is the (instance file, frame index in it) of
     the ``k``-th frame along the slice normal, i.e. of stored-grid slice ``k`` (what a DICOM
@@ -393,8 +522,9 @@ def load_series(paths: Sequence[str | os.PathLike[str]], *, name: str | None = N
     if not files:
         raise ValueError("a series needs at least one instance file")
     name = name or str(files[0].parent)
+    known = {h.path: h.instance for h in headers if h.instance is not None}
     try:
-        return _assemble(files, name)
+        return _assemble(files, name, known)
     except UBCInputError:
         raise
     except Exception as exc:  # pydicom parses values lazily: a damaged file fails anywhere
@@ -402,29 +532,35 @@ def load_series(paths: Sequence[str | os.PathLike[str]], *, name: str | None = N
                             f"{str(exc)[:200]})") from exc
 
 
-def _assemble(files: list[Path], name: str) -> tuple[Volume, list[tuple[Path, int]]]:
-    datasets = _read_datasets(files)
-    _check_instances(datasets, files, name)
-    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
-    n_frames = sum(max(int(_number(ds, "NumberOfFrames") or 1), 1) for ds in datasets)
+def _assemble(files: list[Path], name: str, known: dict[Path, _Instance]
+              ) -> tuple[Volume, list[tuple[Path, int]]]:
+    unknown = [f for f in files if f not in known]
+    read = dict(zip(unknown, _read_datasets(unknown), strict=True))
+    instances = [known.get(f) or _instance_of(read[f], f) for f in files]
+    _check_instances(instances, name)
+    rows, cols = instances[0].rows, instances[0].cols
+    n_frames = sum(i.n_frames for i in instances)
     if rows * cols * n_frames > MAX_VOXELS or min(rows, cols) < 1:
         raise UBCInputError(f"{name}: {cols} x {rows} x {n_frames} voxels is empty or over "
                             f"the limit of {MAX_VOXELS} voxels")
-    frames = [fr for i, (ds, path) in enumerate(zip(datasets, files, strict=True))
-              for fr in _frames_of(ds, i, path)]
+    broken = next((i.error for i in instances if i.error is not None), None)
+    if broken is not None:
+        raise broken
+    frames = [dataclasses.replace(fr, ds_index=i) for i, inst in enumerate(instances)
+              for fr in inst.frames]
     _check_frames(frames, name)
     iop = np.asarray(frames[0].iop)
     normal = np.cross(iop[:3], iop[3:])
     positions = np.array([f.ipp for f in frames])
     order = np.argsort(positions @ normal, kind="stable")
     frames = [frames[i] for i in order]
-    thickness = _number(datasets[0], "SliceThickness")
+    thickness = instances[0].thickness
     step = _stack_step(positions[order], normal, name, thickness)
     row_spacing, col_spacing = frames[0].pixel_spacing
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1] = iop[:3] * col_spacing, iop[3:] * row_spacing
     lps[:3, 2], lps[:3, 3] = step, frames[0].ipp
-    stack = _pixels(datasets, files, frames)
+    stack = _pixels(instances, frames)
     data = stack.transpose(2, 1, 0)  # (column i, row j, frame k), a view
     zooms = (col_spacing, row_spacing, float(np.linalg.norm(step)))
     sources = [(files[f.ds_index], f.frame) for f in frames]

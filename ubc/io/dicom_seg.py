@@ -16,6 +16,10 @@ overlay on the source series.
   study and series UIDs that join it to the SEG. The SEG's ContentDescription names the model.
 - No identifying attribute is added; patient and study attributes are copied from the source
   by highdicom, as the standard requires for the SEG to join the study.
+- Its series and instance UIDs derive from the source instances and the model's version (a
+  hash, under pydicom's UID root): the same series scored by the same model again gives the
+  same SEG, so a SEG sent twice (a node killed between sending it and writing its row) is
+  one instance in the PACS.
 """
 
 from __future__ import annotations
@@ -23,14 +27,28 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ubc.atomic import atomic_write
 from ubc.errors import UBCInputError
+
+if TYPE_CHECKING:
+    import pydicom
 
 __all__ = ["write_seg", "read_seg"]
 
 SERIES_NUMBER = 9901  # high, so the SEG sorts after the scanner's series
+#: Type 2 attributes of the SEG's Patient and General Study modules taken from the source:
+#: written empty when the source lacks them (converters such as nii2dcm omit StudyID)
+_TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                      "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                      "AccessionNumber")
+#: Type 1 attributes the SEG needs from its source and cannot derive
+_TYPE1_FROM_SOURCE = ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID",
+                      "FrameOfReferenceUID")
+_PATIENT_SEX = {"M", "F", "O"}
 
 
 def _source_frames(sources: Sequence[tuple[Path, int]]) -> tuple[list[Path], bool]:
@@ -39,6 +57,31 @@ def _source_frames(sources: Sequence[tuple[Path, int]]) -> tuple[list[Path], boo
     if multiframe and len(files) != 1:
         raise ValueError("a SEG over several multi-frame instances is not supported")
     return files, multiframe
+
+
+def _source_header(ds: pydicom.Dataset, path: Path) -> pydicom.Dataset:
+    """``ds`` with every Type 2 attribute the SEG copies present (empty when missing or
+    not a valid value); ``UBCInputError`` naming a missing Type 1 attribute."""
+    missing = [keyword for keyword in _TYPE1_FROM_SOURCE if not ds.get(keyword)]
+    if missing:
+        raise UBCInputError(f"{path}: the source instance lacks {', '.join(missing)} "
+                            "(Type 1), which a DICOM SEG must reference")
+    for keyword in _TYPE2_FROM_SOURCE:
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+    if ds.PatientSex not in _PATIENT_SEX:
+        ds.PatientSex = None  # e.g. "U" or lower case: not a value the SEG may carry
+    return ds
+
+
+def _seg_uid(sources: Sequence[pydicom.Dataset], version: str, what: str) -> str:
+    """The SEG's series or instance UID, derived from the source instances and the model:
+    scoring the same series with the same model again (a run killed after it sent the SEG,
+    before its row was written) makes the same SEG, which a PACS keeps once."""
+    from pydicom.uid import generate_uid
+
+    uids = sorted(str(ds.SOPInstanceUID) for ds in sources)
+    return str(generate_uid(entropy_srcs=["ubc-seg", what, version, *uids]))
 
 
 def write_seg(mask: np.ndarray, sources: Sequence[tuple[Path, int]],
@@ -57,7 +100,10 @@ def write_seg(mask: np.ndarray, sources: Sequence[tuple[Path, int]],
     if mask.ndim != 3 or mask.shape[2] != len(sources):
         raise ValueError(f"mask shape {mask.shape} does not match {len(sources)} frames")
     try:
-        datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        datasets = [_source_header(pydicom.dcmread(f, stop_before_pixels=True), f)
+                    for f in files]
+    except UBCInputError:
+        raise
     except Exception as exc:
         raise UBCInputError(f"{files[0].parent}: cannot re-read the source series for the "
                             f"SEG ({type(exc).__name__}: {exc})") from exc
@@ -78,21 +124,16 @@ def write_seg(mask: np.ndarray, sources: Sequence[tuple[Path, int]],
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description], series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+        segment_descriptions=[description],
+        series_instance_uid=_seg_uid(datasets, version, "series"), series_number=SERIES_NUMBER,
+        sop_instance_uid=_seg_uid(datasets, version, "instance"),
+        instance_number=1,
         manufacturer="UBC", manufacturer_model_name=model[:64] or "ubc",
         software_versions=version[:64] or "0", device_serial_number="0",
         series_description="UBC lesion", content_label="LESION",
         content_description=f"Predicted lesion ({model[:40]})",
         omit_empty_frames=False)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        seg.save_as(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, seg.save_as)
 
 
 def read_seg(path: str | os.PathLike[str], sources: Sequence[tuple[Path, int]]) -> np.ndarray:

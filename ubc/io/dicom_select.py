@@ -26,8 +26,9 @@ from __future__ import annotations
 import operator
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ from ubc.errors import UBCInputError
 from ubc.io.dicom import InstanceHeader, find_dicom_files, read_header
 
 __all__ = ["MIN_FRAMES", "MIN_FLAIR_TI_MS", "MIN_FLAIR_TE_MS", "SELECTOR_KEYWORDS",
-           "SeriesInfo", "DicomStudy", "SeriesSelector", "scan_studies", "select_series"]
+           "SeriesInfo", "DicomStudy", "SeriesSelector", "scan_studies", "select_series",
+           "study_from_headers"]
 
 MIN_FRAMES = 8
 MIN_FLAIR_TI_MS = 1500.0
@@ -75,6 +77,8 @@ class SeriesInfo:
     plane: str
     frames: int
     files: tuple[Path, ...]
+    #: the headers discovery read (``load_series`` does not parse those files again)
+    headers: tuple[InstanceHeader, ...] = field(default=(), compare=False, repr=False)
 
     def summary(self) -> str:
         """``#3 'AX T2 FLAIR' MR axial 24 frames`` (no identifying attributes)."""
@@ -96,11 +100,12 @@ class DicomStudy:
     flags: tuple[str, ...]
     error: str | None
     patient_key: str
+    other_files: tuple[Path, ...] = ()  # non-image objects and repeated instances
 
     @property
     def files(self) -> tuple[Path, ...]:
         """Every instance file of the study (its resume identity)."""
-        return tuple(sorted(f for s in self.series for f in s.files))
+        return tuple(sorted([*(f for s in self.series for f in s.files), *self.other_files]))
 
 
 @dataclass(frozen=True)
@@ -235,15 +240,61 @@ def _series_of(headers: list[InstanceHeader]) -> SeriesInfo:
         image_type=first.image_type, series_number=first.series_number,
         modality="/".join(sorted({h.modality or "?" for h in headers})),
         plane=_plane(first.normal), frames=sum(h.frames for h in headers),
-        files=tuple(sorted(h.path for h in headers)))
+        files=tuple(sorted(h.path for h in headers)), headers=tuple(headers))
+
+
+def _unique_instances(headers: list[InstanceHeader]
+                      ) -> tuple[list[InstanceHeader], list[InstanceHeader]]:
+    """``(unique, repeats)``: files holding an instance (SOPInstanceUID) already seen are
+    copies (exports often hold several), not further frames."""
+    seen: set[str] = set()
+    unique, repeats = [], []
+    for header in sorted(headers, key=lambda h: h.path):
+        if header.sop_uid and header.sop_uid in seen:
+            repeats.append(header)
+        else:
+            seen.add(header.sop_uid)
+            unique.append(header)
+    return unique, repeats
+
+
+def _contents(headers: list[InstanceHeader]) -> str:
+    """``2 SR, 1 RTPLAN``: what the objects are, most frequent first."""
+    counts = Counter(h.contents for h in headers)
+    return ", ".join(f"{n} {what}" for what, n in counts.most_common())
+
+
+def study_from_headers(study_uid: str, headers: list[InstanceHeader],
+                       selector: SeriesSelector | None) -> DicomStudy:
+    """One study from its instances' headers (files, or a PACS's metadata): its image
+    series and the one chosen."""
+    images, repeats = _unique_instances([h for h in headers if h.image])
+    others = [h for h in headers if not h.image]
+    by_series: dict[str, list[InstanceHeader]] = {}
+    for header in images:
+        by_series.setdefault(header.series_uid, []).append(header)
+    series = tuple(_series_of(h) for h in by_series.values())
+    if series:
+        chosen, flags, error = select_series(series, selector)
+    else:
+        chosen, flags, error = None, (), f"no image series: {_contents(others)}"
+    if repeats:
+        flags += (f"duplicate_instances:{len(repeats)} files repeat an instance already read "
+                  "(same SOPInstanceUID), ignored",)
+    located = images or others
+    folder = Path(os.path.commonpath([str(h.path.parent) for h in located]))
+    return DicomStudy(study_uid, folder, series, chosen, flags, error,
+                      f"{headers[0].patient_id}_{headers[0].study_date}",
+                      tuple(h.path for h in [*others, *repeats]))
 
 
 def scan_studies(root: str | os.PathLike[str], selector: SeriesSelector | None = None,
                  files: Iterable[Path] | None = None
                  ) -> tuple[list[DicomStudy], list[tuple[Path, str]]]:
     """``(studies sorted by their folder then uid, unreadable files with the reason)`` of
-    the DICOM files under ``root`` (or ``files``), reading headers only."""
-    studies: dict[str, dict[str, list[InstanceHeader]]] = {}
+    the DICOM files under ``root`` (or ``files``), reading headers only. Every study found
+    is one: a study without an image series too (its ``error`` says what it holds)."""
+    studies: dict[str, list[InstanceHeader]] = {}
     unreadable = []
     for path in files if files is not None else find_dicom_files(root):
         try:
@@ -252,15 +303,7 @@ def scan_studies(root: str | os.PathLike[str], selector: SeriesSelector | None =
             unreadable.append((path, str(exc)))
             continue
         if header is not None:
-            studies.setdefault(header.study_uid, {}).setdefault(header.series_uid,
-                                                                []).append(header)
-    found = []
-    for study_uid, by_series in studies.items():
-        series = tuple(_series_of(h) for h in by_series.values())
-        chosen, flags, error = select_series(series, selector)
-        paths = [str(f.parent) for s in series for f in s.files]
-        first = next(iter(by_series.values()))[0]
-        found.append(DicomStudy(study_uid, Path(os.path.commonpath(paths)), series, chosen,
-                                flags, error, f"{first.patient_id}_{first.study_date}"))
+            studies.setdefault(header.study_uid, []).append(header)
+    found = [study_from_headers(uid, headers, selector) for uid, headers in studies.items()]
     found.sort(key=lambda s: (str(s.folder), s.study_uid))
     return found, unreadable

@@ -11,7 +11,6 @@ inflated in bounded chunks, never more than the declared size plus
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import io
 import math
 import os
@@ -28,8 +27,8 @@ from ubc.errors import UBCInputError
 from ubc.io.bounded import GZIP_BACKEND, GZIP_ERRORS, Reader, open_reader, read_exactly
 from ubc.io.volume import Volume, canonical_volume, orientation_of
 
-__all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "encode_mask", "load_volume",
-           "load_volume_bytes", "save_mask"]
+__all__ = ["GZIP_BACKEND", "MAX_VOXELS", "Volume", "declared_voxels", "encode_mask",
+           "load_volume", "load_volume_bytes", "save_mask"]
 
 MAX_VOXELS = 1024 ** 3
 """Default cap on the voxels a header may declare (all volumes of a 4-D file together).
@@ -48,6 +47,7 @@ PIXDIM_RANGE = (1e-6, 1e6)
 micrometres, with room to spare; outside it (0, denormals, 1e30) resampling is meaningless."""
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_SCALE_STEP = 1 << 20  # voxels scaled per step: nibabel's two float64 intermediates, 16 MB
 def _read_header(reader: Reader) -> nib.Nifti1Header:
     """The fixed part of the header (348 or 540 bytes), unchecked, byte order detected."""
     raw = read_exactly(reader, 348)
@@ -197,20 +197,27 @@ def _allocate(nbytes: int, path: Path) -> np.ndarray:
 
 def _voxels(image: _Image, path: Path) -> np.ndarray:
     """On-disk dtype when the header does not scale (no float64 blow-up), else float32 as
-    nibabel's ``get_fdata(dtype=np.float32)`` computes it."""
+    nibabel's ``get_fdata(dtype=np.float32)`` computes it, ``_SCALE_STEP`` voxels at a time
+    (nibabel's float64 intermediate of the whole volume would take 8 bytes per voxel)."""
     slope, inter = image.header.get_slope_inter()
     slope = 1.0 if slope is None else slope
     inter = 0.0 if inter is None else inter
     if slope == 1 and inter == 0:
         return image.data
-    with np.errstate(over="ignore", invalid="ignore"):  # checked below, by name
-        scaled = np.asarray(apply_read_scaling(image.data, slope, inter), dtype=np.float32)
     kind = image.data.dtype.kind
     bound = np.iinfo(image.data.dtype) if kind in "iu" else None
-    if (bound is None or max(-bound.min, bound.max) * abs(slope) + abs(inter) > _FLOAT32_MAX) \
-            and (np.isinf(scaled) & np.isfinite(image.data)).any():
-        raise UBCInputError(f"{path}: header scl_slope {slope:g} and scl_inter {inter:g} "
-                            f"scale voxels beyond the float32 range")
+    may_overflow = bound is None \
+        or max(-bound.min, bound.max) * abs(slope) + abs(inter) > _FLOAT32_MAX
+    source = image.data.reshape(-1, order="F")  # views: both are Fortran-contiguous
+    scaled = np.empty(image.data.shape, dtype=np.float32, order="F")
+    target = scaled.reshape(-1, order="F")
+    for start in range(0, source.size, _SCALE_STEP):
+        part, out = source[start:start + _SCALE_STEP], target[start:start + _SCALE_STEP]
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below, by name
+            out[:] = apply_read_scaling(part, slope, inter)
+        if may_overflow and (np.isinf(out) & np.isfinite(part)).any():
+            raise UBCInputError(f"{path}: header scl_slope {slope:g} and scl_inter {inter:g} "
+                                f"scale voxels beyond the float32 range")
     return scaled
 
 
@@ -301,22 +308,36 @@ def load_volume_bytes(data: bytes | bytearray | memoryview, *, name: str = "<upl
     return dataclasses.replace(volume, path=None)
 
 
+def declared_voxels(data: bytes | bytearray | memoryview, *, name: str = "<upload>"
+                    ) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, stored dtype) of the voxels that a .nii/.nii.gz file held in memory declares
+    (all volumes of a 4-D file), from its header alone (a few hundred inflated bytes): what
+    ``load_volume_bytes`` would allocate, known before loading, so that a service can refuse
+    or budget it. A header the loader refuses raises its ``UBCInputError`` naming ``name``."""
+    label = Path(name)
+    try:
+        reader, _ = open_reader(io.BytesIO(data))
+        layout = _declared_layout(_read_header(reader), label, MAX_VOXELS)
+    except Exception as exc:  # nibabel raises many types on malformed headers
+        raise input_error(exc, label, "NIfTI") from exc
+    return layout.shape, layout.dtype
+
+
 def encode_mask(mask: np.ndarray, affine: np.ndarray, *, compress: bool = True) -> bytes:
     """``mask`` as the bytes of a NIfTI-1 file (.nii.gz unless ``compress`` is False) in its
     own grid with ``affine`` (4 x 4, voxel -> world mm): uint8 for integer/bool masks,
-    float32 otherwise. The same mask gives the same bytes (gzip level 1 and mtime 0, as
-    nibabel writes a .nii.gz)."""
+    float32 otherwise. The same mask gives the same bytes (mtime 0). Deflated by isal at
+    level 1: on a 240 x 240 x 155 mask 30x faster than zlib level 1 (nibabel's) and 4x
+    smaller (``ubc-bench --feed``; isal's levels 0, 2 and 3 are slower or larger)."""
     dtype = np.float32 if mask.dtype.kind == "f" else np.uint8
     image = nib.Nifti1Image(np.asarray(mask, dtype=dtype), affine)
     image.header.set_xyzt_units("mm")
     raw = image.to_bytes()
     if not compress:
         return raw
-    # GzipFile, not gzip.compress: from Python 3.11 the latter writes zlib's OS byte, not 255
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1, mtime=0) as file:
-        file.write(raw)
-    return buffer.getvalue()
+    from isal import igzip
+
+    return igzip.compress(raw, 1, mtime=0)
 
 
 def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike[str]) -> Path:

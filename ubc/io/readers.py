@@ -153,7 +153,7 @@ class DicomSeries:
         study = self.study
         if study.error is not None or study.chosen is None:
             raise UBCInputError(study.error or f"{study.folder}: no series chosen")
-        volume, _ = load_series(study.chosen.files,
+        volume, _ = load_series(study.chosen.files, headers=study.chosen.headers,
                                 name=f"{study.folder} series {study.chosen.summary()}")
         return volume
 

@@ -15,13 +15,30 @@ from nibabel import orientations
 __all__ = ["Volume", "canonical_volume", "orientation_of"]
 
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+#: the voxel types preprocessing reads as they are (``csrc/bindings/module.cpp``)
+NATIVE_DTYPES = frozenset(np.dtype(t) for t in
+                          ("bool", "uint8", "int16", "uint16", "int32", "float32", "float64"))
+
+
+def native_voxels(data: np.ndarray) -> np.ndarray:
+    """``data`` itself when preprocessing reads its type, else converted to one it reads:
+    int8 to int16 (exact), float16, uint32 and 64-bit integers to float32 (intensities are
+    normalised per volume, so float32's 24-bit mantissa loses nothing that matters)."""
+    if data.dtype.byteorder == ">":  # big-endian NRRD or ANALYZE: native order first
+        data = data.astype(data.dtype.newbyteorder("="))
+    if data.dtype in NATIVE_DTYPES:
+        return data
+    if data.dtype.kind not in "iuf":
+        raise TypeError(f"voxels of type {data.dtype} are not intensities")
+    return data.astype(np.int16 if data.dtype == np.int8 else np.float32)
 
 
 @dataclass(frozen=True)
 class Volume:
     """A 3-D scan in canonical (RAS) orientation.
 
-    ``data`` keeps the on-disk dtype unless the header scales intensities (then float32); it
+    ``data`` keeps the on-disk dtype unless the header scales intensities (then float32) or
+    preprocessing does not read it (``native_voxels``: int8, uint32, ... are converted); it
     may be a strided view (reorientation flips and transposes without copying).
     ``spacing`` is the voxel size (x, y, z) in mm; ``affine`` maps canonical voxel indices to
     world mm, ``original_affine`` and ``original_shape`` describe the file as stored.
@@ -36,6 +53,9 @@ class Volume:
     original_shape: tuple[int, int, int]
     path: Path | None = None
     source_frames: tuple[tuple[Path, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", native_voxels(self.data))
 
     def header_only(self) -> Volume:
         """This volume with its voxels replaced by a zero-byte view of the same shape (what

@@ -8,29 +8,50 @@ import csv
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ubc.atomic import remove_stale_temporaries
 from ubc.bundle import Bundle
 from ubc.engine.base import Engine
-from ubc.errors import UBCInputError
+from ubc.errors import OutputFault, UBCInputError
 from ubc.scoring.discover import (
     DEFAULT_PATTERN,
+    ArchiveSource,
     Case,
     Skipped,
     describe_skipped,
     discover_archive,
 )
 from ubc.scoring.options import ScoringOptions
-from ubc.scoring.outputs import OutputSpec
+from ubc.scoring.outputs import CASE_OUTPUTS, OutputSpec
 from ubc.scoring.pipeline import STAGES, Pipeline
 from ubc.scoring.result import ERROR, STATUSES, CaseResult
 from ubc.scoring.stages import RunContext
 from ubc.scoring.writers import ResultsFile, open_results
 
 __all__ = ["ScoringOptions", "RunSummary", "RunPlan", "score_archive", "plan_run",
-           "plan_resume", "recording", "file_identity", "output_spec", "write_run_outputs"]
+           "plan_resume", "recording", "count_rows", "file_identity", "output_spec",
+           "write_run_outputs", "OUTPUTS_FAILED"]
+
+#: the key of ``RunSummary.counts`` that counts rows whose outputs failed to write
+OUTPUTS_FAILED = "outputs_failed"
+
+
+def count_rows(rows: Iterable[CaseResult]) -> Counter[str]:
+    """Rows by status, and by ``OUTPUTS_FAILED`` those with an ``output_error``."""
+    counts: Counter[str] = Counter()
+    for row in rows:
+        counts[row.status] += 1
+        if row.output_error is not None:
+            counts[OUTPUTS_FAILED] += 1
+    return counts
+
+
+def needs_retry(row: CaseResult) -> bool:
+    """A row ``--retry-errors`` scores again: an error, or outputs that failed to write."""
+    return row.status == ERROR or row.output_error is not None
 
 
 @dataclass(frozen=True)
@@ -56,7 +77,8 @@ class RunSummary:
 
     @property
     def failed(self) -> int:
-        return int(self.counts.get(ERROR, 0))
+        """Error rows plus rows whose outputs failed to write (exit 1 when any)."""
+        return int(self.counts.get(ERROR, 0)) + int(self.counts.get(OUTPUTS_FAILED, 0))
 
     @property
     def slices_per_second(self) -> float:
@@ -65,6 +87,9 @@ class RunSummary:
     def format(self) -> str:
         """Human-readable closing summary (several lines)."""
         counts = ", ".join(f"{s} {self.counts.get(s, 0)}" for s in STATUSES)
+        if self.counts.get(OUTPUTS_FAILED):
+            counts += f"; outputs failed to write for {self.counts[OUTPUTS_FAILED]} (their " \
+                "rows keep the score and say why in output_error; --retry-errors redoes them)"
         stages = ", ".join(f"{s} {self.stage_seconds.get(s, 0.0):.1f}s" for s in STAGES)
         busy = self.stage_seconds.get("engine", 0.0) / self.wall_seconds \
             if self.wall_seconds else 0.0
@@ -93,9 +118,10 @@ def plan_resume(cases: list[Case], existing: list[CaseResult], *, bundle_sha256:
                 retry_errors: bool = False) \
         -> tuple[list[Case], list[CaseResult], list[CaseResult] | None]:
     """``(to score, rows kept for these cases, rewrite)``: a case is done when the results
-    hold a row with its id and its file's current size + mtime (an ``error`` row too, unless
-    ``retry_errors``). ``rewrite`` is the rows to keep when stale or repeated rows must go
-    first, else None. Rows of another model are refused (``UBCInputError``)."""
+    hold a row with its id and its file's current size + mtime (an ``error`` row, or one
+    whose outputs failed to write, too, unless ``retry_errors``). ``rewrite`` is the rows
+    to keep when stale or repeated rows must go first, else None. Rows of another model are
+    refused (``UBCInputError``)."""
     others = {r.bundle_sha256 for r in existing if r.bundle_sha256 not in (None, bundle_sha256)}
     if others:
         raise UBCInputError(f"the results file holds rows of another model (weights sha256 "
@@ -106,7 +132,7 @@ def plan_resume(cases: list[Case], existing: list[CaseResult], *, bundle_sha256:
     for case in cases:
         row = latest.get(case.case_id)
         if row is not None and row.identity == case.reader.identity() \
-                and not (retry_errors and row.status == ERROR):
+                and not (retry_errors and needs_retry(row)):
             done.append(row)
             continue
         todo.append(case)
@@ -169,8 +195,27 @@ def _write_skipped(path: str | os.PathLike[str], skipped: list[Skipped]) -> None
         writer.writerows([item.path, item.reason] for item in skipped)
 
 
-def plan_run(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[str],
-             outputs: OutputSpec, *, pattern: str | None = None, limit: int | None = None,
+def kept_outputs(todo: list[Case], existing: list[CaseResult], results: Path
+                 ) -> dict[str, frozenset[str]]:
+    """Per case to score again whose row has an ``output_error``: the outputs that row
+    names and that are still on disk (a retry writes only the others)."""
+    latest = {r.case_id: r for r in existing}
+    kept = {}
+    for case in todo:
+        row = latest.get(case.case_id)
+        if row is None or row.output_error is None or row.status == ERROR:
+            continue
+        names = frozenset(name for name in CASE_OUTPUTS
+                          if (column := getattr(row, f"{name}_file")) is not None
+                          and (results.parent / column).is_file())
+        if names:
+            kept[case.case_id] = names
+    return kept
+
+
+def plan_run(bundle: str | os.PathLike[str] | Bundle,
+             source: str | os.PathLike[str] | ArchiveSource, outputs: OutputSpec, *,
+             pattern: str | None = None, limit: int | None = None,
              options: ScoringOptions | None = None,
              part: tuple[int, int] | None = None) -> RunPlan:
     """Discover the cases (only part ``part[1]`` of ``part[0]`` when given, see
@@ -180,6 +225,9 @@ def plan_run(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[
     options = options or ScoringOptions()
     if outputs.results is None:
         raise ValueError("a batch run needs a results file (OutputSpec.results)")
+    outputs.create()  # before anything slow: a folder we cannot write to stops the run now
+    for folder in outputs.folders().values():  # what an earlier, killed run left
+        remove_stale_temporaries(folder)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     found = discover_archive(source, pattern=pattern, limit=limit,
                              series_select=options.series_select, case_id=options.case_id)
@@ -199,14 +247,16 @@ def plan_run(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[
 
         cases = select_part(cases, *part)
     results = open_results(outputs.results)
-    todo, done, rewrite = plan_resume(cases, results.read(), bundle_sha256=bundle.weights_sha256,
+    existing = results.read()
+    todo, done, rewrite = plan_resume(cases, existing, bundle_sha256=bundle.weights_sha256,
                                       retry_errors=options.retry_errors)
-    outputs.create()
+    outputs = replace(outputs, kept=kept_outputs(todo, existing, outputs.results))
     return RunPlan(bundle=bundle, cases=cases, todo=todo, done=done, rewrite=rewrite,
                    results=results, outputs=outputs, skipped=found.skipped)
 
 
-def score_archive(bundle: str | os.PathLike[str] | Bundle, source: str | os.PathLike[str],
+def score_archive(bundle: str | os.PathLike[str] | Bundle,
+                  source: str | os.PathLike[str] | ArchiveSource,
                   out: str | os.PathLike[str] | OutputSpec, *,
                   masks: str | os.PathLike[str] | None = None,
                   overlays: str | os.PathLike[str] | None = None,
@@ -216,9 +266,10 @@ def score_archive(bundle: str | os.PathLike[str] | Bundle, source: str | os.Path
                   engine: Engine | None = None,
                   on_result: Callable[[CaseResult], None] | None = None,
                   part: tuple[int, int] | None = None) -> RunSummary:
-    """Score every case of ``source`` (folder tree, path list or CSV manifest; see
-    ``discover_cases``) with the bundle and append one row per case to the results file
-    (.csv, .jsonl or .parquet), resuming where an earlier run into the same file stopped.
+    """Score every case of ``source`` (folder tree, path list or CSV manifest, or an
+    ``ArchiveSource`` such as a PACS; see ``discover_cases``) with the bundle and append
+    one row per case to the results file (.csv, .jsonl or .parquet), resuming where an
+    earlier run into the same file stopped.
 
     ``out``: the results file, or the whole ``OutputSpec``; else ``masks``/``overlays``/
     ``dicom_seg`` name folders for a NIfTI mask (input grid and affine), a PNG and a DICOM
@@ -226,15 +277,18 @@ def score_archive(bundle: str | os.PathLike[str] | Bundle, source: str | os.Path
     is loaded with ``backend``/``device`` and closed at the end. ``part``: ``(num_parts,
     part_id)``, score only that deterministic part of the archive (``ubc.scoring.shards``).
     Per-case failures become ``error`` rows; ``UBCInputError``/``BundleError`` mean the run
-    could not start (an archive with no case at all is one).
+    could not start (an archive with no case at all is one). An ``ArchiveSource`` releases
+    each case once its row is written (the caller closes it).
     """
     options = options or ScoringOptions()
+    if isinstance(source, ArchiveSource):
+        on_result = _releasing(source, on_result)
     outputs = output_spec(out, masks=masks, overlays=overlays, dicom_seg=dicom_seg)
     plan = plan_run(bundle, source, outputs, pattern=pattern, limit=limit, options=options,
                     part=part)
     own_engine = engine is None
     engine = engine or _load_engine(plan.bundle, backend, device)
-    counts = Counter(r.status for r in plan.done)
+    counts = count_rows(plan.done)
     try:
         context = RunContext.create(plan.bundle, engine.backend, engine.precision,
                                     options.case)
@@ -251,6 +305,17 @@ def score_archive(bundle: str | os.PathLike[str] | Bundle, source: str | os.Path
                       slices_scored=stats.slices_scored, peak_in_flight=stats.peak_in_flight,
                       backend=engine.backend, precision=engine.precision,
                       batch_size=pipeline.batch_size, skipped_files=tuple(plan.skipped))
+
+
+def _releasing(source: ArchiveSource, on_result: Callable[[CaseResult], None] | None
+               ) -> Callable[[CaseResult], None]:
+    """``on_result`` that first lets ``source`` free what the case held (its spool)."""
+    def release(result: CaseResult) -> None:
+        source.release(result.case_id)
+        if on_result is not None:
+            on_result(result)
+
+    return release
 
 
 def write_run_outputs(plan: RunPlan, wall_seconds: float) -> None:
@@ -286,11 +351,13 @@ def recording(plan: RunPlan, counts: Counter[str], progress: bool,
     so) and yield ``record(row)``: append the row durably, count it, show it, report it.
     The file and the progress bar are closed on leaving, whatever happened."""
     update, close_bar = _progress(len(plan.todo), progress)
-    plan.results.start(plan.rewrite)
+    with _results_fault(plan.results.path):
+        plan.results.start(plan.rewrite)
 
     def record(result: CaseResult) -> None:
-        plan.results.append(result)
-        counts[result.status] += 1
+        with _results_fault(plan.results.path):
+            plan.results.append(result)
+        counts.update(count_rows([result]))
         update(result)
         if on_result is not None:
             on_result(result)
@@ -299,4 +366,16 @@ def recording(plan: RunPlan, counts: Counter[str], progress: bool,
         yield record
     finally:
         close_bar()
-        plan.results.close()
+        with _results_fault(plan.results.path):
+            plan.results.close()
+
+
+@contextlib.contextmanager
+def _results_fault(path: Path) -> Iterator[None]:
+    """An ``OSError`` of the results file is the environment's fault (a full disk): the run
+    stops with ``OutputFault`` naming ``--out``."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputFault(f"--out {path}: cannot write the results file "
+                          f"({exc.strerror or exc})") from exc

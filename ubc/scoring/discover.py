@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ubc.errors import UBCInputError
 from ubc.io.readers import (
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from ubc.io.dicom_select import DicomStudy, SeriesSelector
 
 __all__ = ["DEFAULT_PATTERN", "GRADES", "CASE_ID_MODES", "Case", "Skipped", "Discovery",
+           "ArchiveSource",
            "case_id_for", "discover_cases", "discover_archive", "describe_skipped",
            "parse_grade", "safe_name", "safe_path"]
 
@@ -105,6 +106,23 @@ class Discovery:
 
     cases: list[Case]
     skipped: list[Skipped]
+
+
+@runtime_checkable
+class ArchiveSource(Protocol):
+    """An archive that is not a path: a PACS (``ubc.net``). It finds its cases (their
+    readers fetch the volumes), frees what a case held (its spooled files) once the case's
+    row is written, and what the run held at the end."""
+
+    def discover(self, *, pattern: str | None, limit: int | None,
+                 series_select: SeriesSelector | None, case_id: str) -> Discovery:
+        ...
+
+    def release(self, case_id: str) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
 
 
 def describe_skipped(skipped: Sequence[Skipped], shown: int = 3) -> str:
@@ -380,8 +398,9 @@ def _check_unique(cases: list[Case], source: Path) -> None:
                             + (" ..." if len(duplicates) > 5 else ""))
 
 
-def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None,
-                   limit: int | None = None, labels: str | os.PathLike[str] | None = None,
+def discover_cases(source: str | os.PathLike[str] | ArchiveSource, *,
+                   pattern: str | None = None, limit: int | None = None,
+                   labels: str | os.PathLike[str] | None = None,
                    series_select: str | SeriesSelector | None = None,
                    case_id: str = "study") -> list[Case]:
     """The cases of ``source`` (``discover_archive`` without the files passed over)."""
@@ -389,7 +408,8 @@ def discover_cases(source: str | os.PathLike[str], *, pattern: str | None = None
                             series_select=series_select, case_id=case_id).cases
 
 
-def discover_archive(source: str | os.PathLike[str], *, pattern: str | None = None,
+def discover_archive(source: str | os.PathLike[str] | ArchiveSource, *,
+                     pattern: str | None = None,
                      limit: int | None = None, labels: str | os.PathLike[str] | None = None,
                      series_select: str | SeriesSelector | None = None,
                      case_id: str = "study") -> Discovery:
@@ -401,10 +421,10 @@ def discover_archive(source: str | os.PathLike[str], *, pattern: str | None = No
     ``labels``: a grade CSV for a folder tree (see the module docstring). DICOM files in a
     folder (or a ``.zip``) are grouped into studies: ``series_select`` overrides the FLAIR
     rules (``ubc.io.dicom_select``), ``case_id`` (``CASE_ID_MODES``) names the studies.
+    An ``ArchiveSource`` (a PACS) finds its own cases.
     Raises ``UBCInputError`` when ``source`` is missing, unreadable or of no input kind, or
     ids repeat.
     """
-    path = Path(source)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if case_id not in CASE_ID_MODES:
@@ -413,6 +433,10 @@ def discover_archive(source: str | os.PathLike[str], *, pattern: str | None = No
         from ubc.io.dicom_select import SeriesSelector
 
         series_select = SeriesSelector.parse(series_select)
+    if isinstance(source, ArchiveSource):
+        return source.discover(pattern=pattern, limit=limit, series_select=series_select,
+                               case_id=case_id)
+    path = Path(source)
     kind = _file_kind(path) if path.is_file() else None
     if kind == ZIP or (path.is_file() and path.suffix.lower() == ".zip"):
         from ubc.scoring.archive_zip import extract_zip

@@ -9,13 +9,29 @@ flag."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from ubc.errors import UBCInputError
+from ubc.errors import OutputFault
 from ubc.scoring.discover import safe_path
 
-__all__ = ["OutputSpec", "CaseFiles", "pictures_folder"]
+__all__ = ["OutputSpec", "CaseFiles", "CASE_OUTPUTS", "SegStore", "pictures_folder"]
+
+#: the per-case outputs: CaseFiles' fields, the row's ``<name>_file`` columns
+CASE_OUTPUTS = ("mask", "seg", "overlay")
+
+
+class SegStore(Protocol):
+    """Where ``--store-seg`` sends each case's DICOM SEG (a PACS, ``ubc.net``): ``send``
+    returns what the row's ``seg_stored`` says (``<SOPInstanceUID>@<where>``) and raises
+    ``UBCInputError`` naming the step when the node refuses or cannot be reached after its
+    retries. Picklable (Ray ships the ``OutputSpec`` to its actors)."""
+
+    def send(self, path: Path) -> str:
+        ...
 
 
 def pictures_folder(report: Path) -> Path:
@@ -25,21 +41,40 @@ def pictures_folder(report: Path) -> Path:
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """The files of one case (None: not written)."""
+    """The files of one case (None: not written). ``kept``: those an earlier run wrote
+    already (named in the row, not written again); ``base``: the folder the row's file
+    columns are relative to (the results file's); ``store``: where the SEG is sent once
+    written (or found kept: the same file again, so the PACS holds one copy)."""
 
     mask: Path | None = None
     overlay: Path | None = None
     seg: Path | None = None
+    kept: frozenset[str] = frozenset()
+    base: Path | None = None
+    store: SegStore | None = None
+
+    def to_write(self) -> dict[str, Path]:
+        """``{output: path}`` of the files this run writes (``CASE_OUTPUTS`` order)."""
+        paths = {name: getattr(self, name) for name in CASE_OUTPUTS}
+        return {name: path for name, path in paths.items()
+                if path is not None and name not in self.kept}
+
+    def named(self, name: str) -> str | None:
+        """The row's column value for output ``name``: its path relative to ``base``."""
+        path = getattr(self, name)
+        if path is None:
+            return None
+        return Path(os.path.relpath(path, self.base)).as_posix() if self.base else str(path)
 
     @property
     def keep_masks(self) -> bool:
         """The stages keep the case's mask probabilities (every file here needs them)."""
-        return any(getattr(self, f.name) is not None for f in fields(self))
+        return bool(self.to_write())
 
     @property
     def keep_images(self) -> bool:
         """The stages keep the case's input slices (the overlay draws them)."""
-        return self.overlay is not None
+        return "overlay" in self.to_write()
 
 
 def _path(value: str | os.PathLike[str] | None) -> Path | None:
@@ -53,7 +88,9 @@ class OutputSpec:
     overlay and one DICOM SEG (DICOM studies only) per case, and ``report``: one HTML page
     for the whole results file (``ubc.scoring.report``), whose pictures are the overlays
     (in ``<report>_files/overlays/`` unless ``overlays`` names a folder), and ``skipped``:
-    a CSV of the archive's files that look like inputs but are not cases."""
+    a CSV of the archive's files that look like inputs but are not cases. ``kept``: per
+    case id, the outputs an earlier run wrote already (a retry writes only the others).
+    ``store_seg``: where each SEG is sent (``--store-seg``; needs ``dicom_seg``)."""
 
     results: Path | None = None
     masks: Path | None = None
@@ -61,6 +98,13 @@ class OutputSpec:
     dicom_seg: Path | None = None
     report: Path | None = None
     skipped: Path | None = None
+    kept: Mapping[str, frozenset[str]] = field(default_factory=dict, hash=False)
+    store_seg: SegStore | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.store_seg is not None and self.dicom_seg is None:
+            raise ValueError("storing SEGs (--store-seg) needs a folder to write them "
+                             "(--dicom-seg)")
 
     @classmethod
     def of(cls, results: str | os.PathLike[str] | None = None, *,
@@ -80,21 +124,27 @@ class OutputSpec:
             return self.overlays
         return pictures_folder(self.report) / "overlays"
 
+    def folders(self) -> dict[str, Path]:
+        """``{option: folder}`` of every folder this run writes into."""
+        def parent(path: Path | None) -> Path | None:
+            return None if path is None else path.parent
+
+        folders = {"--out": parent(self.results), "--masks": self.masks,
+                   "--overlays": self.overlay_folder, "--dicom-seg": self.dicom_seg,
+                   "--report": parent(self.report), "--skipped": parent(self.skipped)}
+        return {option: folder for option, folder in folders.items() if folder is not None}
+
     def create(self) -> None:
-        """Create the folders (and the results file's); ``UBCInputError`` naming one that
-        cannot be made."""
-        folders = [("masks", self.masks), ("overlays", self.overlay_folder),
-                   ("DICOM SEG", self.dicom_seg),
-                   ("results", None if self.results is None else self.results.parent),
-                   ("report", None if self.report is None else self.report.parent)]
-        for what, folder in folders:
-            if folder is None:
-                continue
+        """Create the folders and check that a file can be written in each: ``OutputFault``
+        naming the option and the folder when not (before any model is loaded)."""
+        for option, folder in self.folders().items():
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
             except OSError as exc:
-                raise UBCInputError(f"{folder}: cannot create the {what} folder ({exc})") \
-                    from exc
+                raise OutputFault(f"{option} {folder}: cannot write there "
+                                  f"({exc.strerror or exc})") from exc
 
     def files_for(self, case_id: str, *, dicom: bool) -> CaseFiles:
         """The case's files, named by the safe name of its id (never outside the folders);
@@ -104,4 +154,7 @@ class OutputSpec:
 
         return CaseFiles(mask=inside(self.masks, ".nii.gz"),
                          overlay=inside(self.overlay_folder, ".png"),
-                         seg=inside(self.dicom_seg, ".dcm") if dicom else None)
+                         seg=inside(self.dicom_seg, ".dcm") if dicom else None,
+                         kept=self.kept.get(case_id, frozenset()),
+                         base=None if self.results is None else self.results.parent,
+                         store=self.store_seg if dicom else None)

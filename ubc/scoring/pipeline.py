@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ubc.engine.base import Engine
+from ubc.errors import OutputFault
 from ubc.scoring.discover import Case
 from ubc.scoring.options import PipelineOptions
 from ubc.scoring.outputs import OutputSpec
@@ -280,6 +281,8 @@ class Pipeline:
             self.stats.wall_seconds = time.perf_counter() - started
         if self._crash is not None:
             crash = self._crash
+            if isinstance(crash, OutputFault):  # the disk, not the pipeline: say so as it is
+                raise crash
             raise PipelineError(f"the scoring pipeline stopped ({type(crash).__name__}: "
                                 f"{crash})") from crash
         # "aggregate" includes "write"; report them apart

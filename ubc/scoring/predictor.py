@@ -43,14 +43,17 @@ from ubc.scoring.stages import CaseOutputs, RunContext, finish_case, load_case, 
 __all__ = ["Predictor", "Overloaded", "BatcherStats", "Source", "case_for"]
 
 #: what ``predict`` accepts: a NIfTI or NRRD path, the bytes of a .nii/.nii.gz file, a
-#: loaded ``ubc.io.Volume``, or a 3-D array (with ``affine=``)
-Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Volume, np.ndarray]
+#: loaded ``ubc.io.Volume``, a 3-D array (with ``affine=``), or a ``Case`` with its reader
+#: (a DICOM study: ``ubc.io.readers.DicomSeries``)
+Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Volume, np.ndarray, Case]
 
 
 def case_for(source: Source, *, case_id: str | None = None,
              affine: np.ndarray | None = None) -> Case:
     """The case of an in-memory API's ``source``, with the reader of its kind; a bad
     argument raises TypeError/ValueError (a bad input fails when the case is loaded)."""
+    if isinstance(source, Case):
+        return source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         return Case(case_id or case_id_for(path), path)

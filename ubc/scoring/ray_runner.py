@@ -10,7 +10,7 @@
                                                           -> per case: its accumulator
     finish tasks  (1 CPU each) finish_case: verdict, mask + overlay written atomically by
                   the worker                              -> one JSON row per case
-    driver:       append + fsync each row as it arrives (``recording``), exactly as today
+    driver:       append each row as it arrives (``recording``, ``ubc.scoring.writers``)
 
 What crosses the object store, per case: its slices once (load task -> actor, S x H x W x 4
 bytes: about 25 MB for a BraTS volume at 224 x 224, read zero-copy by an actor on the same
@@ -45,7 +45,6 @@ import logging
 import os
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,7 @@ from ubc.quiet import ignoring_log, ignoring_stderr
 from ubc.scoring.archive import (
     RunPlan,
     RunSummary,
+    count_rows,
     output_spec,
     plan_run,
     recording,
@@ -233,7 +233,8 @@ def _lost_row(case: Case, context: RunContext) -> CaseResult:
                       error="the Ray worker scoring this case died on every retry (out of "
                       "memory, or a crash in native code); re-run with --retry-errors",
                       model=context.model, bundle_sha256=context.bundle_sha256,
-                      input_bytes=size, input_mtime_ns=mtime, input_digest=digest)
+                      trained_on=context.trained_on, input_bytes=size, input_mtime_ns=mtime,
+                      input_digest=digest)
 
 
 #: RunSummary stages <- the rows' seconds; "batch" is the actor's own work besides the engine
@@ -314,7 +315,7 @@ def score_archive_ray(bundle: str | os.PathLike[str] | Bundle, source: str | os.
                     part=part)
     # the actors replace backend and precision by their engine's (see EngineActor)
     context = RunContext.create(plan.bundle, backend, "?", options.case)
-    counts = Counter(r.status for r in plan.done)
+    counts = count_rows(plan.done)
     started = time.perf_counter()
     stages, slices, batch_size, sample = dict.fromkeys(STAGES, 0.0), 0, 0, None
     with recording(plan, counts, progress, on_result) as record:

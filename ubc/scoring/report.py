@@ -41,10 +41,13 @@ __all__ = ["FLAG_HELP", "RunInfo", "report_data", "write_report", "draw_from_mas
 
 #: flag kind (the text before ":") -> what it means, in plain words
 FLAG_HELP = {
-    "inplane_spacing": "The pixels are not the size the model resamples to; the scan was "
-                       "resampled, which is expected, but check unusual resolutions.",
+    "inplane_spacing": "After resampling to the model's grid, the pixels are coarser or "
+                       "finer than those of the training scans: the model sees slices "
+                       "unlike those it learnt from.",
     "thick_slices": "Slices are thicker than the training scans: small lesions may be "
                     "missed and the lesion volume is less exact.",
+    "thin_slices": "Slices are thinner than the training scans: they are sharper and "
+                   "noisier than what the model learnt from.",
     "non_axial": "The scan was acquired sagittally or coronally; the model was trained on "
                  "axial slices.",
     "oblique": "The slices are tilted against the patient's axes; the model saw straight "
@@ -90,7 +93,8 @@ def _case(row: CaseResult, picture: str | None) -> dict[str, Any]:
     return {"id": row.case_id, "status": row.status, "cls": row.predicted_class,
             "p": row.p_hgg, "ml": row.lesion_volume_ml, "scored": row.slices_scored,
             "total": row.slices_total, "s": row.seconds, "flags": row.flags or "",
-            "kinds": flag_kinds(row), "error": row.error, "pic": picture}
+            "kinds": flag_kinds(row), "error": row.error, "outerr": row.output_error,
+            "pic": picture}
 
 
 def report_data(rows: Sequence[CaseResult], pictures: dict[str, str],

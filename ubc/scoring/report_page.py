@@ -97,6 +97,7 @@ function flagHtml(c) {
 }
 function pictureHtml(c) {
   if (c.status === "error") return `<div class="err">${esc(c.error)}</div>`;
+  if (c.outerr) return `<div class="err">scored, but outputs not written: ${esc(c.outerr)}</div>`;
   if (c.pic) return `<img loading="lazy" src="${esc(c.pic)}" alt="top slices of ${esc(c.id)}">`;
   return `<div class="why">No picture: this run was scored without --report or --overlays `
     + `(ubc-report --masks DIR draws one from the case's mask).</div>`;

@@ -44,6 +44,14 @@ class CaseResult:
       ``thick_slices:5.5mm (trained 1mm)``; empty when there is nothing to say.
     - ``study_uid``/``series_uid``/``series_description``: the DICOM study and the series
       scored (empty for NIfTI).
+    - ``mask_file``/``seg_file``/``overlay_file``: the case's NIfTI mask, DICOM SEG and
+      overlay picture, relative to the results file's folder (empty when not written).
+    - ``output_error``: the outputs that failed to write and why (``dicom_seg: ...``); the
+      score is kept, and a re-run redoes only those outputs.
+    - ``trained_on``: where the model's training data came from (``ubc-synth phantoms`` ...),
+      so a score from a model that never saw a real scan says so.
+    - ``seg_stored``: where the SEG went (``--store-seg``): ``<SOPInstanceUID>@<node>``;
+      empty when not stored.
     """
 
     case_id: str
@@ -68,6 +76,12 @@ class CaseResult:
     study_uid: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
     series_uid: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
     series_description: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
+    mask_file: str | None = None
+    seg_file: str | None = None
+    overlay_file: str | None = None
+    output_error: str | None = None
+    trained_on: str | None = None
+    seg_stored: str | None = field(default=None, metadata=_ARCHIVE_ONLY)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

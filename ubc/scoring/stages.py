@@ -13,14 +13,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ubc.bundle import Bundle, Preprocessing
-from ubc.errors import UBCInputError
+from ubc.errors import OutputFault, UBCInputError, is_environment_fault
 from ubc.io import Volume, save_mask
 from ubc.io.conformance import Thresholds, check_output, check_volume
 from ubc.io.readers import NO_IDENTITY, Identity
+from ubc.provenance import TrainingData, trained_on
 from ubc.scoring.aggregate import (
     DEFAULT_MIN_LESION_ML,
     CaseAccumulator,
@@ -53,6 +55,7 @@ class RunContext:
     min_lesion_ml: float = DEFAULT_MIN_LESION_ML
     preprocess_threads: int = 1
     conformance: Thresholds = field(default_factory=Thresholds)
+    training: TrainingData | None = None  # the bundle's record of its training data
 
     @classmethod
     def create(cls, bundle: Bundle, backend: str, precision: str,
@@ -63,7 +66,12 @@ class RunContext:
                    class_names=tuple(bundle.class_names),
                    top_k=bundle.top_k if options.top_k is None else options.top_k,
                    min_lesion_ml=options.min_lesion_ml,
-                   preprocess_threads=options.preprocess_threads)
+                   preprocess_threads=options.preprocess_threads,
+                   training=TrainingData.of_bundle(bundle))
+
+    @property
+    def trained_on(self) -> str:
+        return trained_on(self.training)
 
     @property
     def hgg_index(self) -> int:
@@ -154,7 +162,8 @@ def prepare_case(loaded: Loaded, context: RunContext) -> Prepared:
     try:
         record = dataclasses.replace(record, slices_total=int(volume.data.shape[2]))
         checked = check_volume(volume, target_spacing=prep.target_spacing,
-                               name=str(case.image), thresholds=context.conformance)
+                               name=str(case.image), thresholds=context.conformance,
+                               trained=context.training.spacing if context.training else None)
         volume = checked.volume
         record = dataclasses.replace(record, flags=record.flags + tuple(checked.flags))
         counts = preprocess.foreground_counts(volume.data, threads=context.preprocess_threads)
@@ -162,9 +171,13 @@ def prepare_case(loaded: Loaded, context: RunContext) -> Prepared:
         indices = np.flatnonzero(counts)
         if len(indices) == 0:
             raise UBCInputError(f"{case.image}: empty volume (every voxel is 0)")
-        slices = preprocess.slices(
-            volume.data, volume.spacing, size=prep.size, target_spacing=prep.target_spacing,
-            norm=prep.norm, slice_indices=indices, threads=context.preprocess_threads)
+        try:
+            slices = preprocess.slices(
+                volume.data, volume.spacing, size=prep.size,
+                target_spacing=prep.target_spacing, norm=prep.norm, slice_indices=indices,
+                threads=context.preprocess_threads)
+        except ValueError as exc:  # the bundle's settings were checked at open: the input's
+            raise UBCInputError(f"{case.image}: {exc}") from exc
         record = dataclasses.replace(record, grid=volume.header_only(), indices=indices,
                                      brain_ml=brain_ml, slices=slices)
     except Exception as exc:
@@ -185,6 +198,7 @@ class CaseOutputs:
         self._keep_masks = files.keep_masks if keep_masks is None else keep_masks
         self._accumulator = accumulator
         self.seconds = 0.0
+        self.stored: str | None = None  # where the SEG was stored (``--store-seg``)
 
     @property
     def accumulator(self) -> CaseAccumulator:
@@ -295,46 +309,91 @@ def _implausible(outputs: CaseOutputs, verdict: Verdict) -> None:
                             "skull-stripped FLAIR like the training data; check the flags")
 
 
-def write_outputs(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None) -> None:
-    """The case's files (``CaseFiles``), each written atomically; ``mask``: the canonical
-    grid mask when one was made."""
-    files, grid = outputs.files, outputs.record.grid
-    assert grid is not None
-    if files.mask is not None and mask is not None:
-        save_mask(mask, grid, files.mask)
-    if files.seg is not None and mask is not None:
-        from ubc.io.dicom_seg import write_seg
+def _write_mask(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None,
+                path: Path) -> None:
+    assert outputs.record.grid is not None and mask is not None
+    save_mask(mask, outputs.record.grid, path)
 
-        assert grid.source_frames is not None
-        write_seg(grid.to_original_orientation(mask), grid.source_frames, files.seg,
-                  model=outputs.context.model, version=outputs.context.bundle_sha256[:12])
-    if files.overlay is not None:
-        from ubc.scoring.overlays import write_overlay
 
-        acc, record = outputs.accumulator, outputs.record
-        assert acc.images is not None
-        write_overlay(files.overlay, case_id=record.case.case_id, images=acc.images,
-                      mask_prob=acc.mask_prob, slice_indices=record.indices,
-                      area_mm2=acc.area_mm2, p_hgg=acc.p_hgg, verdict=verdict)
+def _write_seg(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None,
+               path: Path) -> None:
+    from ubc.io.dicom_seg import write_seg
+
+    grid = outputs.record.grid
+    assert grid is not None and grid.source_frames is not None and mask is not None
+    write_seg(grid.to_original_orientation(mask), grid.source_frames, path,
+              model=outputs.context.model, version=outputs.context.bundle_sha256[:12])
+
+
+def _write_overlay(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None,
+                   path: Path) -> None:
+    from ubc.scoring.overlays import write_overlay
+
+    acc, record = outputs.accumulator, outputs.record
+    assert acc.images is not None
+    write_overlay(path, case_id=record.case.case_id, images=acc.images,
+                  mask_prob=acc.mask_prob, slice_indices=record.indices,
+                  area_mm2=acc.area_mm2, p_hgg=acc.p_hgg, verdict=verdict)
+
+
+_WRITERS = {"mask": _write_mask, "seg": _write_seg, "overlay": _write_overlay}
+
+
+def write_outputs(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None
+                  ) -> dict[str, str]:
+    """Write the case's files (``CaseFiles.to_write``), each atomically; ``mask``: the
+    canonical grid mask when one was made. Returns ``{output: why}`` of those that failed:
+    a failed output never discards the score. ``OutputFault`` when the disk or the folder
+    is at fault (full, read-only): the run must stop, not fail every case."""
+    failed = {}
+    for name, path in outputs.files.to_write().items():
+        try:
+            _WRITERS[name](outputs, verdict, mask, path)
+        except Exception as exc:
+            if is_environment_fault(exc):
+                raise OutputFault(f"{path}: cannot write the case's {name} "
+                                  f"({getattr(exc, 'strerror', None) or exc})") from exc
+            failed[name] = Failure.of("write", exc).message
+    _store_seg(outputs, failed)
+    return failed
+
+
+def _store_seg(outputs: CaseOutputs, failed: dict[str, str]) -> None:
+    """Send the case's SEG (written now, or kept from an earlier run: the same file, so
+    the node holds one copy) to ``files.store``; a failure goes to ``failed["store"]``."""
+    files = outputs.files
+    if files.store is None or files.seg is None:
+        return
+    if "seg" in failed:
+        failed["store"] = "no SEG to send (its writing failed)"
+        return
+    try:
+        outputs.stored = files.store.send(files.seg)
+    except Exception as exc:  # the node's fault or refusal: the score stays
+        failed["store"] = Failure.of("store", exc).message
 
 
 def finish_case(outputs: CaseOutputs, *, want_mask: bool = False) -> Finished:
     """The case's row; writes its files first (so that a row on disk implies its files are
-    there). ``want_mask``: also return the mask in the input's own grid."""
+    there, or says in ``output_error`` which are not). ``want_mask``: also return the mask
+    in the input's own grid. ``OutputFault`` (see ``write_outputs``) is raised, not
+    recorded."""
     start = time.perf_counter()
-    verdict, mask = None, None
+    verdict, mask, failed = None, None, {}
     if outputs.record.failure is None:
         try:
             verdict = _verdict(outputs)
             _implausible(outputs, verdict)
-            if outputs.files.mask is not None or outputs.files.seg is not None or want_mask:
+            if want_mask or {"mask", "seg"} & outputs.files.to_write().keys():
                 mask = original_grid_mask(outputs)
-            write_outputs(outputs, verdict, mask)
         except Exception as exc:
-            outputs.fail("aggregate" if verdict is None else "write", exc)
+            outputs.fail("aggregate", exc)
+    if outputs.record.failure is None and verdict is not None:
+        failed = write_outputs(outputs, verdict, mask)
     record = outputs.record
     seconds = record.seconds + outputs.seconds + time.perf_counter() - start
-    result = _result(record, verdict, outputs.context, seconds)
+    result = _result(record, verdict, outputs.context, seconds, outputs.files, failed,
+                     outputs.stored)
     if want_mask and mask is not None and record.grid is not None and record.failure is None:
         mask = np.ascontiguousarray(record.grid.to_original_orientation(mask))
     else:
@@ -342,13 +401,28 @@ def finish_case(outputs: CaseOutputs, *, want_mask: bool = False) -> Finished:
     return Finished(result, mask, record.failure)
 
 
+def _with_files(row: CaseResult, files: CaseFiles, failed: dict[str, str],
+                stored: str | None) -> CaseResult:
+    """``row`` with its ``<output>_file`` columns (empty for an output that failed), its
+    ``output_error`` and where its SEG was stored."""
+    def named(name: str) -> str | None:
+        return None if name in failed else files.named(name)
+
+    error = "; ".join(f"{name}: {why.replace(';', ',')}" for name, why in failed.items())
+    return dataclasses.replace(row, mask_file=named("mask"), seg_file=named("seg"),
+                               overlay_file=named("overlay"), output_error=error or None,
+                               seg_stored=stored)
+
+
 def _result(record: Prepared, verdict: Verdict | None, context: RunContext,
-            seconds: float) -> CaseResult:
+            seconds: float, files: CaseFiles, failed: dict[str, str],
+            stored: str | None) -> CaseResult:
     failure = record.failure
     row = CaseResult(case_id=record.case.case_id, path=str(record.case.image), status=ERROR,
                      error=failure.message if failure is not None else "unknown failure",
                      slices_total=record.slices_total, model=context.model,
                      bundle_sha256=context.bundle_sha256, backend=context.backend,
+                     trained_on=context.trained_on,
                      precision=context.precision, seconds=round(seconds, 6),
                      input_bytes=record.identity[0], input_mtime_ns=record.identity[1],
                      input_digest=record.identity[2],
@@ -356,8 +430,9 @@ def _result(record: Prepared, verdict: Verdict | None, context: RunContext,
                      **dataclasses.asdict(record.case.reader.columns()))
     if failure is not None or verdict is None:
         return row
-    return dataclasses.replace(
+    return _with_files(dataclasses.replace(
         row, status=NO_LESION if verdict.no_lesion else OK, error=None, p_hgg=verdict.p_hgg,
         predicted_class=verdict.predicted_class, lesion_volume_ml=verdict.lesion_volume_ml,
-        slices_scored=record.n_scored, slices_used=verdict.slices_used)
+        slices_scored=record.n_scored, slices_used=verdict.slices_used), files, failed,
+        stored)
 

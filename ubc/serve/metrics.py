@@ -1,21 +1,24 @@
 """Prometheus metrics of ``ubc-serve``, in a registry of the app's own (several apps in one
 process, as in tests, do not collide).
 
-- ``ubc_requests_total{endpoint, status}``: answered requests by HTTP status;
+- ``ubc_requests_total{endpoint, status}``: answered requests by HTTP status (499: the
+  client went away before its answer);
 - ``ubc_request_seconds{endpoint}``: latency histogram of the scoring endpoints;
 - ``ubc_engine_batch_size``: histogram of the slices per engine call (its mean is the
   figure that shows batching at work: sum / count);
 - ``ubc_queue_slices``: slices waiting for the engine now;
 - ``ubc_engine_busy_seconds_total``: time spent in ``Engine.infer``;
-- ``ubc_overloaded_total``: requests refused with 503 because the queue was full.
-The last four are read from the predictor's own counters when scraped.
+- ``ubc_overloaded_total``: requests refused with 503 because the queue was full;
+- ``ubc_decode_bytes``: memory reserved now by the volumes being decoded and scored (the
+  decode budget in use).
+The last five are read from the predictor's and the budget's own counters when scraped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -57,9 +60,10 @@ class _PredictorCollector(Collector):
 
 class Metrics:
     """The service's metrics; ``stats`` gives the predictor's counters (None while
-    loading)."""
+    loading), ``decoding`` the bytes of the decode budget in use."""
 
-    def __init__(self, stats: Callable[[], BatcherStats | None]) -> None:
+    def __init__(self, stats: Callable[[], BatcherStats | None],
+                 decoding: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("ubc_requests", "answered requests", ["endpoint", "status"],
                                 registry=self.registry)
@@ -67,6 +71,8 @@ class Metrics:
                                  "endpoints", ["endpoint"], buckets=_LATENCY_BUCKETS,
                                  registry=self.registry)
         self.registry.register(_PredictorCollector(stats))
+        Gauge("ubc_decode_bytes", "memory reserved by the volumes being decoded and scored",
+              registry=self.registry).set_function(decoding)
 
     def observe(self, endpoint: str, status: int, seconds: float | None = None) -> None:
         """Count one answered request (and its latency, when given)."""

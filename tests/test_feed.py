@@ -1,0 +1,70 @@
+"""The CPU side of scoring made faster (issue 28): the replay engine of ``ubc-bench --feed``,
+and the speed-ups that must change no output (float16 mask probabilities, isal-deflated
+masks, rows fsync'ed together)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scoring_archive import FakeEngine
+
+from ubc.benchmark.feed import ReplayEngine
+from ubc.io.nifti import encode_mask
+from ubc.scoring.aggregate import as_float16
+from ubc.scoring.result import OK, CaseResult
+from ubc.scoring.writers import open_results
+
+
+def test_replay_returns_the_recorded_outputs_whatever_the_batch() -> None:
+    source = FakeEngine((16, 16), max_batch=8)
+    replay = ReplayEngine(source)
+    slices = np.random.default_rng(0).normal(size=(10, 1, 16, 16)).astype(np.float32)
+    expected = source.infer(slices)
+    seen = source.slices_seen
+    replay.infer(slices[:6])
+    replay.infer(slices[4:])
+    assert replay.misses == 10 and source.slices_seen == seen + 10
+    replay.recording = False
+    shuffled = slices[::-1].copy()
+    logits, masks = replay.infer(shuffled)
+    assert source.slices_seen == seen + 10  # answered from the record alone
+    assert np.array_equal(logits, expected[0][::-1]) and np.array_equal(masks, expected[1][::-1])
+    with pytest.raises(RuntimeError, match="never recorded"):
+        replay.infer(shuffled + 1)
+
+
+def test_float16_probabilities_are_numpys_bit_for_bit() -> None:
+    values = np.arange(0, 0x3F800001, 97, dtype=np.uint32).view(np.float32)  # [0, 1]
+    assert np.array_equal(as_float16(values).view(np.uint16),
+                          values.astype(np.float16).view(np.uint16))
+
+
+def test_a_mask_deflated_by_isal_reads_back_its_voxels(tmp_path: Path) -> None:
+    mask = np.zeros((40, 30, 20), np.uint8)
+    mask[10:20, 5:25, 3:9] = 1
+    affine = np.diag([0.9, 1.1, 2.0, 1.0])
+    data = encode_mask(mask, affine)
+    assert data == encode_mask(mask, affine)  # deterministic
+    path = tmp_path / "mask.nii.gz"
+    path.write_bytes(data)
+    image = nib.load(path)
+    assert np.array_equal(np.asanyarray(image.dataobj), mask)
+    np.testing.assert_allclose(image.affine, affine)
+
+
+def test_a_row_is_on_disk_as_soon_as_it_is_appended(tmp_path: Path) -> None:
+    """Rows are fsync'ed together, but each is flushed at once: a process killed after
+    ``append`` keeps it (the file read by another reader holds it before ``close``)."""
+    path = tmp_path / "scores.csv"
+    results = open_results(path)
+    results.start()
+    rows = [CaseResult(case_id=f"c{i}", path=f"c{i}.nii.gz", status=OK) for i in range(3)]
+    for i, row in enumerate(rows):
+        results.append(row)
+        assert [r.case_id for r in open_results(path).read()] == [r.case_id
+                                                                  for r in rows[:i + 1]]
+    results.close()
+    assert len(open_results(path).read()) == 3
