@@ -42,6 +42,7 @@ from ubc.net.listen_spool import (
     read_instance,
 )
 from ubc.net.remote import Retry
+from ubc.scoring.archive import needs_retry
 from ubc.scoring.discover import Discovery, discover_archive
 
 if TYPE_CHECKING:
@@ -265,7 +266,7 @@ class Scorer(threading.Thread):
     def finished(self, uid: str, row: CaseResult) -> None:
         metrics = self.node.metrics
         metrics.count("scored")
-        if row.status == "error" or row.output_error:
+        if needs_retry(row):
             metrics.count("failed")
         if row.seg_stored:
             metrics.count("forwarded")

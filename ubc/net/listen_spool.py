@@ -22,6 +22,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ubc.atomic import fsync_dir
+
 __all__ = ["Instance", "Malformed", "SpoolFull", "InstanceSpool", "read_instance",
            "is_image_storage", "is_uid"]
 
@@ -107,14 +109,6 @@ def read_instance(data: bytes) -> Instance:
     return instance
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -161,10 +155,10 @@ class InstanceSpool:
                 os.fsync(f.fileno())
             if not folder.is_dir():
                 folder.mkdir(exist_ok=True)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             replaced = target.stat().st_size if target.exists() else 0
             os.replace(temporary, target)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except BaseException:
             with self._lock:
                 self.bytes -= len(data)

@@ -155,7 +155,7 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[CaseResult], None],
 
     def update(result: CaseResult) -> None:
         state["slices"] += result.slices_scored or 0
-        state["failed"] += result.status == ERROR
+        state["failed"] += needs_retry(result)
         elapsed = max(time.perf_counter() - state["start"], 1e-9)
         bar.set_postfix_str(f"{state['slices'] / elapsed:.1f} slices/s, "
                             f"failed {state['failed']}", refresh=False)

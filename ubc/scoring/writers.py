@@ -292,8 +292,9 @@ class ParquetResults(ResultsFile):
         if self.journal._file is None and not self.journal.path.exists():
             return
         self.journal.close()
-        if not self._journal_folded():
-            self._write(self.read(), folded=_sha256_of(self.journal.path))
+        if not self._journal_folded():  # so read() would take the journal too
+            self._write(self._table_rows() + self.journal.read(),
+                        folded=_sha256_of(self.journal.path))
         self.journal.path.unlink(missing_ok=True)
 
 
