@@ -107,7 +107,7 @@ def _checked_norm(value: object) -> str:
 
 
 def _check_format_version(value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_int(value) or value < 1:
         raise BundleError(f"format_version must be a whole number >= 1, got {value!r}")
     if value > FORMAT_VERSION:
         raise BundleError(f"made by a newer ubc (format_version {value} > {FORMAT_VERSION}); "
@@ -127,7 +127,7 @@ def _check_class_names(value: object) -> None:
 
 
 def _check_top_k(value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_int(value) or value < 1:
         raise BundleError(f"top_k must be a whole number >= 1 (slices per case that score "
                           f"it), got {value!r}")
 
