@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ubc.atomic import atomic_write
 from ubc.errors import BundleError
@@ -67,7 +67,7 @@ NORMS = ("zscore", "percentile", "none")
 _SIZE_STEP, _MAX_SIZE = 32, 4096
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
