@@ -427,3 +427,41 @@ def test_the_same_series_and_model_make_the_same_seg(tmp_path: Path) -> None:
     first = uids("a.dcm", "abc")
     assert uids("b.dcm", "abc") == first
     assert set(uids("c.dcm", "def")).isdisjoint(first)
+
+
+@pytest.mark.parametrize("multiframe", [False, True])
+def test_seg_reads_back_the_mask_and_references_each_source_frame(tmp_path: Path,
+                                                                 multiframe: bool) -> None:
+    """The SEG (encoded without highdicom) read back by highdicom is the mask, voxel for
+    voxel, empty frames included; each SEG frame names its source instance (and frame of an
+    Enhanced MR instance, written in reverse order) and that frame's ImagePositionPatient."""
+    from ubc.io.dicom_seg import read_seg, write_seg
+
+    data = phantom(3, grade=1, shape=(64, 64, 20))[0]
+    files = write_series(data, dicom_affine(data.shape, 1), tmp_path / "series",
+                         _spec(f"seg-{multiframe}"), multiframe=multiframe,
+                         order=list(range(20))[::-1] if multiframe else None)
+    _, sources = load_series(files)
+    mask = (np.random.default_rng(0).random((64, 64, 20)) < 0.2).astype(np.uint8)
+    mask[:, :, 5] = 0
+    path = write_seg(mask, sources, tmp_path / "seg.dcm")
+    assert np.array_equal(read_seg(path, sources), mask)
+
+    positions = {}  # (SOP instance UID, frame number or None): ImagePositionPatient
+    for file in files:
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+        if multiframe:
+            for number, group in enumerate(ds.PerFrameFunctionalGroupsSequence, 1):
+                ipp = group.PlanePositionSequence[0].ImagePositionPatient
+                positions[(ds.SOPInstanceUID, number)] = [float(v) for v in ipp]
+        else:
+            positions[(ds.SOPInstanceUID, None)] = [float(v) for v in ds.ImagePositionPatient]
+    seg = pydicom.dcmread(path)
+    referenced = {}
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        source = group.DerivationImageSequence[0].SourceImageSequence[0]
+        number = source.get("ReferencedFrameNumber")
+        key = (source.ReferencedSOPInstanceUID, None if number is None else int(number))
+        referenced[key] = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+    assert seg.NumberOfFrames == len(referenced) == 20
+    assert referenced == positions

@@ -36,10 +36,20 @@ def test_replay_returns_the_recorded_outputs_whatever_the_batch() -> None:
         replay.infer(shuffled + 1)
 
 
-def test_float16_probabilities_are_numpys_bit_for_bit() -> None:
-    values = np.arange(0, 0x3F800001, 97, dtype=np.uint32).view(np.float32)  # [0, 1]
-    assert np.array_equal(as_float16(values).view(np.uint16),
-                          values.astype(np.float16).view(np.uint16))
+def test_float16_conversion_is_numpys_bit_for_bit() -> None:
+    """Every 97th float in [0, 1] (mask probabilities), random bit patterns (NaN payloads,
+    infinities, both signs), and each side of the subnormal, normal and overflow bounds."""
+    probabilities = np.arange(0, 0x3F800001, 97, dtype=np.uint32)
+    random = np.random.default_rng(0).integers(0, 2 ** 32, 2_000_000, dtype=np.uint64)
+    bounds = np.array([0x33000000, 0x38800000, 0x477FF000, 0x47800000, 0x7F800000],
+                      dtype=np.int64)
+    near = (bounds[:, None] + np.arange(-2048, 2049)).ravel()
+    bits = np.concatenate([probabilities, random.astype(np.uint32), near.astype(np.uint32)])
+    for values in (bits.view(np.float32), (bits | np.uint32(0x80000000)).view(np.float32)):
+        with np.errstate(over="ignore"):
+            expected = values.astype(np.float16).view(np.uint16)
+        assert np.array_equal(as_float16(values).view(np.uint16), expected)
+    assert as_float16(np.ones((2, 3), np.float32)).shape == (2, 3)
 
 
 def test_a_mask_deflated_by_isal_reads_back_its_voxels(tmp_path: Path) -> None:

@@ -107,6 +107,28 @@ def test_to_original_matches_reference(geometry):
     assert not got[:, :, [1, 2, 5, 6, 7]].any()
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}->{g[1]}@{g[2]}")
+def test_to_original_with_a_threshold_is_the_thresholded_float_volume(geometry):
+    """The binary mask path gives the voxels of thresholding the float one, slices that
+    stay below the threshold (skipped without resampling) and values at it included."""
+    spacing, target_spacing, size = geometry
+    rng = np.random.default_rng(6)
+    values = (rng.random((6, *size)) ** 3).astype(np.float32)
+    values[1] = 0.4999999  # below: skipped; values[2] at the threshold: resampled, all 0
+    values[2], values[3] = 0.5, 0.0
+    values[4, 0, 0] = 0.9  # one hot pixel on an otherwise empty slice
+    values[4, 1:] = 0.0
+    shape, indices = (29, 35, 9), [0, 3, 4, 8, 1, 6]
+    for threads in (1, 2):
+        floats = native.to_original(values, shape, spacing, target_spacing=target_spacing,
+                                    slice_indices=indices, threads=threads)
+        mask = native.to_original(values, shape, spacing, target_spacing=target_spacing,
+                                  slice_indices=indices, threads=threads, threshold=0.5)
+        assert mask.dtype == np.uint8 and mask.flags.f_contiguous and mask.shape == shape
+        np.testing.assert_array_equal(mask, (floats > 0.5).astype(np.uint8))
+    assert mask[:, :, 0].any() and not mask[:, :, [2, 3, 5, 7, 8]].any()
+
+
 def test_slice_indices_select_the_same_slices():
     volume = random_volume((40, 40, 10), np.int16, np.random.default_rng(1))
     every = native.slices(volume, (1, 1, 1), size=(32, 32))

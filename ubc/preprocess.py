@@ -133,12 +133,15 @@ def foreground_counts(volume: np.ndarray, *, threads: int = 0) -> np.ndarray:
 def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequence[float], *,
                 target_spacing: Sequence[float] = (1.0, 1.0),
                 slice_indices: Sequence[int] | np.ndarray | None = None,
-                threads: int = 0) -> np.ndarray:
+                threads: int = 0, threshold: float | None = None) -> np.ndarray:
     """float32 array of ``original_shape`` (x, y, z), Fortran order: model-grid slices
     ``values`` [S, H, W] (or [S, 1, H, W]) mapped back onto the original in-plane grid
     (the inverse of ``slices``' geometry, resampled as ``slices`` does). Slices not in
-    ``slice_indices`` are 0; each index may appear once (ValueError otherwise). Threshold the
-    result for a binary mask."""
+    ``slice_indices`` are 0; each index may appear once (ValueError otherwise).
+
+    ``threshold`` (> 0): a binary mask instead, uint8, 1 where the mapped value is above it:
+    the voxels of ``to_original(...) > threshold`` without the float volume (4x the memory
+    traffic), and slices whose values all stay below it are not resampled."""
     values = np.asarray(values)
     if values.ndim == 4 and values.shape[1] == 1:
         values = values[:, 0]
@@ -150,9 +153,13 @@ def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequ
     indices = _indices(slice_indices, shape[2])
     if len(indices) != values.shape[0]:
         raise ValueError(f"{values.shape[0]} slices given for {len(indices)} slice indices")
+    geometry = (np.require(values, np.float32, ["C", "A"]),
+                _entries(spacing, 3, "spacing (x, y, z) in mm"),
+                _entries(target_spacing, 2, "target_spacing (H, W) in mm"), indices)
+    if threshold is not None:
+        mask = np.zeros(shape, dtype=np.uint8, order="F")
+        _native.to_original_mask(*geometry, threshold, threads, mask)
+        return mask
     result = np.zeros(shape, dtype=np.float32, order="F")
-    _native.to_original(np.require(values, np.float32, ["C", "A"]),
-                        _entries(spacing, 3, "spacing (x, y, z) in mm"),
-                        _entries(target_spacing, 2, "target_spacing (H, W) in mm"), indices,
-                        threads, result)
+    _native.to_original(*geometry, threads, result)
     return result

@@ -182,22 +182,24 @@ void foreground_counts(const py::array& volume, int threads, py::array out) {
     ubc::foreground_counts(v, threads, dst);
 }
 
-// out: any layout whose strides are whole float32 elements (the core checks that no two
-// elements share memory); refused, not converted, otherwise.
-float* checked_volume_out(py::array& out, std::array<int64_t, 3>& shape, std::array<int64_t, 3>& strides) {
-    std::string problem = out_problem<float>(out, nullptr);
+// out: any layout whose strides are whole T elements (the core checks that no two elements
+// share memory); refused, not converted, otherwise.
+template <typename T>
+T* checked_volume_out(py::array& out, std::array<int64_t, 3>& shape, std::array<int64_t, 3>& strides) {
+    const std::string type = py::str(py::dtype::of<T>());
+    std::string problem = out_problem<T>(out, nullptr);
     if (problem.empty() && out.ndim() != 3) problem = "it has " + std::to_string(out.ndim()) + " dimensions";
     for (py::ssize_t i = 0; problem.empty() && i < 3; ++i) {
         const auto a = static_cast<size_t>(i);
         shape[a] = static_cast<int64_t>(out.shape(i));
-        strides[a] = static_cast<int64_t>(out.strides(i)) / static_cast<int64_t>(sizeof(float));
-        if (out.strides(i) % static_cast<py::ssize_t>(sizeof(float)) != 0)
-            problem = "its strides are not whole float32 elements";
+        strides[a] = static_cast<int64_t>(out.strides(i)) / static_cast<int64_t>(sizeof(T));
+        if (out.strides(i) % static_cast<py::ssize_t>(sizeof(T)) != 0)
+            problem = "its strides are not whole " + type + " elements";
     }
     if (!problem.empty())
-        throw py::value_error("out must be a writeable, aligned 3-D float32 volume in native "
-                              "byte order, but " + problem);
-    return static_cast<float*>(out.mutable_data());
+        throw py::value_error("out must be a writeable, aligned 3-D " + type + " volume in "
+                              "native byte order, but " + problem);
+    return static_cast<T*>(out.mutable_data());
 }
 
 void to_original(const Values& values, std::array<double, 3> spacing,
@@ -209,13 +211,42 @@ void to_original(const Values& values, std::array<double, 3> spacing,
         throw py::value_error("values must have one slice per slice index");
     const std::array<int64_t, 2> size{values.shape(1), values.shape(2)};
     std::array<int64_t, 3> shape{}, strides{};
-    float* dst = checked_volume_out(out, shape, strides);
+    float* dst = checked_volume_out<float>(out, shape, strides);
     check_disjoint(out, values, "the values");
     const float* src = checked_input(values, "values").data();
     const int64_t* index = checked_input(indices, "slice indices").data();
     py::gil_scoped_release release;
     ubc::to_original(src, size, shape, strides, spacing, target_spacing, index, count(indices),
                      threads, dst);
+}
+
+void to_float16(const py::array_t<float, py::array::c_style>& values, int threads,
+                py::array out) {
+    check_threads(threads);
+    const std::vector<py::ssize_t> shape(values.shape(), values.shape() + values.ndim());
+    auto* dst = checked_out<uint16_t>(out, shape);
+    check_disjoint(out, values, "the values");
+    const float* src = checked_input(values, "values").data();
+    py::gil_scoped_release release;
+    ubc::to_float16(src, static_cast<int64_t>(shape.empty() ? 1 : values.size()), threads, dst);
+}
+
+void to_original_mask(const Values& values, std::array<double, 3> spacing,
+                      std::array<double, 2> target_spacing, const Indices& indices,
+                      float threshold, int threads, py::array out) {
+    check_threads(threads);
+    if (values.ndim() != 3) throw py::value_error("values must be [S, H, W]");
+    if (values.shape(0) != count(indices))
+        throw py::value_error("values must have one slice per slice index");
+    const std::array<int64_t, 2> size{values.shape(1), values.shape(2)};
+    std::array<int64_t, 3> shape{}, strides{};
+    uint8_t* dst = checked_volume_out<uint8_t>(out, shape, strides);
+    check_disjoint(out, values, "the values");
+    const float* src = checked_input(values, "values").data();
+    const int64_t* index = checked_input(indices, "slice indices").data();
+    py::gil_scoped_release release;
+    ubc::to_original_mask(src, size, shape, strides, spacing, target_spacing, index,
+                          count(indices), threshold, threads, dst);
 }
 
 }  // namespace
@@ -236,6 +267,11 @@ PYBIND11_MODULE(_native, m) {
     m.def("to_original", &to_original, py::arg("values"), py::arg("spacing"),
           py::arg("target_spacing"), py::arg("indices"), py::arg("threads"),
           py::arg("out").noconvert());
+    m.def("to_float16", &to_float16, py::arg("values"), py::arg("threads"),
+          py::arg("out").noconvert());
+    m.def("to_original_mask", &to_original_mask, py::arg("values"), py::arg("spacing"),
+          py::arg("target_spacing"), py::arg("indices"), py::arg("threshold"),
+          py::arg("threads"), py::arg("out").noconvert());
     m.attr("MAX_AXIS") = ubc::kMaxAxis;
     m.attr("MAX_SLICE_VOXELS") = ubc::kMaxSliceVoxels;
     m.attr("MAX_VOXELS") = ubc::kMaxVoxels;

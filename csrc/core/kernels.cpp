@@ -134,7 +134,48 @@ UBC_AVX2 void moments_avx2(const T* in, int64_t n, IntMoments& m) { moments_body
 template <typename T>
 UBC_AVX512 void moments_avx512(const T* in, int64_t n, IntMoments& m) { moments_body(in, n, m); }
 
+// One float's binary16 bits, as selects the vectoriser turns into blends.
+[[gnu::always_inline]] inline uint16_t half_bits(float value) {
+    uint32_t x;
+    std::memcpy(&x, &value, sizeof x);
+    const uint32_t a = x & 0x7fffffffu;
+    // normal halves: rebias the exponent (127 - 15), round the 13 dropped bits to even
+    const uint32_t normal = (a - 0x38000000u + 0x0fffu + ((a >> 13) & 1u)) >> 13;
+    // halves below 2^-14 are multiples of 2^-24: adding 0.5 (whose ulp is 2^-24) rounds |value|
+    // to one, to nearest even, and leaves the multiple in the low bits
+    float magnitude;
+    std::memcpy(&magnitude, &a, sizeof magnitude);
+    const float shifted = magnitude + 0.5f;
+    uint32_t shifted_bits;
+    std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+    // the choices as masks (all ones or zero): GCC does not if-convert the selects here
+    const auto when = [](bool c) { return 0u - static_cast<uint32_t>(c); };
+    const uint32_t small = when(a < 0x38800000u), huge = when(a >= 0x47800000u);
+    const uint32_t nan = when(a > 0x7f800000u), payload = (a & 0x007fffffu) >> 13;
+    uint32_t h = ((shifted_bits - 0x3f000000u) & small) | (normal & ~small);
+    h = (0x7c00u & huge) | (h & ~huge);  // 2^16 and above (and infinity): infinity
+    h = ((0x7c00u | payload | static_cast<uint32_t>(payload == 0)) & nan) | (h & ~nan);  // NaN stays NaN
+    return static_cast<uint16_t>(((x >> 16) & 0x8000u) | h);
+}
+
+[[gnu::always_inline]] inline void half_body(const float* __restrict in, int64_t n,
+                                             uint16_t* __restrict out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = half_bits(in[i]);
+}
+
+UBC_AVX2 void half_avx2(const float* in, int64_t n, uint16_t* out) { half_body(in, n, out); }
+UBC_AVX512 void half_avx512(const float* in, int64_t n, uint16_t* out) { half_body(in, n, out); }
+
 }  // namespace
+
+void to_half(const float* in, int64_t n, uint16_t* out) {
+    switch (isa()) {
+        case Isa::avx512: return half_avx512(in, n, out);
+        case Isa::avx2: return half_avx2(in, n, out);
+        case Isa::baseline: break;
+    }
+    half_body(in, n, out);
+}
 
 template <typename T>
 void normalise_row(const T* in, int64_t n, float* out, const Affine& f) {

@@ -1,5 +1,5 @@
 // The preprocessing's hot loops: normalisation of contiguous voxels to float, transposition of
-// tiles of voxels, and the exact moments of 8/16-bit volumes. kernels.cpp compiles each for
+// tiles of voxels, the exact moments of 8/16-bit volumes, and float32 to float16. kernels.cpp compiles each for
 // AVX-512, AVX2 and baseline x86-64 and picks one at run time; every version computes the same
 // bits as normalise_value.
 #pragma once
@@ -48,5 +48,9 @@ struct IntMoments {
 
 template <typename T>
 void add_moments(const T* in, int64_t n, IntMoments& m);
+
+// out[i] = the IEEE binary16 bits of in[i], rounded to nearest even (subnormals, overflow to
+// infinity and NaN payloads as NumPy's astype(float16) gives them) for i < n.
+void to_half(const float* in, int64_t n, uint16_t* out);
 
 }  // namespace ubc::detail

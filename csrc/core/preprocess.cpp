@@ -624,13 +624,18 @@ void foreground_counts(const VolumeView& volume, int threads, int64_t* out) {
     });
 }
 
-void to_original(const float* values, const std::array<int64_t, 2>& size,
-                 const std::array<int64_t, 3>& out_shape,
-                 const std::array<int64_t, 3>& out_strides,
-                 const std::array<double, 3>& spacing,
-                 const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
-                 int64_t n_indices, int threads, float* out) {
-    if (values == nullptr || out == nullptr) throw std::invalid_argument("to_original: no data");
+namespace {
+
+// The checks and the slice loop shared by to_original and to_original_mask: each listed slice,
+// zero-padded, goes to write(s, padded, row_len, resampler, scratch) on one of the threads.
+template <typename Write>
+void for_each_original_slice(const float* values, const std::array<int64_t, 2>& size,
+                             const std::array<int64_t, 3>& out_shape,
+                             const std::array<int64_t, 3>& out_strides,
+                             const std::array<double, 3>& spacing,
+                             const std::array<double, 2>& target_spacing,
+                             const int64_t* slice_indices, int64_t n_indices, int threads,
+                             Write&& write) {
     detail::check_model_grid(size);
     detail::check_shape(out_shape, "original grid");
     detail::check_disjoint(out_shape, out_strides, "original-grid output");
@@ -654,10 +659,83 @@ void to_original(const float* values, const std::array<int64_t, 2>& size,
             for (int64_t h = 0; h < size[0]; ++h)
                 std::copy_n(values + s * plane + h * size[1], size[1],
                             padded.data() + (h + 1) * row_len + 1);
-            resampler.run(padded.data(), row_len, out + slice_indices[s] * out_strides[2],
-                          out_strides[0], out_strides[1], scratch);
+            write(s, padded.data(), row_len, resampler, scratch);
         }
     });
+}
+
+}  // namespace
+
+void to_float16(const float* in, int64_t n, int threads, uint16_t* out) {
+    if (n < 0 || (n > 0 && (in == nullptr || out == nullptr)))
+        throw std::invalid_argument("to_float16: no data");
+    constexpr int64_t kChunk = 1 << 16;  // values per piece of work
+    const int64_t pieces = (n + kChunk - 1) / kChunk;
+    parallel_for(pieces, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+            const int64_t first = p * kChunk;
+            detail::to_half(in + first, std::min(kChunk, n - first), out + first);
+        }
+    });
+}
+
+void to_original(const float* values, const std::array<int64_t, 2>& size,
+                 const std::array<int64_t, 3>& out_shape,
+                 const std::array<int64_t, 3>& out_strides,
+                 const std::array<double, 3>& spacing,
+                 const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
+                 int64_t n_indices, int threads, float* out) {
+    if (values == nullptr || out == nullptr) throw std::invalid_argument("to_original: no data");
+    for_each_original_slice(
+        values, size, out_shape, out_strides, spacing, target_spacing, slice_indices, n_indices,
+        threads, [&](int64_t s, const float* padded, int64_t row_len,
+                     const PlaneResampler& resampler, std::vector<float>& scratch) {
+            resampler.run(padded, row_len, out + slice_indices[s] * out_strides[2],
+                          out_strides[0], out_strides[1], scratch);
+        });
+}
+
+void to_original_mask(const float* values, const std::array<int64_t, 2>& size,
+                      const std::array<int64_t, 3>& out_shape,
+                      const std::array<int64_t, 3>& out_strides,
+                      const std::array<double, 3>& spacing,
+                      const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
+                      int64_t n_indices, float threshold, int threads, uint8_t* out) {
+    if (values == nullptr || out == nullptr)
+        throw std::invalid_argument("to_original_mask: no data");
+    if (!(threshold > 0.0f) || !std::isfinite(threshold))
+        throw std::invalid_argument("to_original_mask: threshold must be a finite number > 0");
+    const int64_t nx = out_shape[0], ny = out_shape[1];
+    // Resampled values are non-negative-weighted sums of the inputs and zeros, weights summing
+    // to at most 1: none exceeds max(0, the slice's maximum). A slice whose maximum stays
+    // below the threshold (with room for the rounding of those sums) is all zero.
+    const float skip_below = threshold * (1.0f - 1e-5f);
+    for_each_original_slice(
+        values, size, out_shape, out_strides, spacing, target_spacing, slice_indices, n_indices,
+        threads, [&](int64_t s, const float* padded, int64_t row_len,
+                     const PlaneResampler& resampler, std::vector<float>& scratch) {
+            uint8_t* dst = out + slice_indices[s] * out_strides[2];
+            const int64_t plane = size[0] * size[1];  // checked by for_each_original_slice
+            const float* first = values + s * plane;
+            const bool empty = *std::max_element(first, first + plane) < skip_below;
+            const int64_t sx = out_strides[0];
+            if (empty) {
+                for (int64_t y = 0; y < ny; ++y)
+                    for (int64_t x = 0; x < nx; ++x) dst[x * sx + y * out_strides[1]] = 0;
+                return;
+            }
+            thread_local std::vector<float> resampled;
+            resampled.resize(static_cast<size_t>(nx * ny));
+            resampler.run(padded, row_len, resampled.data(), 1, nx, scratch);
+            for (int64_t y = 0; y < ny; ++y) {
+                uint8_t* row = dst + y * out_strides[1];
+                const float* in = resampled.data() + y * nx;
+                if (sx == 1)  // Fortran order, the usual case: a loop the compiler vectorises
+                    for (int64_t x = 0; x < nx; ++x) row[x] = in[x] > threshold;
+                else
+                    for (int64_t x = 0; x < nx; ++x) row[x * sx] = in[x] > threshold;
+            }
+        });
 }
 
 }  // namespace ubc

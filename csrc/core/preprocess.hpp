@@ -87,4 +87,18 @@ void to_original(const float* values, const std::array<int64_t, 2>& size,
                  const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
                  int64_t n_indices, int threads, float* out);
 
+// out[i] = in[i] as IEEE binary16 bits (round to nearest even, as NumPy's astype(float16)) for
+// i < n, on up to `threads` threads.
+void to_float16(const float* in, int64_t n, int threads, uint16_t* out);
+
+// to_original thresholded: out is a uint8 volume (strides in elements), 1 where the resampled
+// value > threshold (> 0), else 0, written for every voxel of the listed slices. The same
+// voxels as thresholding to_original's result, without its float volume.
+void to_original_mask(const float* values, const std::array<int64_t, 2>& size,
+                      const std::array<int64_t, 3>& out_shape,
+                      const std::array<int64_t, 3>& out_strides,
+                      const std::array<double, 3>& spacing,
+                      const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
+                      int64_t n_indices, float threshold, int threads, uint8_t* out);
+
 }  // namespace ubc

@@ -218,6 +218,30 @@ void fuzz_to_original(Input& in, const Volume& v, int threads) {
         ubc::to_original(values.data(), size, v.view.shape, strides, spacing, target,
                          indices.data(), static_cast<int64_t>(indices.size()), t, origin);
     }, [&] { return bytes_of(out); });
+    // The thresholded mask, over the same layout: the voxels of out > threshold.
+    std::vector<uint8_t> mask(out.size());
+    uint8_t* mask_origin = mask.data() + (origin - out.data());
+    const float threshold = 0.5f;
+    same_for_any_thread_count(threads, [&](int t) {
+        std::fill(mask.begin(), mask.end(), uint8_t{0});
+        ubc::to_original_mask(values.data(), size, v.view.shape, strides, spacing, target,
+                              indices.data(), static_cast<int64_t>(indices.size()), threshold,
+                              t, mask_origin);
+    }, [&] { return std::vector<uint8_t>(mask); });
+    if (layout != 3)  // an aliased output keeps whichever slice came last: no voxel to compare
+        for (size_t i = 0; i < out.size(); ++i)
+            if (mask[i] != (out[i] > threshold)) __builtin_trap();
+}
+
+// float32 -> float16 bits of the volume's bytes read as floats (any bit pattern: NaN, infinity,
+// subnormals), on any thread count.
+void fuzz_to_float16(const Volume& v, int threads) {
+    std::vector<float> values(v.bytes.size() / sizeof(float));
+    if (!values.empty()) std::memcpy(values.data(), v.bytes.data(), values.size() * sizeof(float));
+    std::vector<uint16_t> out(values.size());
+    same_for_any_thread_count(threads, [&](int t) {
+        ubc::to_float16(values.data(), static_cast<int64_t>(values.size()), t, out.data());
+    }, [&] { return bytes_of(out); });
 }
 
 // A view past the core's limits must be refused before anything is allocated or read.
@@ -246,6 +270,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const int threads = 1 + in.byte() % 3;
     fuzz_slices(in, v, threads);
     fuzz_to_original(in, v, threads);
+    fuzz_to_float16(v, threads);
     return 0;
 }
 

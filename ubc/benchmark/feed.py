@@ -16,6 +16,7 @@ step. The replay engine is a benchmark instrument: never reachable from
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -295,6 +296,41 @@ def breakdown(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path) ->
     return {k: round(1000 * v / max(len(cases), 1), 2) for k, v in times.items()}
 
 
+def ray_stages(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path
+               ) -> dict[str, float]:
+    """CPU milliseconds per volume (this thread's, ``time.thread_time``) of ``ubc-infer
+    --ray``'s three steps run one after the other in this process, with masks: the load
+    task, the engine actor's own work besides the engine (its ``actor_s``, measured inside
+    ``EngineActor``), and the finish task. Ray itself is not started: its scheduling and
+    object store are not in these figures."""
+    from ubc.scoring import discover_cases
+    from ubc.scoring.outputs import OutputSpec
+    from ubc.scoring.ray_tasks import EngineActor, finish, load_and_prepare
+    from ubc.scoring.stages import RunContext
+
+    shutil.rmtree(out, ignore_errors=True)
+    spec = OutputSpec.of(out / "scores.csv", masks=out / "masks")
+    spec.create()
+    cases = discover_cases(archive)
+    context = RunContext.create(bundle, engine.backend, engine.precision)
+    actor = EngineActor(str(bundle.path), engine.backend, "cpu", None, None, context, spec,
+                        engine=engine)
+    times = {"load_task": 0.0, "actor": 0.0, "finish_task": 0.0}
+    with cores(1):
+        for i in range(len(cases)):
+            start = time.thread_time()
+            loaded = load_and_prepare({"index": i}, cases=cases, context=context)
+            times["load_task"] += time.thread_time() - start
+            row = actor({"work": np.array([loaded["work"]], dtype=object),
+                         "slices": loaded["slices"][None]})
+            work = row["work"][0]
+            times["actor"] += pickle.loads(work)["actor_s"]
+            start = time.thread_time()
+            finish({"work": work}, context=context)
+            times["finish_task"] += time.thread_time() - start
+    return {k: round(1000 * v / max(len(cases), 1), 2) for k, v in times.items()}
+
+
 def run_feed(bundle: Bundle, options: FeedOptions,
              progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """The ``--feed`` document: ``feed`` rows (see the module doc), the ``breakdown`` per
@@ -307,6 +343,7 @@ def run_feed(bundle: Bundle, options: FeedOptions,
     out = Path(tempfile.mkdtemp(prefix="feed-", dir=options.workdir))
     rows: list[dict[str, Any]] = []
     parts: dict[str, dict[str, float]] = {}
+    ray: dict[str, dict[str, float]] = {}
     try:
         with load(bundle, backend=options.backend, device="cpu") as source:
             engine = ReplayEngine(source)
@@ -332,11 +369,13 @@ def run_feed(bundle: Bundle, options: FeedOptions,
                                                                inflate=False), 2)
                 parts[kind]["inflate_floor"] = round(1000 / floor(archives[kind], 1,
                                                                   inflate=True), 2)
+                progress(f"{kind}: ubc-infer --ray's tasks, one after the other")
+                ray[kind] = ray_stages(engine, bundle, archives[kind], out / "ray")
     finally:
         shutil.rmtree(out, ignore_errors=True)
     from ubc.benchmark.machine import machine_facts
 
-    return {"feed": rows, "breakdown": parts, "bundle": str(bundle.path),
+    return {"feed": rows, "breakdown": parts, "ray": ray, "bundle": str(bundle.path),
             "input_size": list(bundle.preprocessing.size),
             "volume_shape": list(SHAPE), "machine": machine_facts(),
             "load": os.getloadavg()}
@@ -362,6 +401,13 @@ def print_feed(doc: dict[str, Any]) -> None:
         total = sum(part[s] for s in STEPS)
         print(f"{kind:<17}" + "".join(f"{part.get(c, 0):>14.1f}" for c in cols)
               + f"{total:>10.1f}")
+    if doc.get("ray"):
+        print("\nubc-infer --ray's tasks in turn, masks written: CPU ms per volume "
+              "(the engine actor's: its own work besides the engine)")
+        print(f"{'input':<17}{'load task':>12}{'engine actor':>14}{'finish task':>13}")
+        for kind, part in doc["ray"].items():
+            print(f"{kind:<17}{part['load_task']:>12.1f}{part['actor']:>14.1f}"
+                  f"{part['finish_task']:>13.1f}")
 
 
 def plot_feed(doc: dict[str, Any], path: str | os.PathLike[str]) -> Path:

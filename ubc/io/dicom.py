@@ -30,16 +30,19 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from ubc.errors import UBCInputError
+from ubc.io.dicom_scan import HeaderFields, scan_header
 from ubc.io.nifti import MAX_VOXELS  # one voxel cap for every format
 from ubc.io.volume import Volume, canonical_volume
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+
+    _Header = Dataset | HeaderFields  # what the header readers below take
 
 __all__ = ["DUPLICATE_TOL_MM", "SPACING_RTOL", "TILT_TOL_DEG", "MAX_VOXELS", "InstanceHeader",
            "is_dicom_file", "find_dicom_files", "read_header", "load_series"]
@@ -74,6 +77,7 @@ class InstanceHeader:
     patient_id: str
     study_date: str
     sop_uid: str = ""
+    sop_class: str = ""
     image: bool = True  # False for an object without pixel rows (a report, a plan, ...)
     contents: str = ""  # what the object is, for a study without images: "SR", "RTPLAN"
     #: what ``load_series`` needs of the instance, read with the header, so that it is not
@@ -103,7 +107,7 @@ def find_dicom_files(root: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(ds: _Header, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -112,7 +116,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _number(ds: Dataset, keyword: str) -> float | None:
+def _number(ds: _Header, keyword: str) -> float | None:
     value = ds.get(keyword)
     try:
         return None if value in (None, "") else float(value)
@@ -120,7 +124,7 @@ def _number(ds: Dataset, keyword: str) -> float | None:
         return None
 
 
-def _shared_item(ds: Dataset, sequence: str) -> Dataset | None:
+def _shared_item(ds: _Header, sequence: str) -> Dataset | None:
     """The first item of ``sequence`` in the shared functional groups, if any."""
     shared = ds.get("SharedFunctionalGroupsSequence")
     if not shared or sequence not in shared[0]:
@@ -139,17 +143,28 @@ def _floats(values: Any) -> list[float] | None:
 
 
 def _normal(iop: Sequence[float] | None) -> tuple[float, float, float] | None:
-    if iop is None or len(iop) != 6 or not np.isfinite(iop).all():
+    """The cross product of the row and column directions (plain floats: a header is read per
+    instance, and numpy costs more than the arithmetic on three-vectors)."""
+    if iop is None or len(iop) != 6 or not all(math.isfinite(v) for v in iop):
         return None
-    n = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-    return (float(n[0]), float(n[1]), float(n[2]))
+    (a0, a1, a2), (b0, b1, b2) = iop[:3], iop[3:]
+    return (a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0)
 
 
 def read_header(path: Path) -> InstanceHeader | None:
     """The header of one DICOM instance (no pixel data read); ``image`` False for objects
     of a study that are not images (reports, plans, waveforms, an image without Rows);
     None for a DICOMDIR. ``UBCInputError`` when the header cannot be parsed or lacks the
-    study and series UIDs (a damaged or truncated file)."""
+    study and series UIDs (a damaged or truncated file). Common files are read by
+    ``ubc.io.dicom_scan``, the others by pydicom."""
+    scanned = scan_header(path)
+    if scanned is not None:
+        header = _header_of(scanned.fields, path)
+        if header is None or not header.image:
+            return header
+        instance = None if scanned.pixels is None else _located_instance(
+            scanned.fields, path, (*scanned.pixels, scanned.size, scanned.mtime_ns))
+        return dataclasses.replace(header, instance=instance)
     import pydicom
 
     try:
@@ -166,7 +181,7 @@ def read_header(path: Path) -> InstanceHeader | None:
                             f"{str(exc)[:200]})") from exc
 
 
-def _header_of(ds: Dataset, path: Path) -> InstanceHeader | None:
+def _header_of(ds: _Header, path: Path) -> InstanceHeader | None:
     sop = _text(ds, "SOPClassUID") or str(getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
     if sop in _SKIP_SOP_CLASSES:
         return None
@@ -190,10 +205,11 @@ def _header_of(ds: Dataset, path: Path) -> InstanceHeader | None:
         frames=int(_number(ds, "NumberOfFrames") or 1),
         normal=_normal(_floats(iop)),
         patient_id=_text(ds, "PatientID"), study_date=_text(ds, "StudyDate"),
-        sop_uid=_text(ds, "SOPInstanceUID"), image=image, contents=_contents(ds, sop))
+        sop_uid=_text(ds, "SOPInstanceUID"), sop_class=sop, image=image,
+        contents=_contents(ds, sop))
 
 
-def _contents(ds: Dataset, sop_class: str) -> str:
+def _contents(ds: _Header, sop_class: str) -> str:
     """``SR``, ``RTPLAN``, ``CT without Rows``: what a non-image object is (its modality)."""
     modality = _text(ds, "Modality") or "unknown modality"
     if "Rows" in ds:
@@ -227,7 +243,7 @@ def _seq_value(groups: Iterable[Dataset | None], sequence: str, keyword: str) ->
     return None
 
 
-def _frames_of(ds: Dataset, ds_index: int, where: Path) -> list[_Frame]:
+def _frames_of(ds: _Header, ds_index: int, where: Path) -> list[_Frame]:
     """The frames of one instance with their geometry (single- or multi-frame)."""
     n = int(_number(ds, "NumberOfFrames") or 1)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -266,19 +282,18 @@ def _frames_of(ds: Dataset, ds_index: int, where: Path) -> list[_Frame]:
 def _check_geometry(iop: Sequence[Any], ipp: Sequence[Any], spacing: Sequence[Any],
                     where: Path, frame: int) -> None:
     """Refuse orientation, position and spacing values no scanner writes."""
-    values = [np.asarray([float(v) for v in x], dtype=np.float64) for x in (iop, ipp, spacing)]
-    o, p, s = values
-    if len(o) != 6 or len(p) != 3 or len(s) != 2 or not all(np.isfinite(v).all()
-                                                            for v in values):
+    o, p, s = ([float(v) for v in x] for x in (iop, ipp, spacing))
+    if len(o) != 6 or len(p) != 3 or len(s) != 2 \
+            or not all(math.isfinite(v) for v in (*o, *p, *s)):
         raise UBCInputError(f"{where}: frame {frame + 1}: ImageOrientationPatient, "
                             "ImagePositionPatient or PixelSpacing is not 6, 3 and 2 finite "
                             "numbers")
-    if abs(np.linalg.norm(o[:3]) - 1) > 1e-2 or abs(np.linalg.norm(o[3:]) - 1) > 1e-2 \
-            or abs(float(o[:3] @ o[3:])) > 1e-2:
-        raise UBCInputError(f"{where}: ImageOrientationPatient {list(o)} is not two "
-                            "orthogonal unit vectors")
-    if not (s > 0).all() or s.max() > 1e3:
-        raise UBCInputError(f"{where}: PixelSpacing {list(s)} mm is not plausible")
+    if abs(math.hypot(*o[:3]) - 1) > 1e-2 or abs(math.hypot(*o[3:]) - 1) > 1e-2 \
+            or abs(sum(a * b for a, b in zip(o[:3], o[3:], strict=True))) > 1e-2:
+        raise UBCInputError(f"{where}: ImageOrientationPatient {o} is not two orthogonal "
+                            "unit vectors")
+    if min(s) <= 0 or max(s) > 1e3:
+        raise UBCInputError(f"{where}: PixelSpacing {s} mm is not plausible")
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +334,7 @@ class _Instance:
         return data.reshape(len(self.frames), self.rows, self.cols)
 
 
-def _instance_of(ds: Dataset, path: Path,
+def _instance_of(ds: _Header, path: Path,
                  pixels: tuple[int, int, str, int, int] | None = None) -> _Instance:
     try:
         frames, error = tuple(_frames_of(ds, 0, path)), None
@@ -329,10 +344,11 @@ def _instance_of(ds: Dataset, path: Path,
                      int(ds.get("SamplesPerPixel", 1)), _text(ds, "PhotometricInterpretation"),
                      _number(ds, "SliceThickness"),
                      max(int(_number(ds, "NumberOfFrames") or 1), 1), frames, error, pixels,
-                     None if pixels is not None else ds)
+                     # without located pixels, ds is pydicom's (the scan always locates them)
+                     None if pixels is not None else cast("Dataset", ds))
 
 
-def _plain_dtype(ds: Dataset) -> np.dtype | None:
+def _plain_dtype(ds: _Header) -> np.dtype | None:
     """The dtype of stored values read as they are (little-endian, uncompressed, 8/16/32
     bits all stored), None when they need decoding."""
     syntax = ds.file_meta.TransferSyntaxUID
@@ -349,9 +365,6 @@ def _instance_at(ds: Dataset, path: Path, file: Any) -> _Instance | None:
     the file's position (the PixelData element, where pydicom stopped); None when anything
     is unusual (``load_series`` then reads the file with pydicom and says what is wrong)."""
     try:
-        dtype = _plain_dtype(ds)
-        if dtype is None:
-            return None
         start = file.tell()
         head = file.read(12)
         explicit = not ds.file_meta.TransferSyntaxUID.is_implicit_VR
@@ -363,14 +376,26 @@ def _instance_at(ds: Dataset, path: Path, file: Any) -> _Instance | None:
             offset, length = start + 8, int.from_bytes(head[4:8], "little")
         else:
             return None
-        frames = int(_number(ds, "NumberOfFrames") or 1)
-        if length != int(ds.Rows) * int(ds.Columns) * frames * dtype.itemsize:
-            return None  # odd lengths (padding, truncation): pydicom explains
         stat = os.fstat(file.fileno())
-        instance = _instance_of(ds, path, (offset, length, dtype.str, stat.st_size,
-                                           stat.st_mtime_ns))
-        return instance if instance.error is None else None
+        return _located_instance(ds, path, (offset, length, stat.st_size, stat.st_mtime_ns))
     except Exception:  # a header odd enough to fail here fails with its reason at load
+        return None
+
+
+def _located_instance(ds: _Header, path: Path,
+                      pixels: tuple[int, int, int, int]) -> _Instance | None:
+    """The instance whose PixelData value is at ``pixels`` (offset, length, file size,
+    mtime); None when its values need pydicom (compressed, odd lengths, geometry that
+    cannot be placed: ``load_series`` then says what is wrong)."""
+    try:
+        dtype = _plain_dtype(ds)
+        offset, length, size, mtime = pixels
+        frames = int(_number(ds, "NumberOfFrames") or 1)
+        if dtype is None or length != int(ds.Rows) * int(ds.Columns) * frames * dtype.itemsize:
+            return None  # odd lengths (padding, truncation): pydicom explains
+        instance = _instance_of(ds, path, (offset, length, dtype.str, size, mtime))
+        return instance if instance.error is None else None
+    except Exception:
         return None
 
 

@@ -23,6 +23,7 @@ regular expression search, ``>=``, ``<=``, ``>``, ``<`` compare numbers. Keyword
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 import re
@@ -101,6 +102,15 @@ class DicomStudy:
     error: str | None
     patient_key: str
     other_files: tuple[Path, ...] = ()  # non-image objects and repeated instances
+
+    def without_headers(self) -> DicomStudy:
+        """The study without the instance headers discovery read (once its series is loaded
+        they are about 100 kB per study for nothing: what crosses a Ray cluster)."""
+        if self.chosen is None:
+            return self
+        chosen = dataclasses.replace(self.chosen, headers=())
+        return dataclasses.replace(self, chosen=chosen, series=tuple(
+            chosen if s is self.chosen else s for s in self.series))
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -278,6 +288,8 @@ def study_from_headers(study_uid: str, headers: list[InstanceHeader],
         chosen, flags, error = select_series(series, selector)
     else:
         chosen, flags, error = None, (), f"no image series: {_contents(others)}"
+    # only the chosen series is read: the others' headers would be kept for nothing
+    series = tuple(s if s is chosen else dataclasses.replace(s, headers=()) for s in series)
     if repeats:
         flags += (f"duplicate_instances:{len(repeats)} files repeat an instance already read "
                   "(same SOPInstanceUID), ignored",)

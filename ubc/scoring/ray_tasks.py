@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from ubc.bundle import Bundle
+from ubc.engine.base import Engine
 from ubc.io import Volume
+from ubc.io.readers import DicomSeries
 from ubc.scoring.discover import Case
 from ubc.scoring.outputs import OutputSpec
 from ubc.scoring.packer import Batch, Packer, batch_size_for, infer
@@ -45,12 +47,16 @@ def _portable(failure: Failure | None) -> Failure | None:
 
 def _record_to_wire(record: Prepared) -> dict[str, Any]:
     """The record without its slices, its grid as header fields (the next stages need no
-    voxels: the verdict and the mask's grid come from the header)."""
+    voxels: the verdict and the mask's grid come from the header), a DICOM study without
+    the instance headers its loading used."""
     grid = record.grid
     header = None if grid is None else (
         tuple(grid.data.shape),
         {f.name: getattr(grid, f.name) for f in dataclasses.fields(grid) if f.name != "data"})
-    bare = dataclasses.replace(record, grid=None, slices=None,
+    case = record.case
+    if isinstance(case.reader, DicomSeries):  # its series is loaded: the headers are done
+        case = dataclasses.replace(case, reader=DicomSeries(case.reader.study.without_headers()))
+    bare = dataclasses.replace(record, case=case, grid=None, slices=None,
                                failure=_portable(record.failure))
     return {"record": bare, "header": header}
 
@@ -88,7 +94,8 @@ def load_and_prepare(row: dict[str, Any], *, cases: list[Case],
     return {"work": _dump(prepared, load_s=load_s, prep_s=prepared.seconds - load_s),
             "slices": slices}
 #: the seconds and counts each row carries to the driver (its RunSummary); ``actor_s``: the
-#: actor's own work besides the engine (unpacking, packing batches, accumulating)
+#: actor's own work besides the engine (unpacking, packing batches, accumulating), as CPU
+#: seconds of its thread (what sizing needs: its wall time counts the waits of a busy host)
 TIMES = ("load_s", "prep_s", "engine_s", "actor_s", "finish_s", "slices", "batch")
 
 
@@ -114,18 +121,22 @@ class EngineActor:
     plus float16 mask probabilities and images when its files need them)."""
 
     def __init__(self, bundle: str, backend: str, device: str, batch_size: int | None,
-                 threads: int | None, context: RunContext, outputs: OutputSpec) -> None:
+                 threads: int | None, context: RunContext, outputs: OutputSpec,
+                 engine: Engine | None = None) -> None:
         from ubc import engine as engines
 
         options: dict[str, Any] = {} if threads is None else {"threads": threads}
-        self.engine = engines.load(Bundle(bundle), backend=backend, device=device, **options)
+        self.engine = engine or engines.load(Bundle(bundle), backend=backend, device=device,
+                                             **options)
         self.context = dataclasses.replace(context, backend=self.engine.backend,
                                            precision=self.engine.precision)
         self.outputs = outputs
         self.batch_size = batch_size_for(self.engine.max_batch, batch_size)
+        self._engine_cpu_s = 0.0  # this call's CPU seconds in the engine, on this thread
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
+        start = time.thread_time()
+        self._engine_cpu_s = 0.0
         items = [_load(blob) for blob in batch["work"]]
         cases = [CaseOutputs.start(record, self.context, self.outputs) for record, _ in items]
         packer: Packer[CaseOutputs] = Packer(self.batch_size,
@@ -141,7 +152,7 @@ class EngineActor:
         if last is not None:
             engine_s += self._run(last)
         scored = sum(case.record.n_scored for case in cases if case.record.failure is None)
-        share = (time.perf_counter() - start - engine_s) / max(len(cases), 1)
+        share = (time.thread_time() - start - self._engine_cpu_s) / max(len(cases), 1)
         blobs = [_dump(case.record, **meta, files=case.files,
                        accumulator=None if case.record.failure else case.accumulator,
                        engine_share_s=case.seconds,
@@ -155,6 +166,8 @@ class EngineActor:
 
     def _run(self, packed: Batch[CaseOutputs]) -> float:
         """Infer one packed batch and hand its cases their rows; the engine's seconds."""
+        cpu = time.thread_time()
         inferred = infer(self.engine, packed)
+        self._engine_cpu_s += time.thread_time() - cpu
         hand_back(packed, inferred)
         return inferred.seconds if inferred.error is None else 0.0

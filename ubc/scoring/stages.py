@@ -278,11 +278,10 @@ def original_grid_mask(outputs: CaseOutputs) -> np.ndarray:
     if record.grid is None or acc.mask_prob is None:
         raise RuntimeError(f"{record.case.case_id}: no mask probabilities were kept")
     grid, context = record.grid, outputs.context
-    prob = preprocess.to_original(
+    return preprocess.to_original(
         acc.mask_prob.astype(np.float32), grid.data.shape, grid.spacing,
         target_spacing=context.preprocessing.target_spacing, slice_indices=record.indices,
-        threads=context.preprocess_threads)
-    return (prob > 0.5).astype(np.uint8)
+        threads=context.preprocess_threads, threshold=0.5)
 
 
 def _verdict(outputs: CaseOutputs) -> Verdict:
