@@ -78,3 +78,22 @@ def test_a_row_is_on_disk_as_soon_as_it_is_appended(tmp_path: Path) -> None:
                                                                   for r in rows[:i + 1]]
     results.close()
     assert len(open_results(path).read()) == 3
+
+
+def test_ray_stages_measure_each_task_on_the_cases_it_scores(tiny_bundle: Path,
+                                                              phantom_archive: Path,
+                                                              tmp_path: Path) -> None:
+    """``--feed``'s figures of ``ubc-infer --ray``'s three tasks: the CPU milliseconds of
+    the load task, the engine actor's own work (its ``actor_s``) and the finish task, over
+    cases that really go through them (every case gets its mask)."""
+    from ubc.benchmark.feed import ray_stages
+    from ubc.bundle import Bundle
+    from ubc.scoring import discover_cases
+
+    bundle = Bundle(tiny_bundle)
+    replay = ReplayEngine(FakeEngine(bundle.preprocessing.size))
+    stages = ray_stages(replay, bundle, phantom_archive, tmp_path / "out")
+    assert set(stages) == {"load_task", "actor", "finish_task"}
+    assert all(ms > 0 for ms in stages.values())
+    masks = sorted(p.name for p in (tmp_path / "out" / "masks").iterdir())
+    assert len(masks) == len(discover_cases(phantom_archive)) and replay.misses > 0

@@ -418,7 +418,7 @@ def plot_feed(doc: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     import matplotlib.pyplot as plt
 
     kinds = list(doc["breakdown"])
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.8 * len(kinds)))
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(kinds)))
     left = np.zeros(len(kinds))
     for step in STEPS:
         values = np.array([doc["breakdown"][k][step] for k in kinds])
@@ -426,7 +426,7 @@ def plot_feed(doc: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         left += values
     ax.set_xlabel("ms per volume on one core (240x240x155, masks; SEG for DICOM)")
     ax.set_title("CPU side of scoring, by step (ubc-bench --feed)")
-    ax.legend(fontsize="small", ncol=4, loc="lower right")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the bars
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,12 +109,14 @@ def find_dicom_files(root: str | os.PathLike[str]) -> list[Path]:
 
 
 def _text(ds: _Header, keyword: str) -> str:
+    """The value as text, interned: discovery keeps the headers of every instance of every
+    study it finds until that study is scored, and most values repeat across a series."""
     value = ds.get(keyword)
     if value is None:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
+        return sys.intern("\\".join(str(v) for v in value))
+    return sys.intern(str(value).strip())
 
 
 def _number(ds: _Header, keyword: str) -> float | None:
