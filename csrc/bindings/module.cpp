@@ -202,22 +202,46 @@ T* checked_volume_out(py::array& out, std::array<int64_t, 3>& shape, std::array<
     return static_cast<T*>(out.mutable_data());
 }
 
-void to_original(const Values& values, std::array<double, 3> spacing,
-                 std::array<double, 2> target_spacing, const Indices& indices, int threads,
-                 py::array out) {
+// What both to_original bindings check, then run(values, size, shape, strides, indices, n, out)
+// without the GIL.
+template <typename T, typename Run>
+void on_original_grid(const Values& values, const Indices& indices, int threads, py::array& out,
+                      Run&& run) {
     check_threads(threads);
     if (values.ndim() != 3) throw py::value_error("values must be [S, H, W]");
     if (values.shape(0) != count(indices))
         throw py::value_error("values must have one slice per slice index");
     const std::array<int64_t, 2> size{values.shape(1), values.shape(2)};
     std::array<int64_t, 3> shape{}, strides{};
-    float* dst = checked_volume_out<float>(out, shape, strides);
+    T* dst = checked_volume_out<T>(out, shape, strides);
     check_disjoint(out, values, "the values");
     const float* src = checked_input(values, "values").data();
     const int64_t* index = checked_input(indices, "slice indices").data();
+    const int64_t n = count(indices);
     py::gil_scoped_release release;
-    ubc::to_original(src, size, shape, strides, spacing, target_spacing, index, count(indices),
-                     threads, dst);
+    run(src, size, shape, strides, index, n, dst);
+}
+
+void to_original(const Values& values, std::array<double, 3> spacing,
+                 std::array<double, 2> target_spacing, const Indices& indices, int threads,
+                 py::array out) {
+    on_original_grid<float>(values, indices, threads, out,
+        [&](const float* src, const auto& size, const auto& shape, const auto& strides,
+            const int64_t* index, int64_t n, float* dst) {
+            ubc::to_original(src, size, shape, strides, spacing, target_spacing, index, n,
+                             threads, dst);
+        });
+}
+
+void to_original_mask(const Values& values, std::array<double, 3> spacing,
+                      std::array<double, 2> target_spacing, const Indices& indices,
+                      float threshold, int threads, py::array out) {
+    on_original_grid<uint8_t>(values, indices, threads, out,
+        [&](const float* src, const auto& size, const auto& shape, const auto& strides,
+            const int64_t* index, int64_t n, uint8_t* dst) {
+            ubc::to_original_mask(src, size, shape, strides, spacing, target_spacing, index, n,
+                                  threshold, threads, dst);
+        });
 }
 
 void to_float16(const py::array_t<float, py::array::c_style>& values, int threads,
@@ -229,24 +253,6 @@ void to_float16(const py::array_t<float, py::array::c_style>& values, int thread
     const float* src = checked_input(values, "values").data();
     py::gil_scoped_release release;
     ubc::to_float16(src, static_cast<int64_t>(shape.empty() ? 1 : values.size()), threads, dst);
-}
-
-void to_original_mask(const Values& values, std::array<double, 3> spacing,
-                      std::array<double, 2> target_spacing, const Indices& indices,
-                      float threshold, int threads, py::array out) {
-    check_threads(threads);
-    if (values.ndim() != 3) throw py::value_error("values must be [S, H, W]");
-    if (values.shape(0) != count(indices))
-        throw py::value_error("values must have one slice per slice index");
-    const std::array<int64_t, 2> size{values.shape(1), values.shape(2)};
-    std::array<int64_t, 3> shape{}, strides{};
-    uint8_t* dst = checked_volume_out<uint8_t>(out, shape, strides);
-    check_disjoint(out, values, "the values");
-    const float* src = checked_input(values, "values").data();
-    const int64_t* index = checked_input(indices, "slice indices").data();
-    py::gil_scoped_release release;
-    ubc::to_original_mask(src, size, shape, strides, spacing, target_spacing, index,
-                          count(indices), threshold, threads, dst);
 }
 
 }  // namespace
