@@ -63,9 +63,16 @@ def _written(tmp_path: Path, name: str, **kwargs: object) -> list[Path]:
 
 
 def _rewrite(path: Path, implicit: bool = False, **values: object) -> Path:
+    """``path`` with ``values`` set; its sequences and their items of undefined length (ended
+    by delimiters, as many scanners write them)."""
     ds = pydicom.dcmread(path)
     for keyword, value in values.items():
         setattr(ds, keyword, value)
+    for element in ds.iterall():
+        if element.VR == "SQ":
+            element.is_undefined_length = True
+            for item in element.value:
+                item.is_undefined_length_sequence_item = True
     if implicit:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     ds.save_as(path, enforce_file_format=True)
@@ -99,6 +106,7 @@ def test_written_series_read_as_pydicom_reads_them(tmp_path: Path) -> None:
     files = [*plain, *varied, *multiframe]
     assert all(_same(p) for p in files), [p.name for p in files if not _same(p)]
     assert all(scan_header(p) is not None for p in [*plain, *varied])
+    assert b"\xfe\xff\xdd\xe0" in varied[2].read_bytes()  # sequence delimiters were skipped
     assert scan_header(multiframe[0]) is None  # functional groups: pydicom's
     header = dicom.read_header(varied[1])
     assert header is not None and header.image_type == "DERIVED\\X" \
@@ -107,8 +115,9 @@ def test_written_series_read_as_pydicom_reads_them(tmp_path: Path) -> None:
 
 
 def test_unusual_and_damaged_files_are_left_to_pydicom(tmp_path: Path) -> None:
-    """Non-ASCII text, a big-endian or deflated file, a VR the standard does not give, and
-    truncations at every part of the header: the answer (header or refusal) is pydicom's."""
+    """Non-ASCII text, a deflated file, a VR the standard does not give, a sequence of
+    undefined length as UN, and truncations at every part of the header: the answer
+    (header or refusal) is pydicom's."""
     files = _written(tmp_path, "odd")
     latin = _rewrite(files[0], SpecificCharacterSet="ISO_IR 100", SeriesDescription="Flär")
     assert scan_header(latin) is None and _same(latin)
@@ -121,6 +130,18 @@ def test_unusual_and_damaged_files_are_left_to_pydicom(tmp_path: Path) -> None:
     wrong_vr = files[3]
     wrong_vr.write_bytes(raw[:rows + 4] + b"SS" + raw[rows + 6:])
     assert scan_header(wrong_vr) is None and _same(wrong_vr)
+    item = pydicom.Dataset()
+    item.ReferencedSOPInstanceUID = "1.2"
+    sequenced = pydicom.dcmread(files[4])
+    sequenced.ReferencedImageSequence = [item]
+    sequenced["ReferencedImageSequence"].is_undefined_length = True
+    sequenced.save_as(files[4], enforce_file_format=True)
+    sequenced = files[4]
+    data = sequenced.read_bytes()
+    assert data[data.index(b"\x08\x00\x40\x11SQ") + 8:][:4] == b"\xff" * 4
+    at = data.index(b"\x08\x00\x40\x11SQ")  # undefined length: as UN, implicit inside
+    sequenced.write_bytes(data[:at + 4] + b"UN" + data[at + 6:])
+    assert scan_header(sequenced) is None and _same(sequenced)
     pixels = raw.index(b"\xe0\x7f\x10\x00")
     for cut in (100, 140, 200, rows + 5, pixels - 3, pixels + 6, pixels + 20):
         truncated = tmp_path / f"cut{cut}.dcm"

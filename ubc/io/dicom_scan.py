@@ -141,6 +141,8 @@ def _scan(buf: bytes, complete: bool, stat: os.stat_result) -> ScannedHeader:
             pixels = (start, length)
             break
         if length == _UNDEFINED:
+            if vr == b"UN":  # a sequence encoded in implicit VR: pydicom's
+                raise _Unusual
             pos = _skip(buf, start, explicit, _SEQUENCE_END)
             continue
         if start + length > len(buf):
@@ -188,10 +190,12 @@ def _skip(buf: bytes, pos: int, explicit: bool, end: int) -> int:
     while True:
         if pos >= len(buf):
             raise _Short
-        tag, _, start, length = _element(buf, pos, explicit)
+        tag, vr, start, length = _element(buf, pos, explicit)
         if tag == end:
             return start
         if length == _UNDEFINED:
+            if vr == b"UN":  # implicit VR inside: pydicom's
+                raise _Unusual
             pos = _skip(buf, start, explicit, _ITEM_END if tag == _ITEM else _SEQUENCE_END)
         else:
             pos = start + length
