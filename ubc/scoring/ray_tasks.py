@@ -8,6 +8,7 @@ import dataclasses
 import json
 import pickle
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -132,27 +133,17 @@ class EngineActor:
                                            precision=self.engine.precision)
         self.outputs = outputs
         self.batch_size = batch_size_for(self.engine.max_batch, batch_size)
-        self._engine_cpu_s = 0.0  # this call's CPU seconds in the engine, on this thread
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.thread_time()
-        self._engine_cpu_s = 0.0
         items = [_load(blob) for blob in batch["work"]]
         cases = [CaseOutputs.start(record, self.context, self.outputs) for record, _ in items]
-        packer: Packer[CaseOutputs] = Packer(self.batch_size,
-                                             (1, *self.context.preprocessing.size))
-        engine_s = 0.0
-        for case, slices in zip(cases, batch["slices"], strict=True):
-            if case.record.failure is not None:
-                continue
-            rows = np.asarray(slices, np.float32).reshape(-1, 1, *slices.shape[-2:])
-            for packed in packer.add(case, rows):
-                engine_s += self._run(packed)
-        last = packer.flush()
-        if last is not None:
-            engine_s += self._run(last)
+        engine_s = engine_cpu_s = 0.0
+        for packed in self._packed(cases, batch["slices"]):
+            seconds, cpu_s = self._run(packed)
+            engine_s, engine_cpu_s = engine_s + seconds, engine_cpu_s + cpu_s
         scored = sum(case.record.n_scored for case in cases if case.record.failure is None)
-        share = (time.thread_time() - start - self._engine_cpu_s) / max(len(cases), 1)
+        share = (time.thread_time() - start - engine_cpu_s) / max(len(cases), 1)
         blobs = [_dump(case.record, **meta, files=case.files,
                        accumulator=None if case.record.failure else case.accumulator,
                        engine_share_s=case.seconds,
@@ -164,10 +155,24 @@ class EngineActor:
                  for case, (_, meta) in zip(cases, items, strict=True)]
         return {"work": np.array(blobs, dtype=object)}
 
-    def _run(self, packed: Batch[CaseOutputs]) -> float:
-        """Infer one packed batch and hand its cases their rows; the engine's seconds."""
+    def _packed(self, cases: list[CaseOutputs], slices: np.ndarray
+                ) -> Iterator[Batch[CaseOutputs]]:
+        """The engine batches of the cases' slices (failed cases have none)."""
+        packer: Packer[CaseOutputs] = Packer(self.batch_size,
+                                             (1, *self.context.preprocessing.size))
+        for case, rows in zip(cases, slices, strict=True):
+            if case.record.failure is None:
+                yield from packer.add(case, np.asarray(rows, np.float32).reshape(
+                    -1, 1, *rows.shape[-2:]))
+        last = packer.flush()
+        if last is not None:
+            yield last
+
+    def _run(self, packed: Batch[CaseOutputs]) -> tuple[float, float]:
+        """Infer one packed batch and hand its cases their rows: the engine's seconds, and
+        this thread's CPU seconds in the engine."""
         cpu = time.thread_time()
         inferred = infer(self.engine, packed)
-        self._engine_cpu_s += time.thread_time() - cpu
+        cpu_s = time.thread_time() - cpu
         hand_back(packed, inferred)
-        return inferred.seconds if inferred.error is None else 0.0
+        return (inferred.seconds if inferred.error is None else 0.0), cpu_s
