@@ -1,5 +1,5 @@
 """The CPU side of scoring made faster (issue 28): the replay engine of ``ubc-bench --feed``,
-and the speed-ups that must change no output (float16 mask probabilities, isal-deflated
+and the speed-ups that must change no output (lesion pixels and probabilities, isal-deflated
 masks, rows fsync'ed together)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from scoring_archive import FakeEngine
 
 from ubc.benchmark.feed import ReplayEngine
 from ubc.io.nifti import encode_mask
-from ubc.scoring.aggregate import as_float16
+from ubc.scoring.aggregate import lesion_pixels
 from ubc.scoring.result import OK, CaseResult
 from ubc.scoring.writers import open_results
 
@@ -36,20 +36,58 @@ def test_replay_returns_the_recorded_outputs_whatever_the_batch() -> None:
         replay.infer(shuffled + 1)
 
 
-def test_float16_conversion_is_numpys_bit_for_bit() -> None:
-    """Every 97th float in [0, 1] (mask probabilities), random bit patterns (NaN payloads,
-    infinities, both signs), and each side of the subnormal, normal and overflow bounds."""
-    probabilities = np.arange(0, 0x3F800001, 97, dtype=np.uint32)
-    random = np.random.default_rng(0).integers(0, 2 ** 32, 2_000_000, dtype=np.uint64)
-    bounds = np.array([0x33000000, 0x38800000, 0x477FF000, 0x47800000, 0x7F800000],
-                      dtype=np.int64)
-    near = (bounds[:, None] + np.arange(-2048, 2049)).ravel()
-    bits = np.concatenate([probabilities, random.astype(np.uint32), near.astype(np.uint32)])
-    for values in (bits.view(np.float32), (bits | np.uint32(0x80000000)).view(np.float32)):
-        with np.errstate(over="ignore"):
-            expected = values.astype(np.float16).view(np.uint16)
-        assert np.array_equal(as_float16(values).view(np.uint16), expected)
-    assert as_float16(np.ones((2, 3), np.float32)).shape == (2, 3)
+def _sweep() -> np.ndarray:
+    """Mask logits: every 2**-12 over [-70, 70] (both clamps, the block skip's bound, the
+    float16 steps near 0 and 1) and 2 M draws around the decision."""
+    dense = np.arange(-70 * 4096, 70 * 4096, dtype=np.float32) / 4096
+    drawn = np.random.default_rng(0).normal(0.0, 8.0, 2_000_000).astype(np.float32)
+    return np.concatenate([dense, drawn])
+
+
+def test_lesion_probabilities_are_the_correctly_rounded_sigmoid() -> None:
+    """The float16 of the float32 nearest the sigmoid (float64 reference) for every logit of
+    the sweep; 0 on background whatever the logit; NaN stays NaN."""
+    logits = _sweep().reshape(4, -1)
+    images = np.ones_like(logits)
+    images[1, ::3] = 0.0  # background pixels, scattered and in whole blocks
+    images[2, :5000] = -0.0
+    probs = np.empty(logits.shape, np.float16)
+    counts = lesion_pixels(logits, images, probs)
+    head = images != 0
+    assert list(counts) == list(np.count_nonzero(head & (logits > 0), axis=1))
+    clamped = np.where(head, np.clip(logits, -60.0, 60.0), -60.0).astype(np.float64)
+    expected = (1.0 / (1.0 + np.exp(-clamped))).astype(np.float32).astype(np.float16)
+    assert np.array_equal(probs.view(np.uint16), expected.view(np.uint16))
+    assert not probs[~head].any()
+    special = np.array([[np.nan, np.inf, -np.inf, 1e30, -1e30, np.nan]], np.float32)
+    got = np.empty(special.shape, np.float16)
+    counts = lesion_pixels(special, np.array([[1, 1, 1, 1, 1, 0]], np.float32), got)
+    assert np.isnan(got[0, 0]) and list(got[0, 1:]) == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert list(counts) == [2]
+
+
+def test_lesion_probabilities_match_the_numpy_formula_within_one_float16_step() -> None:
+    """Against what scoring computed before in NumPy float32 (whose exp differs by CPU):
+    never more than one float16 step apart, and such steps are rare (the masks drawn from
+    them are thresholded at 0.5 after resampling)."""
+    logits = _sweep().reshape(1, -1)
+    probs = np.empty(logits.shape, np.float16)
+    lesion_pixels(logits, np.ones_like(logits), probs)
+    numpy_probs = (1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))).astype(np.float16)
+    steps = probs.view(np.uint16).astype(np.int32) - numpy_probs.view(np.uint16)
+    assert np.abs(steps).max() <= 1 and np.count_nonzero(steps) < 1e-4 * steps.size
+
+
+def test_lesion_pixels_refuses_what_it_cannot_read() -> None:
+    logits = np.zeros((2, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        lesion_pixels(logits, np.zeros((2, 4, 5), np.float32))
+    with pytest.raises(ValueError, match="float16|uint16|dtype"):
+        lesion_pixels(logits, np.ones_like(logits), np.empty((2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        lesion_pixels(logits, np.ones_like(logits), np.empty((2, 16), np.float16))
+    assert list(lesion_pixels(np.zeros((0, 4, 4), np.float32),
+                              np.zeros((0, 4, 4), np.float32))) == []
 
 
 def test_a_mask_deflated_by_isal_reads_back_its_voxels(tmp_path: Path) -> None:

@@ -109,8 +109,9 @@ def test_to_original_matches_reference(geometry):
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}->{g[1]}@{g[2]}")
 def test_to_original_with_a_threshold_is_the_thresholded_float_volume(geometry):
-    """The binary mask path gives the voxels of thresholding the float one, slices that
-    stay below the threshold (skipped without resampling) and values at it included."""
+    """The binary mask path gives the voxels of thresholding the float one: slices that
+    stay below the threshold, values at it, and outputs far from the values that reach it
+    (none of them resampled) included."""
     spacing, target_spacing, size = geometry
     rng = np.random.default_rng(6)
     values = (rng.random((6, *size)) ** 3).astype(np.float32)
@@ -118,6 +119,10 @@ def test_to_original_with_a_threshold_is_the_thresholded_float_volume(geometry):
     values[2], values[3] = 0.5, 0.0
     values[4, 0, 0] = 0.9  # one hot pixel on an otherwise empty slice
     values[4, 1:] = 0.0
+    h, w = size[0] // 2, size[1] // 2  # a blob inside a halo just below the threshold:
+    values[5] = 0.0                    # only the outputs around the blob are resampled
+    values[5, h - 2:h + 3, w - 2:w + 2] = 0.4999
+    values[5, h - 1:h + 2, w - 1:w + 1] = 0.8
     shape, indices = (29, 35, 9), [0, 3, 4, 8, 1, 6]
     for threads in (1, 2):
         floats = native.to_original(values, shape, spacing, target_spacing=target_spacing,
@@ -126,7 +131,15 @@ def test_to_original_with_a_threshold_is_the_thresholded_float_volume(geometry):
                                   slice_indices=indices, threads=threads, threshold=0.5)
         assert mask.dtype == np.uint8 and mask.flags.f_contiguous and mask.shape == shape
         np.testing.assert_array_equal(mask, (floats > 0.5).astype(np.uint8))
-    assert mask[:, :, 0].any() and not mask[:, :, [2, 3, 5, 7, 8]].any()
+        halves = values.astype(np.float16)  # read as they are: the same as their float32
+        np.testing.assert_array_equal(
+            native.to_original(halves, shape, spacing, target_spacing=target_spacing,
+                               slice_indices=indices, threads=threads, threshold=0.5),
+            native.to_original(halves.astype(np.float32), shape, spacing,
+                               target_spacing=target_spacing, slice_indices=indices,
+                               threads=threads, threshold=0.5))
+    assert mask[:, :, 0].any() and mask[:, :, 6].any()
+    assert not mask[:, :, [2, 3, 5, 7, 8]].any()
 
 
 def test_slice_indices_select_the_same_slices():

@@ -23,7 +23,7 @@ from ubc.bundle import Bundle
 from ubc.errors import UBCInputError
 from ubc.io import load_volume
 from ubc.scoring import CaseResult, Scorer, ScoringOptions, score_archive
-from ubc.scoring.aggregate import background_as_no_lesion, decide, slice_scores
+from ubc.scoring.aggregate import CaseAccumulator, decide, lesion_pixels, p_hgg_of
 from ubc.scoring.archive import plan_resume
 from ubc.scoring.discover import (
     Case,
@@ -187,17 +187,25 @@ def test_decide_no_lesion_and_nan() -> None:
 def test_background_pixels_hold_no_lesion() -> None:
     images = np.zeros((1, 4, 4), np.float32)
     images[0, 1:3, 1:3] = 0.5
-    logits = background_as_no_lesion(np.full((1, 1, 4, 4), 5.0, np.float32), images)
-    _, area = slice_scores(np.zeros((1, 2)), logits, hgg_index=1, pixel_area_mm2=1.0)
-    assert area[0] == 4.0 and (logits[images == 0] < 0).all()
+    probs = np.empty((1, 4, 4), np.float16)
+    pixels = lesion_pixels(np.full((1, 1, 4, 4), 5.0, np.float32), images, probs)
+    assert list(pixels) == [4] and not probs[images == 0].any()
+    assert (probs[images != 0] == np.float16(1 / (1 + np.exp(-5.0)))).all()
 
 
-def test_slice_scores() -> None:
-    logits = np.array([[0.0, 0.0], [0.0, 50.0]], np.float32)
-    masks = np.zeros((2, 1, 4, 4), np.float32)
+def test_an_accumulator_keeps_p_hgg_and_areas_per_slice() -> None:
+    accumulator = CaseAccumulator(3, (4, 4), keep_masks=True)
+    class_logits = np.array([[0.0, 0.0], [0.0, 50.0]], np.float32)
+    masks = np.full((2, 1, 4, 4), -3.0, np.float32)
     masks[1, 0, :2, :] = 3.0
-    p, area = slice_scores(logits, masks, hgg_index=1, pixel_area_mm2=4.0)
-    assert p == pytest.approx([0.5, 1.0]) and list(area) == [0.0, 32.0]
+    accumulator.add(1, p_hgg_of(class_logits), masks, np.ones((2, 4, 4), np.float32),
+                    pixel_area_mm2=4.0)
+    assert accumulator.p_hgg == pytest.approx([0.0, 0.5, 1.0])
+    assert list(accumulator.area_mm2) == [0.0, 0.0, 32.0] and not accumulator.complete
+    assert accumulator.mask_prob is not None and (accumulator.mask_prob[2, :2] > 0.9).all()
+    with pytest.raises(ValueError, match="past"):
+        accumulator.add(2, p_hgg_of(class_logits), masks, np.ones((2, 4, 4), np.float32),
+                        pixel_area_mm2=4.0)
 
 
 # --- results files ------------------------------------------------------------------------

@@ -18,10 +18,12 @@ def foreground_counts(volume: np.ndarray, threads: int, out: npt.NDArray[np.int6
 def to_original(values: npt.NDArray[np.float32], spacing: Sequence[float],
                 target_spacing: Sequence[float], indices: npt.NDArray[np.int64],
                 threads: int, out: npt.NDArray[np.float32]) -> None: ...
-def to_float16(values: npt.NDArray[np.float32], threads: int,
-               out: npt.NDArray[np.uint16]) -> None: ...
-def to_original_mask(values: npt.NDArray[np.float32], spacing: Sequence[float],
-                     target_spacing: Sequence[float], indices: npt.NDArray[np.int64],
+def lesion_pixels(logits: npt.NDArray[np.float32], images: npt.NDArray[np.float32],
+                  counts: npt.NDArray[np.int64],
+                  probs: npt.NDArray[np.uint16] | None = None) -> None: ...
+def to_original_mask(values: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+                     spacing: Sequence[float], target_spacing: Sequence[float],
+                     indices: npt.NDArray[np.int64],
                      threshold: float, threads: int, out: npt.NDArray[np.uint8]) -> None: ...
 
 # The core's limits (csrc/core/preprocess.hpp); beyond them the functions raise ValueError.

@@ -141,7 +141,8 @@ def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequ
 
     ``threshold`` (> 0): a binary mask instead, uint8, 1 where the mapped value is above it:
     the voxels of ``to_original(...) > threshold`` without the float volume (4x the memory
-    traffic), and slices whose values all stay below it are not resampled."""
+    traffic), resampling only around the values that reach it; float16 ``values`` (the mask
+    probabilities scoring keeps) are read as they are, without a float32 copy."""
     values = np.asarray(values)
     if values.ndim == 4 and values.shape[1] == 1:
         values = values[:, 0]
@@ -153,13 +154,15 @@ def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequ
     indices = _indices(slice_indices, shape[2])
     if len(indices) != values.shape[0]:
         raise ValueError(f"{values.shape[0]} slices given for {len(indices)} slice indices")
-    geometry = (np.require(values, np.float32, ["C", "A"]),
-                _entries(spacing, 3, "spacing (x, y, z) in mm"),
+    geometry = (_entries(spacing, 3, "spacing (x, y, z) in mm"),
                 _entries(target_spacing, 2, "target_spacing (H, W) in mm"), indices)
     if threshold is not None:
         mask = np.zeros(shape, dtype=np.uint8, order="F")
-        _native.to_original_mask(*geometry, threshold, threads, mask)
+        half = values.dtype == np.float16  # read as such (bits), not converted here
+        _native.to_original_mask(np.require(values, None, ["C", "A"]).view(np.uint16) if half
+                                 else np.require(values, np.float32, ["C", "A"]),
+                                 *geometry, threshold, threads, mask)
         return mask
     result = np.zeros(shape, dtype=np.float32, order="F")
-    _native.to_original(*geometry, threads, result)
+    _native.to_original(np.require(values, np.float32, ["C", "A"]), *geometry, threads, result)
     return result

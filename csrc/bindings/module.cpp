@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -204,9 +205,9 @@ T* checked_volume_out(py::array& out, std::array<int64_t, 3>& shape, std::array<
 
 // What both to_original bindings check, then run(values, size, shape, strides, indices, n, out)
 // without the GIL.
-template <typename T, typename Run>
-void on_original_grid(const Values& values, const Indices& indices, int threads, py::array& out,
-                      Run&& run) {
+template <typename T, typename V, typename Run>
+void on_original_grid(const py::array_t<V, py::array::c_style>& values, const Indices& indices,
+                      int threads, py::array& out, Run&& run) {
     check_threads(threads);
     if (values.ndim() != 3) throw py::value_error("values must be [S, H, W]");
     if (values.shape(0) != count(indices))
@@ -215,7 +216,7 @@ void on_original_grid(const Values& values, const Indices& indices, int threads,
     std::array<int64_t, 3> shape{}, strides{};
     T* dst = checked_volume_out<T>(out, shape, strides);
     check_disjoint(out, values, "the values");
-    const float* src = checked_input(values, "values").data();
+    const V* src = checked_input(values, "values").data();
     const int64_t* index = checked_input(indices, "slice indices").data();
     const int64_t n = count(indices);
     py::gil_scoped_release release;
@@ -233,26 +234,44 @@ void to_original(const Values& values, std::array<double, 3> spacing,
         });
 }
 
-void to_original_mask(const Values& values, std::array<double, 3> spacing,
+// values: float32 (converted as needed), or uint16 read as IEEE binary16 bits (a view of the
+// caller's float16 array)
+void to_original_mask(const py::array& values, std::array<double, 3> spacing,
                       std::array<double, 2> target_spacing, const Indices& indices,
                       float threshold, int threads, py::array out) {
-    on_original_grid<uint8_t>(values, indices, threads, out,
-        [&](const float* src, const auto& size, const auto& shape, const auto& strides,
-            const int64_t* index, int64_t n, uint8_t* dst) {
-            ubc::to_original_mask(src, size, shape, strides, spacing, target_spacing, index, n,
-                                  threshold, threads, dst);
-        });
+    const auto mask = [&](const auto& typed) {
+        on_original_grid<uint8_t>(typed, indices, threads, out,
+            [&](const auto* src, const auto& size, const auto& shape, const auto& strides,
+                const int64_t* index, int64_t n, uint8_t* dst) {
+                ubc::to_original_mask(src, size, shape, strides, spacing, target_spacing, index,
+                                      n, threshold, threads, dst);
+            });
+    };
+    if (py::dtype::of<uint16_t>().equal(values.dtype()))
+        mask(py::array_t<uint16_t, py::array::c_style>::ensure(values));
+    else
+        mask(Values::ensure(values));
 }
 
-void to_float16(const py::array_t<float, py::array::c_style>& values, int threads,
-                py::array out) {
-    check_threads(threads);
-    const std::vector<py::ssize_t> shape(values.shape(), values.shape() + values.ndim());
-    auto* dst = checked_out<uint16_t>(out, shape);
-    check_disjoint(out, values, "the values");
-    const float* src = checked_input(values, "values").data();
+void lesion_pixels(const Values& logits, const Values& images, py::array counts,
+                   std::optional<py::array> probs) {
+    if (logits.ndim() < 1) throw py::value_error("logits must be [S, ...]");
+    const std::vector<py::ssize_t> shape(logits.shape(), logits.shape() + logits.ndim());
+    if (std::vector<py::ssize_t>(images.shape(), images.shape() + images.ndim()) != shape)
+        throw py::value_error("images must have the logits' shape " + shape_text(shape));
+    const int64_t n = shape[0];
+    const int64_t slice_len = n == 0 ? 0 : static_cast<int64_t>(logits.size()) / n;
+    auto* per_slice = checked_out<int64_t>(counts, {shape[0]});
+    uint16_t* dst = nullptr;
+    if (probs) {
+        dst = checked_out<uint16_t>(*probs, shape);
+        check_disjoint(*probs, logits, "the logits");
+        check_disjoint(*probs, images, "the images");
+    }
+    const float* src = checked_input(logits, "logits").data();
+    const float* image = checked_input(images, "images").data();
     py::gil_scoped_release release;
-    ubc::to_float16(src, static_cast<int64_t>(shape.empty() ? 1 : values.size()), threads, dst);
+    ubc::lesion_pixels(src, image, n, slice_len, per_slice, dst);
 }
 
 }  // namespace
@@ -273,8 +292,8 @@ PYBIND11_MODULE(_native, m) {
     m.def("to_original", &to_original, py::arg("values"), py::arg("spacing"),
           py::arg("target_spacing"), py::arg("indices"), py::arg("threads"),
           py::arg("out").noconvert());
-    m.def("to_float16", &to_float16, py::arg("values"), py::arg("threads"),
-          py::arg("out").noconvert());
+    m.def("lesion_pixels", &lesion_pixels, py::arg("logits"), py::arg("images"),
+          py::arg("counts").noconvert(), py::arg("probs").noconvert() = py::none());
     m.def("to_original_mask", &to_original_mask, py::arg("values"), py::arg("spacing"),
           py::arg("target_spacing"), py::arg("indices"), py::arg("threshold"),
           py::arg("threads"), py::arg("out").noconvert());

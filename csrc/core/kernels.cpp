@@ -3,8 +3,9 @@
 // (target attributes) and picked at run time for the CPU, so the build assumes no ISA. Every
 // version does the same IEEE double arithmetic, (v - offset) * scale with nothing to contract
 // into a fused multiply-add, hence the same bits on every CPU. CMakeLists.txt compiles this
-// file with -fno-trapping-math, without which GCC does not vectorise the selects; no value
-// changes.
+// file with -fno-trapping-math, without which GCC does not vectorise the selects, and with
+// -ffp-contract=off, so that no version fuses a multiply and an add (which rounds once
+// instead of twice: other bits); no value changes.
 #include "kernels.hpp"
 
 #include <cstring>
@@ -134,7 +135,9 @@ UBC_AVX2 void moments_avx2(const T* in, int64_t n, IntMoments& m) { moments_body
 template <typename T>
 UBC_AVX512 void moments_avx512(const T* in, int64_t n, IntMoments& m) { moments_body(in, n, m); }
 
-// One float's binary16 bits, as selects the vectoriser turns into blends.
+// One float's IEEE binary16 bits, rounded to nearest even (subnormals, overflow to infinity
+// and NaN payloads as NumPy's astype(float16) gives them), as selects the vectoriser turns
+// into blends.
 [[gnu::always_inline]] inline uint16_t half_bits(float value) {
     uint32_t x;
     std::memcpy(&x, &value, sizeof x);
@@ -158,23 +161,128 @@ UBC_AVX512 void moments_avx512(const T* in, int64_t n, IntMoments& m) { moments_
     return static_cast<uint16_t>(((x >> 16) & 0x8000u) | h);
 }
 
-[[gnu::always_inline]] inline void half_body(const float* __restrict in, int64_t n,
-                                             uint16_t* __restrict out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = half_bits(in[i]);
+// The float of binary16 bits (exact): normal halves rebias the exponent (127 - 15),
+// subnormals are a multiple of 2^-24, infinities and NaN payloads keep their bits.
+[[gnu::always_inline]] inline float half_value(uint16_t half) {
+    const uint32_t h = half, sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu;
+    const uint32_t mantissa = h & 0x3ffu;
+    const auto when = [](bool c) { return 0u - static_cast<uint32_t>(c); };
+    const float tiny = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // 2^-24
+    uint32_t tiny_bits;
+    std::memcpy(&tiny_bits, &tiny, sizeof tiny_bits);
+    const uint32_t subnormal = when(exponent == 0), special = when(exponent == 0x1fu);
+    uint32_t bits = ((exponent + 112u) << 23) | (mantissa << 13);
+    bits = (tiny_bits & subnormal) | (bits & ~subnormal);
+    bits = ((0x7f800000u | (mantissa << 13)) & special) | (bits & ~special);
+    float value;
+    bits |= sign;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
 }
 
-UBC_AVX2 void half_avx2(const float* in, int64_t n, uint16_t* out) { half_body(in, n, out); }
-UBC_AVX512 void half_avx512(const float* in, int64_t n, uint16_t* out) { half_body(in, n, out); }
+[[gnu::always_inline]] inline void from_half_body(const uint16_t* __restrict in, int64_t n,
+                                                  float* __restrict out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = half_value(in[i]);
+}
+
+UBC_AVX2 void from_half_avx2(const uint16_t* in, int64_t n, float* out) {
+    from_half_body(in, n, out);
+}
+UBC_AVX512 void from_half_avx512(const uint16_t* in, int64_t n, float* out) {
+    from_half_body(in, n, out);
+}
+
+// exp(x) for |x| <= kLogitBound in double: x = k ln2 + r with |r| <= ln2 / 2 (ln2 in two parts,
+// the first with trailing zeros so that k * kLn2Hi is exact), exp(r) by its Taylor series to
+// r^11 (truncation under 7e-15 relative), times 2^k built in the exponent bits. Rounding k
+// by adding and subtracting 1.5 * 2^52 leaves k in the low bits of the sum.
+[[gnu::always_inline]] inline double bounded_exp(double x) {
+    constexpr double kLog2e = 1.4426950408889634, kShift = 6755399441055744.0;
+    constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+    const double shifted = x * kLog2e + kShift;
+    const double k = shifted - kShift;
+    const double r = (x - k * kLn2Hi) - k * kLn2Lo;
+    // Estrin's scheme: pairs, then pairs of pairs, a short chain of dependent operations
+    const double r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+    const double q0 = 1.0 + r, q1 = 0.5 + r * (1.0 / 6), q2 = 1.0 / 24 + r * (1.0 / 120),
+                 q3 = 1.0 / 720 + r * (1.0 / 5040), q4 = 1.0 / 40320 + r * (1.0 / 362880),
+                 q5 = 1.0 / 3628800 + r * (1.0 / 39916800);
+    const double s0 = q0 + q1 * r2, s1 = q2 + q3 * r2, s2 = q4 + q5 * r2;
+    const double sum = (s0 + s1 * r4) + s2 * r8;
+    uint64_t shifted_bits, shift_bits;
+    std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+    std::memcpy(&shift_bits, &kShift, sizeof shift_bits);
+    const uint64_t scale_bits = (shifted_bits - shift_bits + 1023u) << 52;
+    double scale;
+    std::memcpy(&scale, &scale_bits, sizeof scale);
+    return sum * scale;
+}
+
+// Where a whole block of pixels is background or has logits <= kCertainlyNone, their
+// probabilities (under 1.6e-8 < 2^-25) round to float16 zero: the block skips the sigmoid.
+// Most pixels of a head are such blocks (the air around it, the brain away from a lesion).
+constexpr int64_t kBlock = 256;
+constexpr float kCertainlyNone = -18.0f;
+
+[[gnu::always_inline]] inline uint16_t lesion_probability(float logit, bool head) {
+    // NaN fails both comparisons and stays NaN
+    float x = logit > kLogitBound ? kLogitBound : logit;
+    x = x < -kLogitBound ? -kLogitBound : x;
+    x = head ? x : -kLogitBound;
+    return half_bits(static_cast<float>(1.0 / (1.0 + bounded_exp(-static_cast<double>(x)))));
+}
+
+[[gnu::always_inline]] inline int64_t lesion_body(const float* __restrict logits,
+                                                  const float* __restrict images, int64_t n,
+                                                  uint16_t* __restrict probs) {
+    int64_t pixels = 0;
+    for (int64_t start = 0; start < n; start += kBlock) {
+        const int64_t stop = std::min(n, start + kBlock);
+        int32_t lesion = 0, live = 0;
+        for (int64_t i = start; i < stop; ++i) {
+            const bool head = images[i] != 0.0f;
+            lesion += head && logits[i] > 0.0f;
+            live += head && !(logits[i] <= kCertainlyNone);
+        }
+        pixels += lesion;
+        if (probs == nullptr) continue;
+        if (live == 0) {
+            std::fill(probs + start, probs + stop, uint16_t{0});
+            continue;
+        }
+        for (int64_t i = start; i < stop; ++i)
+            probs[i] = lesion_probability(logits[i], images[i] != 0.0f);
+    }
+    return pixels;
+}
+
+UBC_AVX2 int64_t lesion_avx2(const float* logits, const float* images, int64_t n,
+                             uint16_t* probs) {
+    return lesion_body(logits, images, n, probs);
+}
+UBC_AVX512 int64_t lesion_avx512(const float* logits, const float* images, int64_t n,
+                                 uint16_t* probs) {
+    return lesion_body(logits, images, n, probs);
+}
 
 }  // namespace
 
-void to_half(const float* in, int64_t n, uint16_t* out) {
+void from_half(const uint16_t* in, int64_t n, float* out) {
     switch (isa()) {
-        case Isa::avx512: return half_avx512(in, n, out);
-        case Isa::avx2: return half_avx2(in, n, out);
+        case Isa::avx512: return from_half_avx512(in, n, out);
+        case Isa::avx2: return from_half_avx2(in, n, out);
         case Isa::baseline: break;
     }
-    half_body(in, n, out);
+    from_half_body(in, n, out);
+}
+
+int64_t lesion_pixels(const float* logits, const float* images, int64_t n, uint16_t* probs) {
+    switch (isa()) {
+        case Isa::avx512: return lesion_avx512(logits, images, n, probs);
+        case Isa::avx2: return lesion_avx2(logits, images, n, probs);
+        case Isa::baseline: break;
+    }
+    return lesion_body(logits, images, n, probs);
 }
 
 template <typename T>

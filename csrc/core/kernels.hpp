@@ -1,7 +1,7 @@
-// The preprocessing's hot loops: normalisation of contiguous voxels to float, transposition of
-// tiles of voxels, the exact moments of 8/16-bit volumes, and float32 to float16. kernels.cpp compiles each for
-// AVX-512, AVX2 and baseline x86-64 and picks one at run time; every version computes the same
-// bits as normalise_value.
+// The hot loops: normalisation of contiguous voxels to float, transposition of tiles of voxels,
+// the exact moments of 8/16-bit volumes, and the lesion pixels and float16 probabilities of mask
+// logits. kernels.cpp compiles each for AVX-512, AVX2 and baseline x86-64 and picks one at run
+// time; every version computes the same bits (normalisation: those of normalise_value).
 #pragma once
 
 #include <algorithm>
@@ -49,8 +49,18 @@ struct IntMoments {
 template <typename T>
 void add_moments(const T* in, int64_t n, IntMoments& m);
 
-// out[i] = the IEEE binary16 bits of in[i], rounded to nearest even (subnormals, overflow to
-// infinity and NaN payloads as NumPy's astype(float16) gives them) for i < n.
-void to_half(const float* in, int64_t n, uint16_t* out);
+// out[i] = the float value of the IEEE binary16 bits in[i] (exact) for i < n.
+void from_half(const uint16_t* in, int64_t n, float* out);
+
+// Logits of at most this magnitude give a lesion probability; larger ones are clamped to it
+// (and background pixels take -kLogitBound: certain no lesion).
+inline constexpr float kLogitBound = 60.0f;
+
+// Of n mask logits and the engine input's pixels under them: the number of lesion pixels
+// (image != 0 and logit > 0), and, where probs is not null, probs[i] = the binary16 bits of
+// the lesion probability 1 / (1 + exp(-x)), x = logits[i] clamped to +-kLogitBound, or
+// -kLogitBound where images[i] == 0. The probability is computed in double (relative error
+// under 1e-14), rounded to float and then to binary16: the same bits on every CPU.
+int64_t lesion_pixels(const float* logits, const float* images, int64_t n, uint16_t* probs);
 
 }  // namespace ubc::detail

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <mutex>
@@ -626,10 +627,29 @@ void foreground_counts(const VolumeView& volume, int threads, int64_t* out) {
 
 namespace {
 
+// {first row, last row, first column, last column} of a zero-padded model-grid slice's values
+// at or above `bound` (first > last: none), in the unpadded slice's indices.
+std::array<int64_t, 4> reaching(const float* padded, int64_t row_len,
+                                const std::array<int64_t, 2>& size, float bound) {
+    std::array<int64_t, 4> box{size[0], -1, size[1], -1};
+    for (int64_t h = 0; h < size[0]; ++h) {
+        const float* row = padded + (h + 1) * row_len + 1;
+        int64_t first = size[1], last = -1;
+        for (int64_t w = 0; w < size[1]; ++w)
+            if (row[w] >= bound) {
+                first = std::min(first, w);
+                last = w;
+            }
+        if (last < 0) continue;
+        box = {std::min(box[0], h), h, std::min(box[2], first), std::max(box[3], last)};
+    }
+    return box;
+}
+
 // The checks and the slice loop shared by to_original and to_original_mask: each listed slice,
 // zero-padded, goes to write(s, padded, row_len, resampler, scratch) on one of the threads.
-template <typename Write>
-void for_each_original_slice(const float* values, const std::array<int64_t, 2>& size,
+template <typename V, typename Write>
+void for_each_original_slice(const V* values, const std::array<int64_t, 2>& size,
                              const std::array<int64_t, 3>& out_shape,
                              const std::array<int64_t, 3>& out_strides,
                              const std::array<double, 3>& spacing,
@@ -656,9 +676,14 @@ void for_each_original_slice(const float* values, const std::array<int64_t, 2>& 
     parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
         std::vector<float> padded(padded_floats, 0.0f), scratch;
         for (int64_t s = begin; s < end; ++s) {
-            for (int64_t h = 0; h < size[0]; ++h)
-                std::copy_n(values + s * plane + h * size[1], size[1],
-                            padded.data() + (h + 1) * row_len + 1);
+            for (int64_t h = 0; h < size[0]; ++h) {
+                const V* row = values + s * plane + h * size[1];
+                float* to = padded.data() + (h + 1) * row_len + 1;
+                if constexpr (std::is_same_v<V, uint16_t>)
+                    detail::from_half(row, size[1], to);
+                else
+                    std::copy_n(row, size[1], to);
+            }
             write(s, padded.data(), row_len, resampler, scratch);
         }
     });
@@ -666,17 +691,16 @@ void for_each_original_slice(const float* values, const std::array<int64_t, 2>& 
 
 }  // namespace
 
-void to_float16(const float* in, int64_t n, int threads, uint16_t* out) {
-    if (n < 0 || (n > 0 && (in == nullptr || out == nullptr)))
-        throw std::invalid_argument("to_float16: no data");
-    constexpr int64_t kChunk = 1 << 16;  // values per piece of work
-    const int64_t pieces = (n + kChunk - 1) / kChunk;
-    parallel_for(pieces, threads, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-            const int64_t first = p * kChunk;
-            detail::to_half(in + first, std::min(kChunk, n - first), out + first);
-        }
-    });
+void lesion_pixels(const float* logits, const float* images, int64_t n_slices,
+                   int64_t slice_len, int64_t* counts, uint16_t* probs) {
+    if (n_slices < 0 || slice_len < 0 ||
+        (n_slices > 0 && (logits == nullptr || images == nullptr || counts == nullptr)))
+        throw std::invalid_argument("lesion_pixels: no data");
+    for (int64_t s = 0; s < n_slices; ++s) {
+        const int64_t first = s * slice_len;
+        counts[s] = detail::lesion_pixels(logits + first, images + first, slice_len,
+                                          probs == nullptr ? nullptr : probs + first);
+    }
 }
 
 void to_original(const float* values, const std::array<int64_t, 2>& size,
@@ -695,7 +719,8 @@ void to_original(const float* values, const std::array<int64_t, 2>& size,
         });
 }
 
-void to_original_mask(const float* values, const std::array<int64_t, 2>& size,
+template <typename V>
+void to_original_mask(const V* values, const std::array<int64_t, 2>& size,
                       const std::array<int64_t, 3>& out_shape,
                       const std::array<int64_t, 3>& out_strides,
                       const std::array<double, 3>& spacing,
@@ -707,35 +732,52 @@ void to_original_mask(const float* values, const std::array<int64_t, 2>& size,
         throw std::invalid_argument("to_original_mask: threshold must be a finite number > 0");
     const int64_t nx = out_shape[0], ny = out_shape[1];
     // Resampled values are non-negative-weighted sums of the inputs and zeros, weights summing
-    // to at most 1: none exceeds max(0, the slice's maximum). A slice whose maximum stays
-    // below the threshold (with room for the rounding of those sums) is all zero.
+    // to at most 1: none exceeds max(0, the largest input it weighs). Outputs that weigh no
+    // input at or above the threshold (with room for the rounding of those sums) are zero,
+    // so only the window of outputs around the slice's inputs that reach it is resampled.
     const float skip_below = threshold * (1.0f - 1e-5f);
     for_each_original_slice(
         values, size, out_shape, out_strides, spacing, target_spacing, slice_indices, n_indices,
         threads, [&](int64_t s, const float* padded, int64_t row_len,
                      const PlaneResampler& resampler, std::vector<float>& scratch) {
             uint8_t* dst = out + slice_indices[s] * out_strides[2];
-            const int64_t plane = size[0] * size[1];  // checked by for_each_original_slice
-            const float* first = values + s * plane;
-            const bool empty = *std::max_element(first, first + plane) < skip_below;
-            const int64_t sx = out_strides[0];
-            if (empty) {
-                for (int64_t y = 0; y < ny; ++y)
-                    for (int64_t x = 0; x < nx; ++x) dst[x * sx + y * out_strides[1]] = 0;
-                return;
-            }
-            thread_local std::vector<float> resampled;
-            resampled.resize(static_cast<size_t>(nx * ny));
-            resampler.run(padded, row_len, resampled.data(), 1, nx, scratch);
+            const int64_t sx = out_strides[0], sy = out_strides[1];
             for (int64_t y = 0; y < ny; ++y) {
-                uint8_t* row = dst + y * out_strides[1];
-                const float* in = resampled.data() + y * nx;
-                if (sx == 1)  // Fortran order, the usual case: a loop the compiler vectorises
-                    for (int64_t x = 0; x < nx; ++x) row[x] = in[x] > threshold;
+                if (sx == 1)  // Fortran order, the usual case: rows of contiguous bytes
+                    std::memset(dst + y * sy, 0, static_cast<size_t>(nx));
                 else
-                    for (int64_t x = 0; x < nx; ++x) row[x * sx] = in[x] > threshold;
+                    for (int64_t x = 0; x < nx; ++x) dst[x * sx + y * sy] = 0;
+            }
+            const std::array<int64_t, 4> box = reaching(padded, row_len, size, skip_below);
+            if (box[0] > box[1]) return;  // no input reaches the threshold
+            const auto rows = resampler.outputs_reading(0, box[0], box[1]);
+            const auto cols = resampler.outputs_reading(1, box[2], box[3]);
+            const int64_t n_rows = rows[1] - rows[0], n_cols = cols[1] - cols[0];
+            thread_local std::vector<float> resampled;
+            resampled.resize(static_cast<size_t>(n_rows * n_cols));
+            resampler.run(padded, row_len, rows, cols, resampled.data(), 1, n_rows, scratch);
+            for (int64_t c = 0; c < n_cols; ++c) {
+                uint8_t* row = dst + rows[0] * sx + (cols[0] + c) * sy;
+                const float* in = resampled.data() + c * n_rows;
+                if (sx == 1)  // Fortran order, the usual case: a loop the compiler vectorises
+                    for (int64_t x = 0; x < n_rows; ++x) row[x] = in[x] > threshold;
+                else
+                    for (int64_t x = 0; x < n_rows; ++x) row[x * sx] = in[x] > threshold;
             }
         });
 }
+
+template void to_original_mask<float>(const float*, const std::array<int64_t, 2>&,
+                                      const std::array<int64_t, 3>&,
+                                      const std::array<int64_t, 3>&,
+                                      const std::array<double, 3>&,
+                                      const std::array<double, 2>&, const int64_t*, int64_t,
+                                      float, int, uint8_t*);
+template void to_original_mask<uint16_t>(const uint16_t*, const std::array<int64_t, 2>&,
+                                         const std::array<int64_t, 3>&,
+                                         const std::array<int64_t, 3>&,
+                                         const std::array<double, 3>&,
+                                         const std::array<double, 2>&, const int64_t*, int64_t,
+                                         float, int, uint8_t*);
 
 }  // namespace ubc

@@ -87,14 +87,21 @@ void to_original(const float* values, const std::array<int64_t, 2>& size,
                  const std::array<double, 2>& target_spacing, const int64_t* slice_indices,
                  int64_t n_indices, int threads, float* out);
 
-// out[i] = in[i] as IEEE binary16 bits (round to nearest even, as NumPy's astype(float16)) for
-// i < n, on up to `threads` threads.
-void to_float16(const float* in, int64_t n, int threads, uint16_t* out);
+// The lesion pixels and probabilities of an engine's mask logits (ubc.scoring.aggregate):
+// logits and images (the engine's input under them) are float32 [n_slices, slice_len];
+// counts[s] = slice s's pixels with image != 0 and logit > 0, and where probs is not null,
+// probs = the float16 bits of every pixel's lesion probability (background: none), as
+// detail::lesion_pixels computes them.
+void lesion_pixels(const float* logits, const float* images, int64_t n_slices,
+                   int64_t slice_len, int64_t* counts, uint16_t* probs);
 
 // to_original thresholded: out is a uint8 volume (strides in elements), 1 where the resampled
 // value > threshold (> 0), else 0, written for every voxel of the listed slices. The same
-// voxels as thresholding to_original's result, without its float volume.
-void to_original_mask(const float* values, const std::array<int64_t, 2>& size,
+// voxels as thresholding to_original's result, without its float volume. Values are float32,
+// or IEEE binary16 bits (uint16_t: the float16 mask probabilities scoring keeps), read as
+// their exact float values.
+template <typename V>
+void to_original_mask(const V* values, const std::array<int64_t, 2>& size,
                       const std::array<int64_t, 3>& out_shape,
                       const std::array<int64_t, 3>& out_strides,
                       const std::array<double, 3>& spacing,

@@ -109,22 +109,22 @@ PlaneResampler::PlaneResampler(const std::array<int64_t, 2>& size,
 
 namespace {
 
-// out[h, w] = bilinear sample of a zero-padded [n_rows + 2, row_len] buffer.
+// out[h - h0, w - w0] = bilinear sample of a zero-padded [n_rows + 2, row_len] buffer for h in
+// [h0, h1) = rows_out and w in [w0, w1) = cols_out.
 void interpolate(const float* padded, int64_t row_len, const Taps& rows, const Taps& cols,
+                 const std::array<int64_t, 2>& rows_out, const std::array<int64_t, 2>& cols_out,
                  float* out, int64_t out_row_stride, int64_t out_col_stride) {
-    const int64_t n_rows = static_cast<int64_t>(rows.i0.size());
-    const int64_t n_cols = static_cast<int64_t>(cols.i0.size());
-    for (int64_t h = 0; h < n_rows; ++h) {
+    for (int64_t h = rows_out[0]; h < rows_out[1]; ++h) {
         const float* r0 = padded + rows.i0[static_cast<size_t>(h)] * row_len;
         const float* r1 = r0 + row_len;
         const float a = rows.w0[static_cast<size_t>(h)], b = rows.w1[static_cast<size_t>(h)];
-        float* dst = out + h * out_row_stride;
-        for (int64_t w = 0; w < n_cols; ++w) {
+        float* dst = out + (h - rows_out[0]) * out_row_stride;
+        for (int64_t w = cols_out[0]; w < cols_out[1]; ++w) {
             const size_t c = static_cast<size_t>(w);
             const int64_t j = cols.i0[c];
             const float top = cols.w0[c] * r0[j] + cols.w1[c] * r0[j + 1];
             const float bottom = cols.w0[c] * r1[j] + cols.w1[c] * r1[j + 1];
-            dst[w * out_col_stride] = a * top + b * bottom;
+            dst[(w - cols_out[0]) * out_col_stride] = a * top + b * bottom;
         }
     }
 }
@@ -132,9 +132,10 @@ void interpolate(const float* padded, int64_t row_len, const Taps& rows, const T
 // Separable weighted sums: each output row first combines its input rows into one padded
 // row (contiguous, so it vectorises), then each output pixel combines that row's columns.
 void convolve(const float* padded, int64_t row_len, const Kernel& rows, const Kernel& cols,
+              const std::array<int64_t, 2>& rows_out, const std::array<int64_t, 2>& cols_out,
               float* out, int64_t out_row_stride, int64_t out_col_stride, std::vector<float>& row) {
     row.resize(static_cast<size_t>(row_len));
-    for (size_t h = 0; h < rows.start.size(); ++h) {
+    for (auto h = static_cast<size_t>(rows_out[0]); h < static_cast<size_t>(rows_out[1]); ++h) {
         std::fill(row.begin(), row.end(), 0.0f);
         const float* weight = rows.weight.data() + rows.offset[h];
         for (int64_t t = 0; t < rows.count[h]; ++t) {
@@ -142,13 +143,13 @@ void convolve(const float* padded, int64_t row_len, const Kernel& rows, const Ke
             const float w = weight[t];
             for (int64_t y = 0; y < row_len; ++y) row[static_cast<size_t>(y)] += w * src[y];
         }
-        float* dst = out + static_cast<int64_t>(h) * out_row_stride;
-        for (size_t c = 0; c < cols.start.size(); ++c) {
+        float* dst = out + (static_cast<int64_t>(h) - rows_out[0]) * out_row_stride;
+        for (auto c = static_cast<size_t>(cols_out[0]); c < static_cast<size_t>(cols_out[1]); ++c) {
             const float* src = row.data() + cols.start[c] + 1;
             const float* wc = cols.weight.data() + cols.offset[c];
             float sum = 0.0f;
             for (int64_t t = 0; t < cols.count[c]; ++t) sum += wc[t] * src[t];
-            dst[static_cast<int64_t>(c) * out_col_stride] = sum;
+            dst[(static_cast<int64_t>(c) - cols_out[0]) * out_col_stride] = sum;
         }
     }
 }
@@ -157,10 +158,44 @@ void convolve(const float* padded, int64_t row_len, const Kernel& rows, const Ke
 
 void PlaneResampler::run(const float* padded, int64_t row_len, float* out, int64_t row_stride,
                          int64_t col_stride, std::vector<float>& scratch) const {
+    const auto all = [](const Taps& taps) {
+        return std::array<int64_t, 2>{0, static_cast<int64_t>(taps.i0.size())};
+    };
+    run(padded, row_len, all(rows_.taps), all(cols_.taps), out, row_stride, col_stride, scratch);
+}
+
+void PlaneResampler::run(const float* padded, int64_t row_len, const std::array<int64_t, 2>& rows,
+                         const std::array<int64_t, 2>& cols, float* out, int64_t row_stride,
+                         int64_t col_stride, std::vector<float>& scratch) const {
     if (bilinear_)
-        interpolate(padded, row_len, rows_.taps, cols_.taps, out, row_stride, col_stride);
+        interpolate(padded, row_len, rows_.taps, cols_.taps, rows, cols, out, row_stride,
+                    col_stride);
     else
-        convolve(padded, row_len, rows_.kernel, cols_.kernel, out, row_stride, col_stride, scratch);
+        convolve(padded, row_len, rows_.kernel, cols_.kernel, rows, cols, out, row_stride,
+                 col_stride, scratch);
+}
+
+std::array<int64_t, 2> PlaneResampler::outputs_reading(int axis, int64_t first,
+                                                       int64_t last) const {
+    const Axis& a = axis == 0 ? rows_ : cols_;
+    const auto n = static_cast<int64_t>(a.taps.i0.size());
+    int64_t begin = n, end = 0;
+    for (int64_t o = 0; o < n; ++o) {
+        const auto i = static_cast<size_t>(o);
+        // the input indices output o weighs (a bilinear tap i0 is padded: input i0 - 1, i0)
+        int64_t lo = a.taps.i0[i] - 1, hi = a.taps.i0[i];
+        bool weighs = a.taps.w0[i] != 0.0f || a.taps.w1[i] != 0.0f;
+        if (!bilinear_) {
+            lo = a.kernel.start[i];
+            hi = lo + a.kernel.count[i] - 1;
+            weighs = a.kernel.count[i] > 0;
+        }
+        if (weighs && lo <= last && hi >= first) {
+            begin = std::min(begin, o);
+            end = o + 1;
+        }
+    }
+    return {std::min(begin, end), end};
 }
 
 }  // namespace ubc::detail

@@ -52,6 +52,16 @@ public:
     void run(const float* padded, int64_t row_len, float* out, int64_t row_stride,
              int64_t col_stride, std::vector<float>& scratch) const;
 
+    // The same values for output rows [rows[0], rows[1]) and columns [cols[0], cols[1])
+    // only, at out[(h - rows[0]) * row_stride + (w - cols[0]) * col_stride].
+    void run(const float* padded, int64_t row_len, const std::array<int64_t, 2>& rows,
+             const std::array<int64_t, 2>& cols, float* out, int64_t row_stride,
+             int64_t col_stride, std::vector<float>& scratch) const;
+
+    // [begin, end): the outputs along `axis` (0: rows, 1: columns) from the first to the last
+    // that gives a non-zero weight to an input index in [first, last] (begin == end: none).
+    std::array<int64_t, 2> outputs_reading(int axis, int64_t first, int64_t last) const;
+
 private:
     struct Axis {
         Taps taps;      // bilinear, always

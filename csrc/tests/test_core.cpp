@@ -6,17 +6,47 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "check.hpp"
+#include "kernels.hpp"
 #include "preprocess.hpp"
 
 void contract_tests();  // test_contracts.cpp: the core's own contracts (issue 9)
 
 using ubc_test::check;
 using ubc_test::check_throws;
+
+// Every binary16 bit pattern read as the float it denotes (ldexp of its fields): exact, NaN
+// payloads and signs kept.
+void half_tests() {
+    std::vector<uint16_t> halves(65536);
+    for (size_t i = 0; i < halves.size(); ++i) halves[i] = static_cast<uint16_t>(i);
+    std::vector<float> got(halves.size());
+    ubc::detail::from_half(halves.data(), static_cast<int64_t>(halves.size()), got.data());
+    int wrong = 0;
+    for (uint32_t h = 0; h < 65536; ++h) {
+        const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+        float want;
+        if (exponent == 0x1fu) {
+            const uint32_t bits = ((h & 0x8000u) << 16) | 0x7f800000u | (mantissa << 13);
+            std::memcpy(&want, &bits, sizeof want);
+        } else {
+            want = exponent == 0 ? std::ldexp(static_cast<float>(mantissa), -24)
+                                 : std::ldexp(static_cast<float>(1024 + mantissa),
+                                              static_cast<int>(exponent) - 25);
+            if (h & 0x8000u) want = -want;
+        }
+        uint32_t a, b;
+        std::memcpy(&a, &got[h], sizeof a);
+        std::memcpy(&b, &want, sizeof b);
+        wrong += a != b;
+    }
+    check(wrong == 0, "from_half reads every binary16 pattern as its float");
+}
 
 int main() {
     // A 32 x 32 x 3 Fortran-ordered int16 volume: background border, ramp inside (its mean, 147.5, is no voxel value, so no voxel normalises to 0).
@@ -84,6 +114,7 @@ int main() {
     check(smooth == smooth2, "anti-aliased downsampling: 2 threads give the result of one");
 
     contract_tests();
+    half_tests();
     std::printf("%d failure(s)\n", ubc_test::failures());
     return ubc_test::failures() == 0 ? 0 : 1;
 }

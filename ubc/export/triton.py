@@ -170,6 +170,6 @@ batch = preprocess.slices(volume.data, volume.spacing, size={tuple(prep.size)},
 ```
 
 then turn the outputs into the case's verdict with `ubc.scoring.aggregate`
-(`background_as_no_lesion`, `slice_scores`, `decide`: top-k slices by predicted area,
+(`p_hgg_of`, `lesion_pixels`, `decide`: top-k slices by predicted area,
 P(HGG), lesion volume). Or run `ubc-serve`, which does all of it behind one POST.
 """

@@ -12,7 +12,7 @@ class logits). Then, per case:
 Pixels of background (exactly 0 in the engine's input: outside the head, since
 normalisation and resampling keep 0 as 0) cannot hold a lesion, whatever the mask head says,
 for the same reason that background-only slices are not scored at all
-(``background_as_no_lesion``). Areas are measured on the model grid (after in-plane
+(``lesion_pixels``). Areas are measured on the model grid (after in-plane
 resampling and centre crop/pad), so a lesion outside the model's field of view is not
 counted.
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_MIN_LESION_ML", "Verdict", "CaseAccumulator", "background_as_no_lesion",
-           "p_hgg_of", "slice_scores", "top_slices", "decide"]
+__all__ = ["DEFAULT_MIN_LESION_ML", "Verdict", "CaseAccumulator", "lesion_pixels", "p_hgg_of",
+           "top_slices", "decide"]
 
 #: 0.1 mL = 100 voxels of 1 mm3: a lesion smaller than that is noise for this model.
 DEFAULT_MIN_LESION_ML = 0.1
@@ -42,11 +42,22 @@ class Verdict:
     slices_used: tuple[int, ...]
 
 
-def background_as_no_lesion(mask_logits: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """float32 [n, H, W] mask logits with background pixels (``images == 0``) set to a
-    certain "no lesion" (-60)."""
-    logits = np.asarray(mask_logits, dtype=np.float32).reshape(np.shape(images))
-    return np.where(np.asarray(images) != 0, logits, np.float32(-60.0))
+def lesion_pixels(mask_logits: np.ndarray, images: np.ndarray,
+                  probs: np.ndarray | None = None) -> np.ndarray:
+    """The lesion pixels of each slice of engine outputs, int64 [n]: mask logits [n, 1, H, W]
+    (or [n, H, W]) > 0 where the engine's input slices ``images`` [n, H, W] are not
+    background. With ``probs`` (float16 [n, H, W], C-contiguous), also every pixel's lesion
+    probability, written there: the sigmoid of its logit clamped to +-60, and of -60 on
+    background. One pass of the native core, which computes the sigmoid in double precision
+    and rounds it to float32 and then to float16: the same bits on every CPU (NumPy's
+    float32 exp differs by CPU, by a few float32 ulps)."""
+    from ubc import _native
+
+    image = np.ascontiguousarray(images, np.float32)
+    logits = np.ascontiguousarray(mask_logits, np.float32).reshape(image.shape)
+    counts = np.empty(len(image), np.int64)
+    _native.lesion_pixels(logits, image, counts, None if probs is None else probs.view(np.uint16))
+    return counts
 
 
 def p_hgg_of(class_logits: np.ndarray, hgg_index: int = 1) -> np.ndarray:
@@ -63,14 +74,6 @@ def top_slices(areas_mm2: np.ndarray, k: int) -> np.ndarray:
     areas = np.asarray(areas_mm2)
     order = np.argsort(-areas, kind="stable")[:k]
     return order[areas[order] > 0]
-
-
-def slice_scores(class_logits: np.ndarray, mask_logits: np.ndarray, *, hgg_index: int,
-                 pixel_area_mm2: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(p_hgg [B], area_mm2 [B])`` of a batch of engine outputs (float64)."""
-    p_hgg = p_hgg_of(class_logits, hgg_index)
-    pixels = np.count_nonzero(np.asarray(mask_logits).reshape(len(p_hgg), -1) > 0, axis=1)
-    return p_hgg, pixels * float(pixel_area_mm2)
 
 
 def decide(p_hgg: np.ndarray, area_mm2: np.ndarray, slice_indices: np.ndarray, *,
@@ -92,18 +95,6 @@ def decide(p_hgg: np.ndarray, area_mm2: np.ndarray, slice_indices: np.ndarray, *
                    tuple(int(i) for i in slice_indices[order]))
 
 
-def as_float16(values: np.ndarray) -> np.ndarray:
-    """``values.astype(float16)``, bit for bit, by the native core: NumPy's own takes a slow
-    path (~60x slower here) for the values under float16's smallest normal (2**-14), which
-    most mask probabilities are (background)."""
-    from ubc import _native
-
-    values = np.ascontiguousarray(values, np.float32)
-    out = np.empty(values.shape, np.float16)
-    _native.to_float16(values, 1, out.view(np.uint16))
-    return out
-
-
 class CaseAccumulator:
     """Collects the engine outputs of one case's scored slices as batches come back.
 
@@ -121,20 +112,20 @@ class CaseAccumulator:
         self.mask_prob = np.zeros(shape, np.float16) if keep_masks else None
         self.images = np.zeros(shape, np.float16) if keep_images else None
 
-    def add(self, start: int, p_hgg: np.ndarray, area_mm2: np.ndarray,
-            mask_logits: np.ndarray | None = None, images: np.ndarray | None = None) -> None:
-        """Record slices ``start .. start + len(p_hgg)`` of this case."""
+    def add(self, start: int, p_hgg: np.ndarray, mask_logits: np.ndarray, images: np.ndarray,
+            *, pixel_area_mm2: float) -> None:
+        """Record slices ``start .. start + len(p_hgg)`` of this case: their P(HGG), their
+        lesion areas in mm2 (``lesion_pixels`` of their mask logits [n, 1, H, W] over the
+        engine's input slices ``images`` [n, H, W], times ``pixel_area_mm2``), and what
+        ``keep_masks`` and ``keep_images`` keep."""
         stop = start + len(p_hgg)
         if stop > self.n_slices:
             raise ValueError(f"slices {start}:{stop} past the case's {self.n_slices}")
+        probs = None if self.mask_prob is None else self.mask_prob[start:stop]
+        pixels = lesion_pixels(mask_logits, images, probs)
         self.p_hgg[start:stop] = p_hgg
-        self.area_mm2[start:stop] = area_mm2
-        if self.mask_prob is not None and mask_logits is not None:
-            logits = np.asarray(mask_logits, dtype=np.float32).reshape(len(p_hgg), -1)
-            probs = 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))
-            self.mask_prob[start:stop] = as_float16(probs).reshape(
-                self.mask_prob[start:stop].shape)
-        if self.images is not None and images is not None:
+        self.area_mm2[start:stop] = pixels * float(pixel_area_mm2)
+        if self.images is not None:
             self.images[start:stop] = np.asarray(images).reshape(self.images[start:stop].shape)
         self.received += len(p_hgg)
 

@@ -27,9 +27,8 @@ from ubc.scoring.aggregate import (
     DEFAULT_MIN_LESION_ML,
     CaseAccumulator,
     Verdict,
-    background_as_no_lesion,
     decide,
-    slice_scores,
+    p_hgg_of,
 )
 from ubc.scoring.discover import Case
 from ubc.scoring.options import CaseOptions
@@ -163,10 +162,10 @@ def prepare_case(loaded: Loaded, context: RunContext) -> Prepared:
         record = dataclasses.replace(record, slices_total=int(volume.data.shape[2]))
         checked = check_volume(volume, target_spacing=prep.target_spacing,
                                name=str(case.image), thresholds=context.conformance,
-                               trained=context.training.spacing if context.training else None)
-        volume = checked.volume
+                               trained=context.training.spacing if context.training else None,
+                               threads=context.preprocess_threads)
+        volume, counts = checked.volume, checked.foreground
         record = dataclasses.replace(record, flags=record.flags + tuple(checked.flags))
-        counts = preprocess.foreground_counts(volume.data, threads=context.preprocess_threads)
         brain_ml = float(counts.sum()) * float(np.prod(volume.spacing)) / 1000.0
         indices = np.flatnonzero(counts)
         if len(indices) == 0:
@@ -244,11 +243,9 @@ class CaseOutputs:
         if self.record.failure is not None:
             return
         try:
-            lesion_logits = background_as_no_lesion(mask_logits, images)
-            p_hgg, area = slice_scores(class_logits, lesion_logits,
-                                       hgg_index=self.context.hgg_index,
-                                       pixel_area_mm2=self.context.pixel_area_mm2)
-            self.accumulator.add(first, p_hgg, area, lesion_logits, images)
+            self.accumulator.add(first, p_hgg_of(class_logits, self.context.hgg_index),
+                                 mask_logits, images,
+                                 pixel_area_mm2=self.context.pixel_area_mm2)
         except Exception as exc:
             self.fail("aggregate", exc)
 
@@ -279,7 +276,7 @@ def original_grid_mask(outputs: CaseOutputs) -> np.ndarray:
         raise RuntimeError(f"{record.case.case_id}: no mask probabilities were kept")
     grid, context = record.grid, outputs.context
     return preprocess.to_original(
-        acc.mask_prob.astype(np.float32), grid.data.shape, grid.spacing,
+        acc.mask_prob, grid.data.shape, grid.spacing,
         target_spacing=context.preprocessing.target_spacing, slice_indices=record.indices,
         threads=context.preprocess_threads, threshold=0.5)
 
