@@ -429,6 +429,26 @@ def test_the_same_series_and_model_make_the_same_seg(tmp_path: Path) -> None:
     assert set(uids("c.dcm", "def")).isdisjoint(first)
 
 
+def test_a_seg_from_discovery_headers_is_the_seg_from_reading_them_again(tmp_path: Path) -> None:
+    """Scoring hands ``write_seg`` the headers discovery read, instead of reading the
+    source instances a second time: the same SEG but for its time stamps."""
+    from ubc.io.dicom_seg import write_seg
+
+    files = _series(tmp_path / "s")
+    (case,) = discover_cases(tmp_path / "s")
+    headers = case.reader.headers  # type: ignore[attr-defined]
+    assert len(headers) == len(files)
+    _, sources = load_series(files)
+    mask = np.zeros((32, 32, 12), np.uint8)
+    mask[10:20, 10:20, 4:8] = 1
+    read = pydicom.dcmread(write_seg(mask, sources, tmp_path / "read.dcm"))
+    given = pydicom.dcmread(write_seg(mask, sources, tmp_path / "given.dcm",
+                                      headers=headers))
+    stamps = {"InstanceCreationTime", "ContentTime", "InstanceCreationDate", "ContentDate"}
+    assert [e for e in read if e.keyword not in stamps] == \
+        [e for e in given if e.keyword not in stamps]
+
+
 @pytest.mark.parametrize("multiframe", [False, True])
 def test_seg_reads_back_the_mask_and_references_each_source_frame(tmp_path: Path,
                                                                  multiframe: bool) -> None:

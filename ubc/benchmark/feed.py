@@ -285,7 +285,8 @@ def breakdown(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path) ->
 
                 with clock("seg_encode"):
                     write_seg(grid.to_original_orientation(mask), grid.source_frames,
-                              files.seg, model=context.model, version="bench")
+                              files.seg, model=context.model, version="bench",
+                              headers=getattr(case.reader, "headers", ()))
             bare = CaseOutputs(outputs.record, context, OutputSpec().files_for(
                 case.case_id, dicom=False), accumulator=outputs.accumulator)
             with clock("aggregate"):  # the verdict and the row (no file left to write)

@@ -47,7 +47,7 @@ import copy
 import datetime
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -204,13 +204,15 @@ def _frame_of_file(path: Path, header: InstanceHeader | None) -> _SourceFrame:
                         frame.iop, frame.ipp, _ds_text(frame.ipp))
 
 
-def _read_sources(files: list[Path]) -> tuple[pydicom.Dataset, dict[Path, list[_SourceFrame]]]:
-    """The first source instance (checked by ``_source_header``) and the frames of each."""
+def _read_sources(files: list[Path], known: Mapping[Path, InstanceHeader]
+                  ) -> tuple[pydicom.Dataset, dict[Path, list[_SourceFrame]]]:
+    """The first source instance (checked by ``_source_header``) and the frames of each
+    (from ``known`` headers where given, else read)."""
     import pydicom
 
     try:
         read = pydicom.dcmread(files[0], stop_before_pixels=True)
-        headers = [read_header(path) for path in files[1:]]
+        headers = [known.get(path) or read_header(path) for path in files[1:]]
     except Exception as exc:  # read_header's UBCInputError for a damaged file included
         raise _unreadable(files, exc) from exc
     first = _source_header(read, files[0])
@@ -492,17 +494,19 @@ def _seg_uid(sop_uids: Iterable[str], version: str, what: str) -> str:
 
 
 def write_seg(mask: np.ndarray, sources: Sequence[tuple[Path, int]],
-              path: str | os.PathLike[str], *, model: str = "ubc", version: str = "0") -> Path:
+              path: str | os.PathLike[str], *, model: str = "ubc", version: str = "0",
+              headers: Sequence[InstanceHeader] = ()) -> Path:
     """Write ``mask`` [I, J, K] (on the series' stored grid: column ``i``, row ``j``, frame
     ``k`` along the slice normal, non-zero = lesion) as a DICOM SEG at ``path`` (atomic).
 
     ``sources[k]`` is the (instance file, frame index) of the series' ``k``-th frame, as
-    ``ubc.io.dicom.load_series`` returns them. Returns ``path``.
+    ``ubc.io.dicom.load_series`` returns them; ``headers``: the source instances' headers
+    where discovery read them (``read_header``; the others are read here). Returns ``path``.
     """
     files, _ = _source_frames(sources)
     if mask.ndim != 3 or mask.shape[2] != len(sources):
         raise ValueError(f"mask shape {mask.shape} does not match {len(sources)} frames")
-    source, frames_of = _read_sources(files)
+    source, frames_of = _read_sources(files, {h.path: h for h in headers})
     if sum(len(frames) for frames in frames_of.values()) != len(sources):
         raise ValueError("the mask does not cover every frame of the source instances")
     if mask.shape[:2] != (source.Columns, source.Rows):

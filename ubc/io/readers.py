@@ -27,6 +27,7 @@ from ubc.io.sniff import NIFTI, NRRD
 from ubc.io.volume import Volume
 
 if TYPE_CHECKING:
+    from ubc.io.dicom import InstanceHeader
     from ubc.io.dicom_select import DicomStudy
 
 __all__ = ["Identity", "NO_IDENTITY", "IN_MEMORY", "SourceColumns", "VolumeReader",
@@ -153,9 +154,15 @@ class DicomSeries:
         study = self.study
         if study.error is not None or study.chosen is None:
             raise UBCInputError(study.error or f"{study.folder}: no series chosen")
-        volume, _ = load_series(study.chosen.files, headers=study.chosen.headers,
+        volume, _ = load_series(study.chosen.files, headers=self.headers,
                                 name=f"{study.folder} series {study.chosen.summary()}")
         return volume
+
+    @property
+    def headers(self) -> tuple[InstanceHeader, ...]:
+        """The chosen series' instance headers as discovery read them (none once dropped:
+        ``DicomStudy.without_headers``)."""
+        return () if self.study.chosen is None else self.study.chosen.headers
 
     def columns(self) -> SourceColumns:
         chosen = self.study.chosen

@@ -21,7 +21,7 @@ from ubc.bundle import Bundle, Preprocessing
 from ubc.errors import OutputFault, UBCInputError, is_environment_fault
 from ubc.io import Volume, save_mask
 from ubc.io.conformance import Thresholds, check_output, check_volume
-from ubc.io.readers import NO_IDENTITY, Identity
+from ubc.io.readers import NO_IDENTITY, DicomSeries, Identity
 from ubc.provenance import TrainingData, trained_on
 from ubc.scoring.aggregate import (
     DEFAULT_MIN_LESION_ML,
@@ -315,10 +315,11 @@ def _write_seg(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None,
                path: Path) -> None:
     from ubc.io.dicom_seg import write_seg
 
-    grid = outputs.record.grid
+    grid, reader = outputs.record.grid, outputs.record.case.reader
     assert grid is not None and grid.source_frames is not None and mask is not None
     write_seg(grid.to_original_orientation(mask), grid.source_frames, path,
-              model=outputs.context.model, version=outputs.context.bundle_sha256[:12])
+              model=outputs.context.model, version=outputs.context.bundle_sha256[:12],
+              headers=reader.headers if isinstance(reader, DicomSeries) else ())
 
 
 def _write_overlay(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None,

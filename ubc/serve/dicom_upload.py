@@ -40,6 +40,7 @@ from ubc.serve.upload import WORKING_BYTES_PER_VOXEL, TooLarge
 if TYPE_CHECKING:
     import pydicom
 
+    from ubc.io.dicom import InstanceHeader
     from ubc.scoring.prediction import Prediction
     from ubc.scoring.stages import RunContext
 
@@ -269,6 +270,11 @@ class StudyReader:
         self.source_frames = volume.source_frames
         return volume
 
+    @property
+    def headers(self) -> tuple[InstanceHeader, ...]:
+        """The loaded series' instance headers, as discovery read them."""
+        return self._series.headers
+
 
 def seg_bytes(prediction: Prediction, reader: StudyReader, folder: Path,
               context: RunContext) -> bytes:
@@ -279,7 +285,8 @@ def seg_bytes(prediction: Prediction, reader: StudyReader, folder: Path,
     if prediction.mask is None or reader.source_frames is None:
         raise RuntimeError("a SEG needs the mask and the loaded series' frames")
     path = write_seg(prediction.mask, reader.source_frames, folder / "seg.dcm",
-                     model=context.model, version=context.bundle_sha256[:12])
+                     model=context.model, version=context.bundle_sha256[:12],
+                     headers=reader.headers)
     return path.read_bytes()
 
 
