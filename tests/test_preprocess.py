@@ -308,12 +308,16 @@ def test_big_endian_and_bool_inputs_are_read_correctly():
                                                      size=(32, 32)))
 
 
-def test_foreground_counts_per_axial_slice():
-    volume = random_volume((30, 20, 7), np.float32, np.random.default_rng(13))
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+def test_foreground_counts_per_axial_slice(dtype):
+    """Per slice, in every layout (Fortran order's contiguous rows counted apart), -0 as 0."""
+    volume = random_volume((30, 20, 7), dtype, np.random.default_rng(13))
     volume[:, :, 3] = 0
-    counts = native.foreground_counts(volume)
-    np.testing.assert_array_equal(counts, np.count_nonzero(volume, axis=(0, 1)))
-    assert counts[3] == 0
+    volume[:5, :, 4] = -0.0 if dtype == np.float32 else 0
+    for layout in layouts(volume).values():
+        counts = native.foreground_counts(layout)
+        np.testing.assert_array_equal(counts, np.count_nonzero(volume, axis=(0, 1)))
+        assert counts[3] == 0
 
 
 GOOD = np.arange(1, 8 * 8 * 3 + 1, dtype=np.float32).reshape(8, 8, 3)
