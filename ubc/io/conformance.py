@@ -80,12 +80,10 @@ class TrainedSpacing:
 @dataclass(frozen=True)
 class Conformance:
     """The volume to score (``data`` replaced when non-finite voxels or a shifted
-    background were handled), the flags raised, and the volume's non-zero voxels per axial
-    slice (``ubc.preprocess.foreground_counts``: which slices to score)."""
+    background were handled) and the flags raised."""
 
     volume: Volume
     flags: tuple[str, ...]
-    foreground: np.ndarray
 
 
 def _faces(data: np.ndarray) -> np.ndarray:
@@ -146,9 +144,9 @@ def _background(data: np.ndarray, name: str, t: Thresholds) -> tuple[np.ndarray,
     return shifted, [f"background_shifted:{value:g}"]
 
 
-def _brain_ml(foreground: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """Foreground (non-zero) volume in mL, of the non-zero voxels per slice."""
-    return float(foreground.sum()) * spacing[0] * spacing[1] * spacing[2] / 1000.0
+def _brain_ml(data: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Foreground (non-zero) volume in mL."""
+    return float(np.count_nonzero(data)) * spacing[0] * spacing[1] * spacing[2] / 1000.0
 
 
 def _mm(low: float, high: float) -> str:
@@ -201,21 +199,17 @@ def _orientation_flags(volume: Volume, t: Thresholds) -> list[str]:
 
 def check_volume(volume: Volume, *, target_spacing: tuple[float, float] = (1.0, 1.0),
                  name: str | None = None, thresholds: Thresholds | None = None,
-                 trained: TrainedSpacing | None = None, threads: int = 0) -> Conformance:
+                 trained: TrainedSpacing | None = None) -> Conformance:
     """Run the input checks on ``volume`` (see the module docstring); ``target_spacing``:
     the bundle's in-plane grid (mm); ``trained``: the spacing range of its training volumes
-    (None: a bundle that does not record it); ``threads``: the native core's, to count the
-    foreground. Refusals raise ``UBCInputError`` naming ``name`` (default: the volume's
-    path) with the reason and the fix."""
-    from ubc import preprocess
-
+    (None: a bundle that does not record it). Refusals raise ``UBCInputError`` naming
+    ``name`` (default: the volume's path) with the reason and the fix."""
     t = thresholds or Thresholds()
     name = name or str(volume.path or "<volume>")
     data, flags = _non_finite(volume.data, name)
     data, shifted = _background(data, name, t)
     flags += shifted
-    foreground = preprocess.foreground_counts(data, threads=threads)
-    brain_ml = _brain_ml(foreground, volume.spacing)
+    brain_ml = _brain_ml(data, volume.spacing)
     if brain_ml > t.max_brain_ml:
         raise UBCInputError(f"{name}: {brain_ml:.0f} mL of non-zero voxels is more than any "
                             f"brain ({t.max_brain_ml:g} mL): the skull and scalp are probably "
@@ -225,7 +219,7 @@ def check_volume(volume: Volume, *, target_spacing: tuple[float, float] = (1.0, 
     flags += _orientation_flags(volume, t)
     if data is not volume.data:
         volume = replace(volume, data=data)
-    return Conformance(volume, tuple(flags), foreground)
+    return Conformance(volume, tuple(flags))
 
 
 def check_output(lesion_ml: float, brain_ml: float,

@@ -162,10 +162,10 @@ def prepare_case(loaded: Loaded, context: RunContext) -> Prepared:
         record = dataclasses.replace(record, slices_total=int(volume.data.shape[2]))
         checked = check_volume(volume, target_spacing=prep.target_spacing,
                                name=str(case.image), thresholds=context.conformance,
-                               trained=context.training.spacing if context.training else None,
-                               threads=context.preprocess_threads)
-        volume, counts = checked.volume, checked.foreground
+                               trained=context.training.spacing if context.training else None)
+        volume = checked.volume
         record = dataclasses.replace(record, flags=record.flags + tuple(checked.flags))
+        counts = preprocess.foreground_counts(volume.data, threads=context.preprocess_threads)
         brain_ml = float(counts.sum()) * float(np.prod(volume.spacing)) / 1000.0
         indices = np.flatnonzero(counts)
         if len(indices) == 0:
