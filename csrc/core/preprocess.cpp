@@ -765,6 +765,7 @@ void to_original_mask(const V* values, const std::array<int64_t, 2>& size,
             const auto rows = resampler.outputs_reading(0, box[0], box[1]);
             const auto cols = resampler.outputs_reading(1, box[2], box[3]);
             const int64_t n_rows = rows[1] - rows[0], n_cols = cols[1] - cols[0];
+            if (n_rows == 0 || n_cols == 0) return;  // those inputs lie outside every output
             thread_local std::vector<float> resampled;
             resampled.resize(static_cast<size_t>(n_rows * n_cols));
             resampler.run(padded, row_len, rows, cols, resampled.data(), 1, n_rows, scratch);

@@ -20,6 +20,19 @@ void contract_tests();  // test_contracts.cpp: the core's own contracts (issue 9
 using ubc_test::check;
 using ubc_test::check_throws;
 
+// A model-grid pixel over the threshold that no output weighs (outside the original grid's
+// field of view along one axis; a libFuzzer finding): nothing is resampled, the mask is 0.
+void mask_outside_tests() {
+    std::vector<float> values(16 * 16, 0.0f);
+    values[7 * 16 + 0] = 0.9f;  // row 7 is weighed by an output, column 0 by none
+    std::vector<uint8_t> mask(4 * 4, 7);
+    const int64_t index = 0;
+    ubc::to_original_mask(values.data(), {16, 16}, {4, 4, 1}, {1, 4, 16}, {1.0, 1.0, 1.0},
+                          {1.0, 1.0}, &index, 1, 0.5f, 1, mask.data());
+    check(std::all_of(mask.begin(), mask.end(), [](uint8_t v) { return v == 0; }),
+          "to_original_mask: inputs outside every output leave the slice at 0");
+}
+
 // Every binary16 bit pattern read as the float it denotes (ldexp of its fields): exact, NaN
 // payloads and signs kept.
 void half_tests() {
@@ -115,6 +128,7 @@ int main() {
 
     contract_tests();
     half_tests();
+    mask_outside_tests();
     std::printf("%d failure(s)\n", ubc_test::failures());
     return ubc_test::failures() == 0 ? 0 : 1;
 }
