@@ -238,6 +238,7 @@ def breakdown(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path) ->
         load_case,
         original_grid_mask,
         prepare_case,
+        source_headers,
     )
     from ubc.scoring.writers import open_results
 
@@ -286,7 +287,7 @@ def breakdown(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path) ->
                 with clock("seg_encode"):
                     write_seg(grid.to_original_orientation(mask), grid.source_frames,
                               files.seg, model=context.model, version="bench",
-                              headers=getattr(case.reader, "headers", ()))
+                              headers=source_headers(case))
             bare = CaseOutputs(outputs.record, context, OutputSpec().files_for(
                 case.case_id, dicom=False), accumulator=outputs.accumulator)
             with clock("aggregate"):  # the verdict and the row (no file left to write)

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,8 +37,12 @@ from ubc.scoring.outputs import CaseFiles, OutputSpec
 from ubc.scoring.packer import Batch, Inferred, Segment
 from ubc.scoring.result import ERROR, NO_LESION, OK, CaseResult
 
+if TYPE_CHECKING:
+    from ubc.io.dicom import InstanceHeader
+
 __all__ = ["RunContext", "Failure", "Loaded", "Prepared", "CaseOutputs", "Finished",
-           "load_case", "prepare_case", "hand_back", "finish_case", "original_grid_mask"]
+           "load_case", "prepare_case", "hand_back", "finish_case", "original_grid_mask",
+           "source_headers"]
 
 
 @dataclass(frozen=True)
@@ -311,15 +316,21 @@ def _write_mask(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None,
     save_mask(mask, outputs.record.grid, path)
 
 
+def source_headers(case: Case) -> tuple[InstanceHeader, ...]:
+    """The DICOM instance headers discovery read for ``case`` (none for other inputs, or
+    once dropped): what ``write_seg`` need not read again."""
+    return case.reader.headers if isinstance(case.reader, DicomSeries) else ()
+
+
 def _write_seg(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None,
                path: Path) -> None:
     from ubc.io.dicom_seg import write_seg
 
-    grid, reader = outputs.record.grid, outputs.record.case.reader
+    grid = outputs.record.grid
     assert grid is not None and grid.source_frames is not None and mask is not None
     write_seg(grid.to_original_orientation(mask), grid.source_frames, path,
               model=outputs.context.model, version=outputs.context.bundle_sha256[:12],
-              headers=reader.headers if isinstance(reader, DicomSeries) else ())
+              headers=source_headers(outputs.record.case))
 
 
 def _write_overlay(outputs: CaseOutputs, verdict: Verdict, mask: np.ndarray | None,
