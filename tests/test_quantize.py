@@ -170,7 +170,7 @@ def test_int8_openvino_ir_through_nncf(int8_bundle: Path, tmp_path: Path,
     entry = bundle.meta["artifacts"]["model.int8.xml"]
     assert entry["weights_file"] == "model.int8.bin" and bundle.has("model.int8.bin")
     assert (entry["calibration_batch"], entry["calibration_slices"]) == (16, 32)
-    assert "accuracy_control" not in entry  # no gate given: plain quantisation
+    assert "layer_choice" not in entry  # no gate given: every layer group in INT8
     # every convolution is quantised (int8 weights, dequantised by a Multiply; an fp32
     # layer reads its weights from a Constant) but the two heads, which write the outputs
     import openvino as ov
@@ -209,38 +209,79 @@ def test_int8_openvino_ir_through_nncf(int8_bundle: Path, tmp_path: Path,
         load(bundle, backend="openvino", precision="int8")
 
 
+@pytest.mark.skipif(not HAS_NNCF, reason="nncf/openvino not installed (pip install nncf)")
+def test_layer_groups_are_the_stem_the_encoder_stages_and_the_decoder_blocks(
+        exported_bundle: Path) -> None:
+    import openvino as ov
+
+    from ubc.export.int8_openvino import fp32_ops, layer_groups
+
+    model = ov.Core().read_model(str(Path(exported_bundle) / "model.onnx"))
+    groups = layer_groups(model)
+    # ResNet34: 3, 4, 6 and 3 basic blocks of two convolutions, a 1x1 downsampling one in
+    # stages 2-4; the U-Net decoder: five blocks of two convolutions
+    assert {name: len(ops) for name, ops in groups.items()} == {
+        "stem": 1, "encoder stage 1": 6, "encoder stage 2": 9, "encoder stage 3": 13,
+        "encoder stage 4": 7, **{f"decoder block {k}": 2 for k in range(1, 6)}}
+    weighted = {op.get_friendly_name() for op in model.get_ops()
+                if op.get_type_name() in ("Convolution", "MatMul")}
+    grouped = [name for ops in groups.values() for name in ops]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == weighted - set(fp32_ops(model))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_NNCF, reason="nncf/openvino not installed (pip install nncf)")
-def test_accuracy_control_puts_layers_back_until_the_gate_margin_holds(
+def test_int8_groups_are_chosen_to_keep_the_gate_margin_on_held_back_slices(
         exported_bundle: Path, tmp_path: Path, engine_slices: np.ndarray) -> None:
-    """Accuracy-aware INT8: the margin it records is what the artifact gives on the
-    held-back slices, and it is above what plain quantisation of the same bundle gives,
-    bought with layers put back into floating point (or it reached the gate)."""
+    """INT8 with a gate: the groups left in floating point are those whose quantisation
+    cost the margin, the ops OpenVINO runs in floating point are theirs and the heads',
+    and the recorded margin is what the openvino engine gives on the held-back slices."""
+    import openvino as ov
+
     from ubc.export import exporter
-    from ubc.export.int8_openvino import MAX_REVERTED, MIN_MARGIN, _split
+    from ubc.export.int8_openvino import (
+        MIN_MARGIN,
+        _split,
+        float_ops_precision,
+        fp32_ops,
+        layer_groups,
+    )
     from ubc.parity import margin_at
 
     gate = margin_at("int8")
     fit, held_back = _split(engine_slices)
     assert (len(fit), len(held_back)) == (32, 32)
-    margins, entries = {}, {}
-    for name, given in (("plain", None), ("controlled", gate)):
-        bundle = Bundle(copy_bundle(exported_bundle, tmp_path / name))
-        exporter("int8-openvino")(bundle, calib=engine_slices, gate=given)
-        entries[name] = bundle.meta["artifacts"]["model.int8.xml"]
-        with load(bundle, backend="openvino", precision="fp32", threads=1) as engine:
-            reference = engine.infer(held_back)
-        with load(bundle, backend="openvino", precision="int8", threads=1) as engine:
-            margins[name] = gate(reference, engine.infer(held_back))
-    control = entries["controlled"]["accuracy_control"]
-    assert control["validation_slices"] == 32 and entries["controlled"]["calibration_slices"] == 32
-    assert control["margin"] == pytest.approx(margins["controlled"], abs=1e-3)
-    kept = entries["controlled"]["higher_precision_ops"]
-    assert set(entries["plain"]["higher_precision_ops"]) <= set(kept)
-    if margins["plain"] < MIN_MARGIN:
-        assert margins["controlled"] > margins["plain"]
-        assert len(kept) > len(entries["plain"]["higher_precision_ops"])
-    assert margins["controlled"] >= MIN_MARGIN or len(kept) >= MAX_REVERTED
+    bundle = Bundle(copy_bundle(exported_bundle, tmp_path))
+    exporter("int8-openvino")(bundle, calib=engine_slices, gate=gate)
+    entry = bundle.meta["artifacts"]["model.int8.xml"]
+    choice = entry["layer_choice"]
+    model = ov.Core().read_model(str(bundle.file("model.onnx")))
+    groups = layer_groups(model)
+    assert choice["validation_slices"] == 32 and entry["calibration_slices"] == 32
+    # bf16 float ops where this CPU has them and the float model keeps the margin in bf16
+    preferred = float_ops_precision()
+    assert choice["float_model_margin"].keys() == {preferred}
+    assert entry["float_ops"] == (preferred if choice["float_model_margin"][preferred]
+                                  >= MIN_MARGIN else "f32")
+    assert sorted(choice["int8_groups"] + choice["float_groups"]) == sorted(groups)
+    assert entry["higher_precision_ops"] == sorted(
+        [op for g in choice["float_groups"] for op in groups[g]]
+        + [op.get_friendly_name() for op in model.get_ops()
+           if op.get_friendly_name() in fp32_ops(model)
+           and op.get_type_name() in ("Convolution", "MatMul")])
+    trials = {tuple(t["int8_groups"]): t["margin"] for t in choice["trials"]}
+    assert trials[tuple(choice["int8_groups"])] == choice["margin"]
+    if choice["float_groups"]:  # every group in INT8 did not keep the margin
+        assert trials[tuple(groups)] < MIN_MARGIN
+        for group in choice["float_groups"]:
+            assert any(m < MIN_MARGIN for k, m in trials.items() if group in k)
+    assert choice["margin"] >= MIN_MARGIN or choice["int8_groups"] == list(groups)
+    with load(bundle, backend="openvino", precision="fp32", threads=1) as engine:
+        reference = engine.infer(held_back)
+    with load(bundle, backend="openvino", precision="int8", threads=1) as engine:
+        assert engine.config["INFERENCE_PRECISION_HINT"] == entry["float_ops"]  # type: ignore[attr-defined]
+        assert gate(reference, engine.infer(held_back)) == \
+            pytest.approx(choice["margin"], abs=1e-3)
 
 
 def test_gate_margin_is_one_at_the_reference_and_zero_at_the_nearest_tolerance() -> None:

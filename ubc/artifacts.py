@@ -119,7 +119,7 @@ class ExportFormat:
     arguments that (re)make one of them on this machine. ``help``: the help of its own
     ``ubc-export --NAME`` option ("": only ``--cpu`` makes it). ``inputs``: what it is
     made from, "example" (slices traced) and/or "calib" (INT8 calibration slices), and
-    "gate" (the INT8 gates' margin, for accuracy-aware quantisation). ``packages`` (pip names)
+    "gate" (the INT8 gates' margin, for choosing the INT8 layer groups). ``packages`` (pip names)
     and ``install``: what it imports beyond the base install. ``cpu``: a step of
     ``ubc-export --cpu``, in the order of ``FORMATS``.
     """

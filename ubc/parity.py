@@ -130,7 +130,8 @@ def gate_margin(figures: dict[str, float], tol: Tolerance) -> float:
 
 def margin_at(precision: str) -> Callable[[Outputs, Outputs], float]:
     """``gate_margin`` of ``got`` against ``reference`` under ``precision``'s tolerances:
-    what accuracy-aware quantisation (``ubc.export.int8_openvino``) keeps positive."""
+    what the choice of INT8 layer groups (``ubc.export.int8_openvino``) keeps above
+    its ``MIN_MARGIN``."""
     tol = TOLERANCES[precision]
     return lambda reference, got: gate_margin(measure(reference, got), tol)
 

@@ -14,8 +14,16 @@ from ubc.devices import native_bf16
 from ubc.engine.base import Engine
 
 # OpenVINO picks bf16 by itself on CPUs that have it; we say which precision we want. The
-# INT8 IR keeps the ops it does not quantise in fp32: its parity is int8's alone.
-_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# INT8 IR's floating-point ops run as its export chose them (``float_ops``: bf16 where the
+# CPU computes it natively, which the export measured its gate margin with), else fp32.
+_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def _hint(bundle: Bundle, precision: str) -> str:
+    if precision != "int8":
+        return _HINTS[precision]
+    chosen = artifacts_of(bundle.meta).get(INT8_OPENVINO, {}).get("float_ops")
+    return "bf16" if chosen == "bf16" and native_bf16() else "f32"
 
 
 def model_settings(model: Any) -> dict[str, str]:
@@ -38,7 +46,8 @@ class OpenVinoEngine(Engine):
     ``precision``: fp32; bf16 on CPUs that compute it natively (AVX512-BF16 or AMX, read
     from the CPU flags, confirmed by OpenVINO's OPTIMIZATION_CAPABILITIES; OpenVINO's own
     choice otherwise drifts to bf16 on such CPUs, so fp32 is asked for explicitly); int8
-    (the NNCF IR). ``hint``: OpenVINO's performance hint, LATENCY (one request at a time,
+    (the NNCF IR, its floating-point ops in bf16 where its export chose so and the CPU
+    computes bf16 natively). ``hint``: OpenVINO's performance hint, LATENCY (one request at a time,
     our use) or THROUGHPUT.
     """
 
@@ -77,7 +86,7 @@ class OpenVinoEngine(Engine):
             raise ValueError("this CPU has no bf16 support; use precision='fp32'")
         self.threads = int(threads or len(os.sched_getaffinity(0)))
         self.config = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": self.threads,
-                       "INFERENCE_PRECISION_HINT": _HINTS[precision]}
+                       "INFERENCE_PRECISION_HINT": _hint(bundle, precision)}
         model = self.read_model(core)
         self.check_settings(model_settings(model))
         self._compiled = core.compile_model(model, "CPU", self.config)

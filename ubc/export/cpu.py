@@ -1,9 +1,9 @@
 """The CPU artifacts of ``ubc-export --cpu``: every format declared a CPU step
 (``ubc.artifacts.FORMATS``), in order: ``model.ts`` and ``model.onnx`` where missing or
 stale, and the INT8 forms calibrated on the given slices (``model.int8.onnx`` for ONNX
-Runtime, ``model.int8.xml`` for OpenVINO where nncf is installed, quantised with accuracy
-control against the INT8 gates). bf16 needs no artifact
-(OpenVINO converts ``model.onnx`` at compile time). Gating and timing them is
+Runtime, ``model.int8.xml`` for OpenVINO where nncf is installed, its INT8 layer groups
+chosen to keep the INT8 gates). bf16 needs no artifact (OpenVINO converts ``model.onnx``
+at compile time). Gating and timing them is
 ``ubc.parity``'s part of that command.
 """
 
@@ -44,7 +44,7 @@ def write_cpu_artifacts(bundle: Bundle, *, example: np.ndarray, calib: np.ndarra
                         gate: Gate, say: Callable[[str], None]) -> CpuArtifacts:
     """Export every CPU step's format that is not up to date; ``example``: slices to trace
     with, ``calib``: preprocessed calibration slices float32 [N, 1, H, W] for INT8,
-    ``gate``: the INT8 gates' margin, which accuracy-aware quantisation keeps."""
+    ``gate``: the INT8 gates' margin, which the choice of INT8 layer groups keeps."""
     report = CpuArtifacts()
     inputs = {"example": example, "calib": calib, "gate": gate}
     for fmt in (f for f in FORMATS.values() if f.cpu and not _up_to_date(bundle, f)):
