@@ -232,7 +232,8 @@ def test_layer_groups_are_the_stem_the_encoder_stages_and_the_decoder_blocks(
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_NNCF, reason="nncf/openvino not installed (pip install nncf)")
 def test_int8_groups_are_chosen_to_keep_the_gate_margin_on_held_back_slices(
-        exported_bundle: Path, tmp_path: Path, engine_slices: np.ndarray) -> None:
+        exported_bundle: Path, tmp_path: Path, engine_slices: np.ndarray,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """INT8 with a gate: the groups left in floating point are those whose quantisation
     cost the margin, the ops OpenVINO runs in floating point are theirs and the heads',
     and the recorded margin is what the openvino engine gives on the held-back slices."""
@@ -288,6 +289,9 @@ def test_int8_groups_are_chosen_to_keep_the_gate_margin_on_held_back_slices(
         assert engine.config["INFERENCE_PRECISION_HINT"] == entry["float_ops"]  # type: ignore[attr-defined]
         assert gate(reference, engine.infer(held_back)) == \
             pytest.approx(choice["margin"], abs=1e-3)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # a CPU without native bf16
+    with load(bundle, backend="openvino", precision="int8", threads=1) as engine:
+        assert engine.config["INFERENCE_PRECISION_HINT"] == "f32"  # type: ignore[attr-defined]
 
 
 def test_gate_margin_is_one_at_the_reference_and_zero_at_the_nearest_tolerance() -> None:
