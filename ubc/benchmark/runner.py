@@ -185,9 +185,11 @@ def _notes(rows: list[EngineRow], failed: list[Unavailable], bundle: Bundle,
         notes.append(f"PARITY FAILED: {', '.join(k for k, i in bad.items() if not i)} "
                      "(backend=\"auto\" could pick it; see the parity columns)")
     if any(bad.values()):
-        notes.append(f"parity failed (informational, or a reduced CPU precision below its "
-                     f"gate: never picked by backend=\"auto\"): "
-                     f"{', '.join(k for k, i in bad.items() if i)}")
+        # backend="auto" reads the gate the export recorded on its own slices, which these
+        # are not: an INT8 IR calibrated on the training archive can fail here and pass there.
+        notes.append(f"parity failed on this run's slices (informational, or a reduced CPU "
+                     f"precision: backend=\"auto\" follows the gate its export recorded, "
+                     f"meta.json 'parity'): {', '.join(k for k, i in bad.items() if i)}")
     notes += [f"{f.name} {f.precision} failed{' (informational)' if f.informational else ''}"
               f": {f.reason}" for f in failed]
     return notes
