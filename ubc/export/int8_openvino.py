@@ -232,11 +232,16 @@ def _outputs(compiled: Any, slices: np.ndarray) -> Outputs:
     return cls, mask
 
 
+def _compiled(core: Any, model: Any, hint: str) -> Any:
+    """``model`` compiled for the CPU with its floating-point ops at ``hint``."""
+    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+
+
 def _slices_per_s(core: Any, model: Any, batch: np.ndarray, hint: str, calls: int = 3
                   ) -> float:
     """Slices/s of ``model`` compiled with float ops at ``hint``: the fastest of ``calls``
     calls after one to warm up."""
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    compiled = _compiled(core, model, hint)
     compiled(batch)
     best = float("inf")
     for _ in range(calls):
@@ -260,11 +265,9 @@ def _choose_groups(model: Any, groups: dict[str, list[str]], batches: list[np.nd
     core = ov.Core()
 
     def margin_of(candidate: Any, hint: str) -> float:
-        compiled = core.compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-        return gate(reference, _outputs(compiled, held_back))
+        return gate(reference, _outputs(_compiled(core, candidate, hint), held_back))
 
-    reference = _outputs(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),
-                         held_back)
+    reference = _outputs(_compiled(core, model, "f32"), held_back)
     preferred = float_ops_precision()
     # On the 224 px bundle trained 80 steps, bf16 alone cost 0.7 of the margin (mask Dice).
     float_margin = margin_of(model, preferred)
@@ -274,8 +277,11 @@ def _choose_groups(model: Any, groups: dict[str, list[str]], batches: list[np.nd
     kept: dict[tuple[str, ...], Any] = {}  # the models that may be the answer
     progress = tqdm(total=2 * len(groups) + 1, desc="INT8 groups", unit="trial")
 
+    def in_graph_order(chosen: Sequence[str]) -> tuple[str, ...]:
+        return tuple(sorted(chosen, key=everything.index))
+
     def trial(chosen: Sequence[str]) -> float:
-        key = tuple(sorted(chosen, key=everything.index))
+        key = in_graph_order(chosen)
         if key not in margins:
             quantised = _quantise(model, groups, key, batches)
             margins[key] = margin_of(quantised, hint)
@@ -295,7 +301,7 @@ def _choose_groups(model: Any, groups: dict[str, list[str]], batches: list[np.nd
                 chosen.append(group)
         chosen = chosen or list(everything)
     progress.close()
-    key = tuple(sorted(chosen, key=everything.index))
+    key = in_graph_order(chosen)
     margin, speeds = margins[key], {}
     if hint == "bf16":
         # bf16 is not faster than fp32 on every CPU that has it (AVX512-BF16 without AMX:
