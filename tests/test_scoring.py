@@ -534,6 +534,24 @@ def test_real_volumes_score_and_masks_match_their_files(tmp_path: Path, tiny_bun
             assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
 
 
+def test_the_packer_lends_whole_batches_of_one_owner_without_copying() -> None:
+    """A batch that one owner's contiguous float32 slices fill from an empty packer is a
+    view of them (the engine reads them in place); partial batches and other dtypes are
+    copied."""
+    from ubc.scoring.packer import Packer
+
+    packer: Packer[int] = Packer(4, (1, 2, 2))
+    rows = np.arange(40, dtype=np.float32).reshape(10, 1, 2, 2)
+    assert list(packer.add(0, rows[:3] + 100)) == []
+    batches = [*packer.add(1, rows), packer.flush()]
+    assert [b is not None and np.shares_memory(b.array, rows) for b in batches] == \
+        [False, True, True, False]
+    assert [[(s.owner, s.first, s.count) for s in b.segments] for b in batches if b] == \
+        [[(0, 0, 3), (1, 0, 1)], [(1, 1, 4)], [(1, 5, 4)], [(1, 9, 1)]]
+    wide = rows.astype(np.float64)
+    assert not any(np.shares_memory(b.array, wide) for b in packer.add(2, wide))
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 64])
 def test_the_packer_hands_every_owner_its_rows_in_order(batch_size: int) -> None:
     """Owners of 0..9 rows packed into batches: every row lands in exactly one segment, each

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,7 +91,9 @@ class HostStaging:
         """``batch`` (float32 [B <= max_batch, 1, H, W]) as a float32 tensor on the device.
         The copy is asynchronous: the caller's device-to-host copy of the outputs orders
         it before the buffer is written again."""
-        x = self._torch.from_numpy(batch)
+        with warnings.catch_warnings():  # a read-only batch (a view of Ray's object store):
+            warnings.simplefilter("ignore", UserWarning)  # the models only read it
+            x = self._torch.from_numpy(batch)
         if self.pinned is None:
             return x
         staged = self.pinned[:len(batch)]

@@ -3,8 +3,10 @@ calls ``Engine.infer``. The threaded pipeline, ``Predictor``'s batching thread, 
 engine actors and ``Scorer`` all pack with it.
 
 Slices of several owners (cases, requests) are copied into batches of at most
-``batch_size`` rows; each batch carries a ``Segment`` per run of rows, which hands every
-owner its rows of the engine's outputs back. Every slice's outputs depend on that slice
+``batch_size`` rows, except that a whole batch of one owner's contiguous float32 slices is a
+view of them (no copy: the owner must not change its slices while the batch is in flight);
+each batch carries a ``Segment`` per run of rows, which hands every owner its rows of the
+engine's outputs back. Every slice's outputs depend on that slice
 alone, so packing changes no answer beyond the engine's own batch-size precision.
 """
 
@@ -100,14 +102,27 @@ class Packer(Generic[Owner]):
             return
         done = 0
         while done < len(slices):
+            start = first + done
+            if self._fill == 0 and len(slices) - done >= self.batch_size \
+                    and self._borrowable(slices):
+                stop = done + self.batch_size
+                yield Batch(slices[done:stop], (Segment(owner, 0, start, self.batch_size,
+                                                        first + stop == total),))
+                done = stop
+                continue
             take = min(self.batch_size - self._fill, len(slices) - done)
             self._array[self._fill:self._fill + take] = slices[done:done + take]
-            start = first + done
             self._segments.append(Segment(owner, self._fill, start, take,
                                           start + take == total))
             self._fill, done = self._fill + take, done + take
             if self._fill == self.batch_size:
                 yield self._pop()
+
+    def _borrowable(self, slices: np.ndarray) -> bool:
+        """Whether whole batches can be views of ``slices`` (float32, C-contiguous rows of
+        ``slice_shape``) rather than copies: the engine reads them where they lie."""
+        return (slices.dtype == np.float32 and slices.shape[1:] == self.slice_shape
+                and slices.flags.c_contiguous)
 
     def empty(self) -> np.ndarray:
         """A batch-shaped array of no rows."""

@@ -4,6 +4,7 @@ the engine actor and the finish task, all built on the per-case steps of
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pickle
@@ -17,6 +18,7 @@ from ubc.bundle import Bundle
 from ubc.engine.base import Engine
 from ubc.io import Volume
 from ubc.io.readers import DicomSeries
+from ubc.scoring.aggregate import CaseAccumulator
 from ubc.scoring.discover import Case
 from ubc.scoring.outputs import OutputSpec
 from ubc.scoring.packer import Batch, Packer, batch_size_for, infer
@@ -100,13 +102,52 @@ def load_and_prepare(row: dict[str, Any], *, cases: list[Case],
 TIMES = ("load_s", "prep_s", "engine_s", "actor_s", "finish_s", "slices", "batch")
 
 
+#: the accumulator's per-pixel arrays, which leave the actor as columns of their own
+PIXEL_ARRAYS = ("mask_prob", "images")
+
+
+def _pixel_columns(cases: list[CaseOutputs], size: tuple[int, int]
+                   ) -> dict[str, np.ndarray]:
+    """Each case's float16 [S, H, W] mask probabilities and images as columns (no rows where
+    it keeps none): Ray stores them as they are, where pickling them into the record would
+    copy them once more."""
+    columns = {}
+    for name in PIXEL_ARRAYS:
+        column = np.empty(len(cases), dtype=object)
+        for i, case in enumerate(cases):
+            kept = None if case.record.failure else getattr(case.accumulator, name)
+            column[i] = np.zeros((0, *size), np.float16) if kept is None else kept
+        columns[name] = column
+    return columns
+
+
+def _without_pixels(case: CaseOutputs) -> dict[str, Any]:
+    """The case's accumulator as it travels in its record: a shallow copy without the
+    per-pixel arrays, and the names of those it kept (None for a failed case)."""
+    if case.record.failure:
+        return {"accumulator": None, "pixels": ()}
+    bare = copy.copy(case.accumulator)
+    for name in PIXEL_ARRAYS:
+        setattr(bare, name, None)
+    return {"accumulator": bare, "pixels": tuple(
+        n for n in PIXEL_ARRAYS if getattr(case.accumulator, n) is not None)}
+
+
+def _with_pixels(meta: dict[str, Any], row: dict[str, Any]) -> CaseAccumulator | None:
+    """The inverse of ``_without_pixels``, the arrays taken from the row's columns."""
+    accumulator = meta["accumulator"]
+    for name in meta["pixels"]:
+        setattr(accumulator, name, row[name])
+    return accumulator
+
+
 def finish(row: dict[str, Any], *, context: RunContext) -> dict[str, Any]:
     """CPU task 3 (one case): verdict, mask, overlay, SEG (``finish_case``, atomic writes)
     and the row as JSON, with the seconds of each stage."""
     record, meta = _load(row["work"])
     start = time.perf_counter()
     context = dataclasses.replace(context, backend=meta["backend"], precision=meta["precision"])
-    outputs = CaseOutputs(record, context, meta["files"], accumulator=meta["accumulator"])
+    outputs = CaseOutputs(record, context, meta["files"], accumulator=_with_pixels(meta, row))
     outputs.seconds = meta["engine_share_s"]
     result = finish_case(outputs).result
     meta["finish_s"] = time.perf_counter() - start
@@ -145,7 +186,7 @@ class EngineActor:
         scored = sum(case.record.n_scored for case in cases if case.record.failure is None)
         share = (time.thread_time() - start - engine_cpu_s) / max(len(cases), 1)
         blobs = [_dump(case.record, **meta, files=case.files,
-                       accumulator=None if case.record.failure else case.accumulator,
+                       **_without_pixels(case),
                        engine_share_s=case.seconds,
                        engine_s=engine_s * case.record.n_scored / max(scored, 1),
                        actor_s=share,
@@ -153,7 +194,8 @@ class EngineActor:
                        batch=self.batch_size, backend=self.engine.backend,
                        precision=self.engine.precision)
                  for case, (_, meta) in zip(cases, items, strict=True)]
-        return {"work": np.array(blobs, dtype=object)}
+        return {"work": np.array(blobs, dtype=object),
+                **_pixel_columns(cases, self.context.preprocessing.size)}
 
     def _packed(self, cases: list[CaseOutputs], slices: np.ndarray
                 ) -> Iterator[Batch[CaseOutputs]]:
