@@ -41,6 +41,7 @@ live); what each check does with a volume:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -144,9 +145,10 @@ def _background(data: np.ndarray, name: str, t: Thresholds) -> tuple[np.ndarray,
     return shifted, [f"background_shifted:{value:g}"]
 
 
-def _brain_ml(data: np.ndarray, spacing: tuple[float, float, float]) -> float:
+def _brain_ml(data: np.ndarray, spacing: tuple[float, float, float],
+              foreground: Callable[[np.ndarray], int]) -> float:
     """Foreground (non-zero) volume in mL."""
-    return float(np.count_nonzero(data)) * spacing[0] * spacing[1] * spacing[2] / 1000.0
+    return float(foreground(data)) * spacing[0] * spacing[1] * spacing[2] / 1000.0
 
 
 def _mm(low: float, high: float) -> str:
@@ -199,17 +201,20 @@ def _orientation_flags(volume: Volume, t: Thresholds) -> list[str]:
 
 def check_volume(volume: Volume, *, target_spacing: tuple[float, float] = (1.0, 1.0),
                  name: str | None = None, thresholds: Thresholds | None = None,
-                 trained: TrainedSpacing | None = None) -> Conformance:
+                 trained: TrainedSpacing | None = None,
+                 foreground: Callable[[np.ndarray], int] = np.count_nonzero) -> Conformance:
     """Run the input checks on ``volume`` (see the module docstring); ``target_spacing``:
     the bundle's in-plane grid (mm); ``trained``: the spacing range of its training volumes
-    (None: a bundle that does not record it). Refusals raise ``UBCInputError`` naming
-    ``name`` (default: the volume's path) with the reason and the fix."""
+    (None: a bundle that does not record it); ``foreground``: counts the non-zero voxels of
+    the data checked (scoring passes one that keeps the per-slice counts it needs next, so
+    that the volume is counted once). Refusals raise ``UBCInputError`` naming ``name``
+    (default: the volume's path) with the reason and the fix."""
     t = thresholds or Thresholds()
     name = name or str(volume.path or "<volume>")
     data, flags = _non_finite(volume.data, name)
     data, shifted = _background(data, name, t)
     flags += shifted
-    brain_ml = _brain_ml(data, volume.spacing)
+    brain_ml = _brain_ml(data, volume.spacing, foreground)
     if brain_ml > t.max_brain_ml:
         raise UBCInputError(f"{name}: {brain_ml:.0f} mL of non-zero voxels is more than any "
                             f"brain ({t.max_brain_ml:g} mL): the skull and scalp are probably "

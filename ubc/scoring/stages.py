@@ -153,6 +153,21 @@ def load_case(case: Case) -> Loaded:
     return Loaded(case, identity, volume, failure, time.perf_counter() - start)
 
 
+class _SliceForeground:
+    """The conformance check's foreground count, kept per axial slice (which slices to
+    score) from the one pass of the native core over the data checked."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.counts = np.zeros(0, np.int64)
+
+    def __call__(self, data: np.ndarray) -> int:
+        from ubc import preprocess
+
+        self.counts = preprocess.foreground_counts(data, threads=self.threads)
+        return int(self.counts.sum())
+
+
 def prepare_case(loaded: Loaded, context: RunContext) -> Prepared:
     """Check the volume and make the model-ready slices of the slices holding foreground."""
     from ubc import preprocess
@@ -165,12 +180,14 @@ def prepare_case(loaded: Loaded, context: RunContext) -> Prepared:
     prep = context.preprocessing
     try:
         record = dataclasses.replace(record, slices_total=int(volume.data.shape[2]))
+        foreground = _SliceForeground(context.preprocess_threads)
         checked = check_volume(volume, target_spacing=prep.target_spacing,
                                name=str(case.image), thresholds=context.conformance,
-                               trained=context.training.spacing if context.training else None)
+                               trained=context.training.spacing if context.training else None,
+                               foreground=foreground)
         volume = checked.volume
         record = dataclasses.replace(record, flags=record.flags + tuple(checked.flags))
-        counts = preprocess.foreground_counts(volume.data, threads=context.preprocess_threads)
+        counts = foreground.counts
         brain_ml = float(counts.sum()) * float(np.prod(volume.spacing)) / 1000.0
         indices = np.flatnonzero(counts)
         if len(indices) == 0:
