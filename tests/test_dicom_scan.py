@@ -161,3 +161,58 @@ def test_pydicom_test_files_read_as_pydicom_reads_them() -> None:
     different = [p.name for p in files if not _same(p)]
     assert not different
     assert sum(scan_header(p) is not None for p in files) >= 20  # the fast path is exercised
+
+
+def _explicit(group: int, element: int, vr: bytes, value: bytes, *,
+              undefined: bool = False) -> bytes:
+    """One explicit VR little endian element (a long-form VR when ``undefined``)."""
+    tag = group.to_bytes(2, "little") + element.to_bytes(2, "little")
+    if vr in (b"SQ", b"OB", b"UN") or undefined:
+        length = b"\xff" * 4 if undefined else len(value).to_bytes(4, "little")
+        return tag + vr + b"\0\0" + length + value
+    return tag + vr + len(value).to_bytes(2, "little") + value
+
+
+def _item(value: bytes, *, undefined: bool) -> bytes:
+    if undefined:
+        return b"\xfe\xff\x00\xe0" + b"\xff" * 4 + value + b"\xfe\xff\x0d\xe0" + b"\0" * 4
+    return b"\xfe\xff\x00\xe0" + len(value).to_bytes(4, "little") + value
+
+
+def _nested(depth: int) -> bytes:
+    """A sequence of undefined length holding items of undefined length ``depth`` deep."""
+    inner = _explicit(0x0008, 0x1155, b"UI", b"1.2\0")
+    for _ in range(depth):
+        inner = _explicit(0x0008, 0x1140, b"SQ", _item(inner, undefined=True)
+                          + b"\xfe\xff\xdd\xe0" + b"\0" * 4, undefined=True)
+    return inner
+
+
+def test_the_native_walk_skips_nested_sequences_and_keeps_the_wanted_elements() -> None:
+    """The core's element walk: wanted top-level elements before and after nested sequences
+    of defined and undefined length are kept at their offsets, elements inside sequences
+    are not; the pixel data ends the walk; a cut buffer is short; nesting past the core's
+    limit and a top-level item are left to pydicom."""
+    from ubc import _native
+
+    rows = _explicit(0x0028, 0x0010, b"US", b"\x40\x00")
+    defined = _explicit(0x0008, 0x1115, b"SQ", _item(_explicit(0x0028, 0x0011, b"US",
+                                                               b"\x10\x00"), undefined=False))
+    modality = _explicit(0x0008, 0x0060, b"CS", b"MR")
+    pixels = _explicit(0x7FE0, 0x0010, b"OB", b"\1\2\3\4")
+    data = b"\0" * 8 + modality + _nested(3) + defined + rows + pixels
+    wanted = sorted([0x00080060, 0x00280010, 0x00280011, 0x00081155])
+    status, kept, found = _native.dicom_walk(data, 8, True, False, wanted)
+    assert status == "ok" and found == (len(data) - 4, 4)
+    assert [(tag, vr) for tag, vr, _, _ in kept] == [(0x00080060, b"CS"), (0x00280010, b"US")]
+    for tag, _, start, length in kept:
+        assert data[start:start + length] == (b"MR" if tag == 0x00080060 else b"\x40\x00")
+    no_pixels = data[:-len(pixels)]
+    assert _native.dicom_walk(no_pixels, 8, True, True, wanted)[0] == "ok"
+    assert _native.dicom_walk(no_pixels, 8, True, False, wanted)[0] == "short"
+    for cut in range(9, len(data) - len(pixels), 7):
+        assert _native.dicom_walk(data[:cut], 8, True, False, wanted)[0] == "short", cut
+    assert _native.dicom_walk(b"\0" * 8 + _nested(32), 8, True, True, wanted)[0] == "ok"
+    assert _native.dicom_walk(b"\0" * 8 + _nested(33), 8, True, True, wanted)[0] == "unusual"
+    top_item = b"\0" * 8 + _item(modality, undefined=False)
+    assert _native.dicom_walk(top_item, 8, True, True, wanted)[0] == "unusual"

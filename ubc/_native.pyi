@@ -25,6 +25,9 @@ def to_original_mask(values: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
                      spacing: Sequence[float], target_spacing: Sequence[float],
                      indices: npt.NDArray[np.int64],
                      threshold: float, threads: int, out: npt.NDArray[np.uint8]) -> None: ...
+def dicom_walk(buffer: bytes, pos: int, explicit_vr: bool, complete: bool,
+               wanted: Sequence[int]) -> tuple[str, list[tuple[int, bytes, int, int]],
+                                               tuple[int, int] | None]: ...
 
 # The core's limits (csrc/core/preprocess.hpp); beyond them the functions raise ValueError.
 MAX_AXIS: int

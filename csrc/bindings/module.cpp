@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <sstream>
@@ -15,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "dicom_walk.hpp"
 #include "preprocess.hpp"
 
 namespace py = pybind11;
@@ -274,6 +276,34 @@ void lesion_pixels(const Values& logits, const Values& images, py::array counts,
     ubc::lesion_pixels(src, image, n, slice_len, per_slice, dst);
 }
 
+py::tuple dicom_walk(const py::buffer& buffer, int64_t pos, bool explicit_vr, bool complete,
+                     const std::vector<uint32_t>& wanted) {
+    const py::buffer_info info = buffer.request();
+    if (info.ndim != 1 || info.itemsize != 1)
+        throw py::type_error("dicom_walk reads a buffer of bytes");
+    if (!std::is_sorted(wanted.begin(), wanted.end()))
+        throw py::value_error("wanted tags must be sorted");
+    const auto* data = static_cast<const uint8_t*>(info.ptr);
+    const auto size = static_cast<int64_t>(info.size);
+    ubc::Walk walk;
+    {
+        py::gil_scoped_release release;
+        walk = ubc::walk_elements(data, size, pos, explicit_vr, complete, wanted.data(),
+                                  static_cast<int64_t>(wanted.size()));
+    }
+    static const char* const names[] = {"ok", "short", "unusual"};
+    py::list kept;
+    for (const auto& e : walk.kept) {
+        const char vr[2] = {static_cast<char>(e.vr & 0xFF), static_cast<char>(e.vr >> 8)};
+        kept.append(py::make_tuple(e.tag, py::bytes(vr, e.vr == 0 ? 0 : 2), e.offset,
+                                   e.length));
+    }
+    py::object pixels = walk.pixel_offset < 0
+        ? py::object(py::none())
+        : py::object(py::make_tuple(walk.pixel_offset, walk.pixel_length));
+    return py::make_tuple(names[static_cast<int>(walk.status)], kept, pixels);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -297,6 +327,8 @@ PYBIND11_MODULE(_native, m) {
     m.def("to_original_mask", &to_original_mask, py::arg("values"), py::arg("spacing"),
           py::arg("target_spacing"), py::arg("indices"), py::arg("threshold"),
           py::arg("threads"), py::arg("out").noconvert());
+    m.def("dicom_walk", &dicom_walk, py::arg("buffer"), py::arg("pos"), py::arg("explicit_vr"),
+          py::arg("complete"), py::arg("wanted"));
     m.attr("MAX_AXIS") = ubc::kMaxAxis;
     m.attr("MAX_SLICE_VOXELS") = ubc::kMaxSliceVoxels;
     m.attr("MAX_VOXELS") = ubc::kMaxVoxels;

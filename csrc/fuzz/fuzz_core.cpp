@@ -1,7 +1,8 @@
-// A fuzz target over every public function of the native core (csrc/core): C, Fortran,
-// permuted, padded, zero-stride and flipped views laid over exactly sized buffers (so that
-// AddressSanitizer sees any access past them), huge zero-stride views, extreme spacings and
-// sizes, duplicate and out-of-range indices, 1 to 3 threads. A bad argument must be
+// A fuzz target over every public function of the native core (csrc/core): the DICOM element
+// walk over the raw input, then C, Fortran, permuted, padded, zero-stride and flipped views
+// laid over exactly sized buffers (so that AddressSanitizer sees any access past them), huge
+// zero-stride views, extreme spacings and sizes, duplicate and out-of-range indices, 1 to 3
+// threads. A bad argument must be
 // std::invalid_argument (any other exception escapes: a finding) and a result must not depend
 // on the thread count (std::abort otherwise).
 //
@@ -25,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dicom_walk.hpp"
 #include "kernels.hpp"
 #include "preprocess.hpp"
 
@@ -289,9 +291,29 @@ void expect_refused(const Volume& v) {
     std::abort();
 }
 
+// The DICOM element walk over the raw input, in both encodings, from its start and from an
+// offset it names: every element kept lies inside the buffer, and a walk that ends without
+// pixel data on a buffer said to be incomplete is short (std::abort otherwise).
+void fuzz_dicom_walk(const uint8_t* data, size_t size) {
+    static const uint32_t wanted[] = {0x00080016u, 0x00100020u, 0x00200032u, 0x00280010u};
+    const auto n = static_cast<int64_t>(size);
+    for (const int64_t pos : {int64_t{0}, n > 0 ? int64_t{data[0]} % (n + 1) : int64_t{0}})
+        for (const bool explicit_vr : {false, true})
+            for (const bool complete : {false, true}) {
+                const ubc::Walk w = ubc::walk_elements(data, n, pos, explicit_vr, complete,
+                                                        wanted, 4);
+                for (const auto& e : w.kept)
+                    if (e.offset < pos || e.length < 0 || e.offset + e.length > n) std::abort();
+                if (w.status == ubc::WalkStatus::ok && !complete && w.pixel_offset < 0)
+                    std::abort();
+                if (w.pixel_offset > n) std::abort();
+            }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+    fuzz_dicom_walk(data, size);
     Input in(data, size);
     Volume v;
     if (!make_volume(in, v)) return 0;
