@@ -236,3 +236,31 @@ def test_file_kind_reads_the_content_not_the_name(tmp_path: Path) -> None:
              for name in ("a.bin", "b.dat", "c.x", "d.y", "e.nii.gz", "f.nii.gz")}
     assert kinds == {"a.bin": NIFTI, "b.dat": NIFTI, "c.x": NIFTI, "d.y": NRRD,
                      "e.nii.gz": ZIP, "f.nii.gz": None}
+
+
+@pytest.mark.parametrize("affine", [np.diag([-1.0, -1.0, 1.0, 1.0]),  # LPS, as most exports
+                                    np.array([[0, 0, 1.0, 0], [-1.0, 0, 0, 0],
+                                              [0, 1.0, 0, 0], [0, 0, 0, 1.0]])])
+def test_a_mask_written_through_the_stored_layout_needs_no_reorienting_copy(
+        tmp_path: Path, affine: np.ndarray) -> None:
+    """A mask resampled into ``stored_layout`` on the canonical grid holds the voxels of the
+    default (canonical Fortran) output, and maps back to the file's axes as a Fortran-
+    contiguous view of that very buffer: saved as it lies, the same file."""
+    from ubc import preprocess
+    from ubc.io.volume import canonical_volume
+
+    volume = canonical_volume(np.zeros((50, 60, 20), np.int16, order="F"), affine,
+                              (1.0, 1.2, 2.0), None)
+    probs = np.random.default_rng(0).random((volume.data.shape[2], 32, 32)).astype(np.float16)
+    def resampled(out: np.ndarray | None) -> np.ndarray:
+        return preprocess.to_original(probs, volume.data.shape, volume.spacing,
+                                      target_spacing=(2.0, 2.0), threshold=0.5, out=out)
+
+    plain, laid = resampled(None), resampled(volume.stored_layout(np.uint8))
+    assert np.array_equal(plain, laid) and plain.any()
+    stored = volume.to_original_orientation(laid)
+    assert stored.flags.f_contiguous and stored.shape == volume.original_shape
+    assert np.shares_memory(stored, laid)
+    save_mask(plain, volume, tmp_path / "plain.nii.gz")
+    save_mask(laid, volume, tmp_path / "laid.nii.gz")
+    assert (tmp_path / "plain.nii.gz").read_bytes() == (tmp_path / "laid.nii.gz").read_bytes()

@@ -133,7 +133,8 @@ def foreground_counts(volume: np.ndarray, *, threads: int = 0) -> np.ndarray:
 def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequence[float], *,
                 target_spacing: Sequence[float] = (1.0, 1.0),
                 slice_indices: Sequence[int] | np.ndarray | None = None,
-                threads: int = 0, threshold: float | None = None) -> np.ndarray:
+                threads: int = 0, threshold: float | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
     """float32 array of ``original_shape`` (x, y, z), Fortran order: model-grid slices
     ``values`` [S, H, W] (or [S, 1, H, W]) mapped back onto the original in-plane grid
     (the inverse of ``slices``' geometry, resampled as ``slices`` does). Slices not in
@@ -142,7 +143,8 @@ def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequ
     ``threshold`` (> 0): a binary mask instead, uint8, 1 where the mapped value is above it:
     the voxels of ``to_original(...) > threshold`` without the float volume (4x the memory
     traffic), resampling only around the values that reach it; float16 ``values`` (the mask
-    probabilities scoring keeps) are read as they are, without a float32 copy."""
+    probabilities scoring keeps) are read as they are, without a float32 copy; ``out``: the
+    zeroed uint8 array of ``original_shape`` (any strides) to write it into."""
     values = np.asarray(values)
     if values.ndim == 4 and values.shape[1] == 1:
         values = values[:, 0]
@@ -157,7 +159,7 @@ def to_original(values: np.ndarray, original_shape: Sequence[int], spacing: Sequ
     geometry = (_entries(spacing, 3, "spacing (x, y, z) in mm"),
                 _entries(target_spacing, 2, "target_spacing (H, W) in mm"), indices)
     if threshold is not None:
-        mask = np.zeros(shape, dtype=np.uint8, order="F")
+        mask = np.zeros(shape, dtype=np.uint8, order="F") if out is None else out
         half = values.dtype == np.float16  # read as such (bits), not converted here
         _native.to_original_mask(np.require(values, None, ["C", "A"]).view(np.uint16) if half
                                  else np.require(values, np.float32, ["C", "A"]),

@@ -305,14 +305,14 @@ def breakdown(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path) ->
     return {k: round(1000 * v / max(len(cases), 1), 2) for k, v in times.items()}
 
 
-def _as_block(batch: dict[str, np.ndarray]) -> None:
+def _block_maker() -> Callable[[dict[str, np.ndarray]], object]:
     """What Ray Data does with an actor call's output in the actor's process: make it an
-    Arrow block (nothing without Ray installed)."""
+    Arrow block (nothing without Ray installed). Imported here, outside the timings."""
     try:
         from ray.data.block import BlockAccessor
     except ImportError:
-        return
-    BlockAccessor.batch_to_block(batch)
+        return lambda batch: None
+    return BlockAccessor.batch_to_block
 
 
 def ray_stages(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path
@@ -336,6 +336,7 @@ def ray_stages(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path
     actor = EngineActor(str(bundle.path), engine.backend, "cpu", None, None, context, spec,
                         engine=engine)
     times = {"load_task": 0.0, "actor": 0.0, "finish_task": 0.0}
+    as_block = _block_maker()
     with cores(1):
         for i in range(len(cases)):
             start = time.thread_time()
@@ -344,7 +345,7 @@ def ray_stages(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path
             start, replayed = time.thread_time(), engine.cpu_s
             called = actor({"work": np.array([loaded["work"]], dtype=object),
                             "slices": loaded["slices"][None]})
-            _as_block(called)
+            as_block(called)
             times["actor"] += time.thread_time() - start - (engine.cpu_s - replayed)
             start = time.thread_time()
             finish({name: column[0] for name, column in called.items()}, context=context)

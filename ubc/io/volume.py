@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from nibabel import orientations
 
 __all__ = ["Volume", "canonical_volume", "orientation_of"]
@@ -62,6 +63,15 @@ class Volume:
         the steps after preprocessing need: the grid, never the voxels)."""
         empty = np.broadcast_to(np.zeros((), dtype=np.uint8), self.data.shape)
         return dataclasses.replace(self, data=empty)
+
+    def stored_layout(self, dtype: npt.DTypeLike) -> np.ndarray:
+        """A zeroed array laid out as the file stores its voxels (its own axes, Fortran
+        order, as NIfTI and DICOM frames go), seen on this canonical grid: a view whose
+        ``to_original_orientation`` is that array again, so that what is written through it
+        (a mask) is saved without a reorienting copy."""
+        stored = np.zeros(self.original_shape, dtype, order="F")
+        return orientations.apply_orientation(
+            stored, orientations.io_orientation(self.original_affine))
 
     def to_original_orientation(self, array: np.ndarray) -> np.ndarray:
         """Map an array on this volume's canonical grid back to the file's own axes."""

@@ -289,8 +289,8 @@ class Finished:
 
 
 def original_grid_mask(outputs: CaseOutputs) -> np.ndarray:
-    """The predicted lesion mask, uint8 [X, Y, Z] on the volume's canonical RAS grid
-    (``grid.to_original_orientation`` maps it to the file's own axes)."""
+    """The predicted lesion mask, uint8 [X, Y, Z] on the volume's canonical RAS grid, a view
+    of the file's own layout (``grid.to_original_orientation`` gives that back)."""
     from ubc import preprocess
 
     record, acc = outputs.record, outputs.accumulator
@@ -300,7 +300,7 @@ def original_grid_mask(outputs: CaseOutputs) -> np.ndarray:
     return preprocess.to_original(
         acc.mask_prob, grid.data.shape, grid.spacing,
         target_spacing=context.preprocessing.target_spacing, slice_indices=record.indices,
-        threads=context.preprocess_threads, threshold=0.5)
+        threads=context.preprocess_threads, threshold=0.5, out=grid.stored_layout(np.uint8))
 
 
 def _verdict(outputs: CaseOutputs) -> Verdict:
