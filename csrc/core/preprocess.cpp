@@ -755,8 +755,9 @@ void to_original_mask(const V* values, const std::array<int64_t, 2>& size,
             uint8_t* dst = out + slice_indices[s] * out_strides[2];
             const int64_t sx = out_strides[0], sy = out_strides[1];
             for (int64_t y = 0; y < ny; ++y) {
-                if (sx == 1)  // Fortran order, the usual case: rows of contiguous bytes
-                    std::memset(dst + y * sy, 0, static_cast<size_t>(nx));
+                if (sx == 1 || sx == -1)  // rows of contiguous bytes: Fortran order, or the
+                    // file's own layout flipped along x (Volume.stored_layout of LPS files)
+                    std::memset(dst + y * sy + (sx < 0 ? 1 - nx : 0), 0, static_cast<size_t>(nx));
                 else
                     for (int64_t x = 0; x < nx; ++x) dst[x * sx + y * sy] = 0;
             }
