@@ -236,7 +236,8 @@ def test_int8_groups_are_chosen_to_keep_the_gate_margin_on_held_back_slices(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """INT8 with a gate: the groups left in floating point are those whose quantisation
     cost the margin, the ops OpenVINO runs in floating point are theirs and the heads',
-    and the recorded margin is what the openvino engine gives on the held-back slices."""
+    and the recorded margin is what the openvino engine gives on the held-back slices;
+    ONNX Runtime's INT8, exported after, keeps the same convolutions in fp32."""
     import openvino as ov
 
     from ubc.export import exporter
@@ -289,6 +290,26 @@ def test_int8_groups_are_chosen_to_keep_the_gate_margin_on_held_back_slices(
         assert engine.config["INFERENCE_PRECISION_HINT"] == entry["float_ops"]  # type: ignore[attr-defined]
         assert gate(reference, engine.infer(held_back)) == \
             pytest.approx(choice["margin"], abs=1e-3)
+    # ONNX Runtime's INT8 keeps the same groups in fp32 (and the heads), convolutions only
+    import onnx
+
+    exporter("int8-onnx")(bundle, calib=engine_slices)
+    ort_entry = Bundle(bundle.path).meta["artifacts"]["model.int8.onnx"]
+    assert (ort_entry["layer_choice"], ort_entry["float_groups"]) == \
+        ("openvino's", choice["float_groups"])
+    float_convs = {name.removesuffix("/WithoutBiases")
+                   for g in choice["float_groups"] for name in groups[g]}
+    assert set(choice["float_convolutions"]) == float_convs
+    graph = onnx.load(str(bundle.file("model.int8.onnx"))).graph
+    quantised = {node.name for node in graph.node if node.op_type == "Conv"
+                 and any(i.endswith("_DequantizeLinear_Output") for i in node.input)}
+    convs = {node.name for node in onnx.load(str(bundle.file("model.onnx"))).graph.node
+             if node.op_type == "Conv"}
+    assert quantised and not quantised & float_convs and len(quantised) == \
+        len(convs) - len(float_convs) - 1  # the mask head's convolution stays fp32 too
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    assert "Add" not in {made_by.get(node.input[0]) for node in graph.node
+                         if node.op_type == "QuantizeLinear"}  # residual sums stay float
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # a CPU without native bf16
     with load(bundle, backend="openvino", precision="int8", threads=1) as engine:
         assert engine.config["INFERENCE_PRECISION_HINT"] == "f32"  # type: ignore[attr-defined]

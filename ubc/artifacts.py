@@ -150,12 +150,13 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  "TensorRT plan for this GPU (exports the ONNX first if needed)",
                  inputs=("calib",), packages=("tensorrt", "cuda-bindings"),
                  install="pip install ubc[tensorrt]"),
-    ExportFormat("int8-onnx", "ubc.export.int8_onnx:to_int8_onnx", r"model\.int8\.onnx",
-                 "--cpu --calib DATA", inputs=("calib",), packages=("onnxruntime", "onnx"),
-                 cpu=True),
+    # OpenVINO's INT8 first: ONNX Runtime's reuses the layer choice it measures
     ExportFormat("int8-openvino", "ubc.export.int8_openvino:to_int8_openvino",
                  r"model\.int8\.(xml|bin)", "--cpu --calib DATA", inputs=("calib", "gate"),
                  packages=("nncf", "openvino"), install="pip install ubc[openvino] nncf",
+                 cpu=True),
+    ExportFormat("int8-onnx", "ubc.export.int8_onnx:to_int8_onnx", r"model\.int8\.onnx",
+                 "--cpu --calib DATA", inputs=("calib",), packages=("onnxruntime", "onnx"),
                  cpu=True),
 )}
 

@@ -4,8 +4,9 @@ QDQ format (QuantizeLinear/DequantizeLinear pairs around every convolution, whic
 Runtime's CPU provider fuses into integer kernels: VNNI/AMX dot products where the CPU has
 them, AVX2 multiply-adds where it has not), unsigned int8 activations and signed int8
 weights, weights per output channel, activation ranges calibrated on preprocessed slices
-(the ``--calib`` data, as for TensorRT INT8); the few layers the outputs are most sensitive
-to stay fp32 (``fp32_nodes``). The result, ``model.int8.onnx``, carries the bundle's
+(the ``--calib`` data, as for TensorRT INT8); only the convolutions are quantised, and the
+heads and the convolution groups that OpenVINO's INT8 export measured as costing the gates
+stay fp32 (``fp32_nodes``). The result, ``model.int8.onnx``, carries the bundle's
 metadata like ``model.onnx`` and is run by the onnxruntime backend at precision int8.
 
 Unsigned activations because ONNX Runtime's x86 integer kernels multiply uint8 by int8:
@@ -24,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from ubc.artifacts import INPUT_NAME, INT8_ONNX, ONNX, stale_reason, with_artifact
+from ubc.artifacts import (
+    INPUT_NAME,
+    INT8_ONNX,
+    INT8_OPENVINO,
+    ONNX,
+    artifacts_of,
+    stale_reason,
+    with_artifact,
+)
 from ubc.bundle import Bundle, artifact_metadata
 from ubc.export.common import CalibrationBatches, ExportResult, artifact_entry, check_arch
 from ubc.quiet import ignoring_log
@@ -55,22 +64,43 @@ def _reader(batches: CalibrationBatches) -> Any:
     return Reader()
 
 
-def fp32_nodes(model: Any) -> list[str]:
-    """Nodes left in fp32: the convolution on the input, the nodes that write the outputs
-    (mask and class heads) and the encoder's last stage. Measured on the trained demo bundle
-    (128 held-out slices): quantising everything moved P(HGG) by up to 0.036 and flipped
-    1.6 % of slices; with these kept in fp32, 0.026 and 0.8 % (the gates are 0.03 and 1 %)."""
+def fp32_nodes(model: Any, float_convolutions: list[str] | None = None) -> list[str]:
+    """Nodes left in fp32: those that write the outputs (mask and class heads), and the
+    convolutions OpenVINO's INT8 export measured as costing the gates' margin
+    (``float_convolutions``, ``openvino_layer_choice``). Without that measurement, a fixed
+    guess: the convolution on the input and the encoder's last stage too. Measured on the
+    trained demo bundle (128 held-out slices): quantising everything moved P(HGG) by up to
+    0.036 and flipped 1.6 % of slices; with the guess, 0.026 and 0.8 % (the gates are 0.03
+    and 1 %)."""
     weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
+    chosen = set(float_convolutions or ())
     keep = []
     for node in model.graph.node:
         is_conv = node.op_type == "Conv"
-        last_stage = is_conv and len(node.input) > 1 and \
-            weights.get(node.input[1], (0,))[0] == LAST_STAGE_CHANNELS
-        if (is_conv and inputs & set(node.input)) or outputs & set(node.output) or last_stage:
+        guessed = float_convolutions is None and is_conv and (
+            bool(inputs & set(node.input)) or (len(node.input) > 1 and weights.get(
+                node.input[1], (0,))[0] == LAST_STAGE_CHANNELS))
+        if outputs & set(node.output) or guessed or node.name in chosen:
             keep.append(node.name)
     return keep
+
+
+def openvino_layer_choice(bundle: Bundle, model: Any) -> dict[str, Any] | None:
+    """The layer choice of the bundle's OpenVINO INT8 export (``ubc.export.int8_openvino``:
+    the convolution groups it kept in floating point because quantising them cost the
+    gates' margin on held-back slices), when it was made from these weights and names this
+    graph's nodes; None otherwise. Both quantisers give a convolution per-channel int8
+    weights and activation ranges from the min/max of the same calibration slices, so a
+    group's cost is the model's more than the runtime's; this artifact is gated on its own
+    all the same."""
+    choice = artifacts_of(bundle.meta).get(INT8_OPENVINO, {}).get("layer_choice")
+    if not bundle.has(INT8_OPENVINO) or stale_reason(bundle, INT8_OPENVINO) or \
+            not isinstance(choice, dict) or "float_convolutions" not in choice:
+        return None
+    names = {node.name for node in model.graph.node}
+    return choice if set(choice["float_convolutions"]) <= names else None
 
 
 def _embed_metadata(path: Path, bundle: Bundle) -> None:
@@ -106,7 +136,9 @@ def to_int8_onnx(bundle: Bundle, *, calib: np.ndarray, batch: int = 8,
 
     import onnx
 
-    keep = fp32_nodes(onnx.load(str(bundle.file(ONNX))))
+    model = onnx.load(str(bundle.file(ONNX)))
+    choice = openvino_layer_choice(bundle, model)
+    keep = fp32_nodes(model, None if choice is None else choice["float_convolutions"])
 
     def write(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="ubc-int8-") as work:
@@ -118,6 +150,11 @@ def to_int8_onnx(bundle: Bundle, *, calib: np.ndarray, batch: int = 8,
                 quantize_static(str(bundle.file(ONNX)), str(out), _reader(batches),
                                 quant_format=QuantFormat.QDQ, per_channel=True,
                                 nodes_to_exclude=keep,
+                                # Residual adds, concats and upsampling stay float, as in
+                                # OpenVINO's: no quantiser on a tensor both heads read (on
+                                # the demo bundle, every group in INT8: margin -0.95 ->
+                                # -0.78, and no slower)
+                                op_types_to_quantize=["Conv"],
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=calibrate,
                                 # Not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops the
@@ -135,6 +172,8 @@ def to_int8_onnx(bundle: Bundle, *, calib: np.ndarray, batch: int = 8,
     entry = artifact_entry(bundle, "onnx-int8", precision="int8", quantiser="onnxruntime",
                            quant_format="QDQ", per_channel=True, activations="uint8",
                            weights="int8", calibration=method, fp32_nodes=len(keep),
+                           float_groups=None if choice is None else choice["float_groups"],
+                           layer_choice="openvino's" if choice else "fixed guess",
                            calibration_batch=batch,
                            ranges="min/max of all batches",
                            calibration_slices=len(batches) * batch,

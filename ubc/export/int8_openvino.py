@@ -320,4 +320,7 @@ def _choose_groups(model: Any, groups: dict[str, list[str]], batches: list[np.nd
         "float_ops_slices_per_s": {h: round(v, 1) for h, v in speeds.items()},
         "validation_slices": len(held_back),
         "int8_groups": list(key), "float_groups": [g for g in groups if g not in key],
+        # OpenVINO names a convolution whose bias it splits off "<onnx node>/WithoutBiases"
+        "float_convolutions": [name.removesuffix("/WithoutBiases") for g in groups
+                               if g not in key for name in groups[g]],
         "trials": [{"int8_groups": list(k), "margin": round(m, 4)} for k, m in margins.items()]}}
