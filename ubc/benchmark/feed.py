@@ -307,11 +307,15 @@ def breakdown(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path) ->
 
 def _block_maker() -> Callable[[dict[str, np.ndarray]], object]:
     """What Ray Data does with an actor call's output in the actor's process: make it an
-    Arrow block (nothing without Ray installed). Imported here, outside the timings."""
+    Arrow block (nothing without Ray installed). Imported and run once here, outside the
+    timings (its first call registers Arrow's extension types: about 0.3 s)."""
     try:
         from ray.data.block import BlockAccessor
     except ImportError:
         return lambda batch: None
+    column = np.empty(1, dtype=object)
+    column[0] = np.zeros((1, 2, 2), np.float16)
+    BlockAccessor.batch_to_block({"work": np.array([b""], dtype=object), "pixels": column})
     return BlockAccessor.batch_to_block
 
 

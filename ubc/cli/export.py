@@ -37,7 +37,8 @@ through ubc.io and ubc.preprocess), prints the table and records it in meta.json
 --cpu writes every CPU artifact this machine can run (TorchScript, ONNX, INT8 OpenVINO IR
 and INT8 ONNX Runtime QDQ calibrated on --calib, else on the bundle's training archive when
 it still exists, else on phantoms, both with the layer groups OpenVINO's measured choice
-keeps in floating point; bf16 needs no file and is checked where the CPU has it natively), checks each one's slices (--slices-from) and cases (6 phantoms + --held-out),
+keeps in floating point; bf16 needs no file and is checked where the CPU has it
+natively), checks each one's slices (--slices-from) and cases (6 phantoms + --held-out),
 times the passing ones at the scoring batch size, records it all in meta.json under this
 CPU's class, and says what backend='auto' now picks. A bf16 or INT8 artifact below its
 gate is recorded as such and never picked by auto. The timing interleaves the artifacts in
