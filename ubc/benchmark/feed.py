@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -313,10 +314,16 @@ def _block_maker() -> Callable[[dict[str, np.ndarray]], object]:
         from ray.data.block import BlockAccessor
     except ImportError:
         return lambda batch: None
+
+    def as_block(batch: dict[str, np.ndarray]) -> object:
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own DataContext fields
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return BlockAccessor.batch_to_block(batch)
+
     column = np.empty(1, dtype=object)
     column[0] = np.zeros((1, 2, 2), np.float16)
-    BlockAccessor.batch_to_block({"work": np.array([b""], dtype=object), "pixels": column})
-    return BlockAccessor.batch_to_block
+    as_block({"work": np.array([b""], dtype=object), "pixels": column})
+    return as_block
 
 
 def ray_stages(engine: ReplayEngine, bundle: Bundle, archive: Path, out: Path
