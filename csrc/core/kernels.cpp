@@ -197,6 +197,19 @@ UBC_AVX512 void from_half_avx512(const uint16_t* in, int64_t n, float* out) {
     from_half_body(in, n, out);
 }
 
+// 2^k, k the integer that shifted = y + shift holds in its low mantissa bits (shift =
+// 1.5 * 2^kMantissa rounds y to it): k plus the exponent bias, moved into the exponent field.
+template <typename F, typename U, int kMantissa, U kBias>
+[[gnu::always_inline]] inline F power_of_two(F shifted, F shift) {
+    U shifted_bits, shift_bits;
+    std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+    std::memcpy(&shift_bits, &shift, sizeof shift_bits);
+    const U scale_bits = static_cast<U>((shifted_bits - shift_bits + kBias) << kMantissa);
+    F scale;
+    std::memcpy(&scale, &scale_bits, sizeof scale);
+    return scale;
+}
+
 // exp(x) for |x| <= kLogitBound in double: x = k ln2 + r with |r| <= ln2 / 2 (ln2 in two parts,
 // the first with trailing zeros so that k * kLn2Hi is exact), exp(r) by its Taylor series to
 // r^11 (truncation under 7e-15 relative), times 2^k built in the exponent bits. Rounding k
@@ -214,13 +227,7 @@ UBC_AVX512 void from_half_avx512(const uint16_t* in, int64_t n, float* out) {
                  q5 = 1.0 / 3628800 + r * (1.0 / 39916800);
     const double s0 = q0 + q1 * r2, s1 = q2 + q3 * r2, s2 = q4 + q5 * r2;
     const double sum = (s0 + s1 * r4) + s2 * r8;
-    uint64_t shifted_bits, shift_bits;
-    std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
-    std::memcpy(&shift_bits, &kShift, sizeof shift_bits);
-    const uint64_t scale_bits = (shifted_bits - shift_bits + 1023u) << 52;
-    double scale;
-    std::memcpy(&scale, &scale_bits, sizeof scale);
-    return sum * scale;
+    return sum * power_of_two<double, uint64_t, 52, 1023u>(shifted, kShift);
 }
 
 // exp(-x) then 1 / (1 + exp(-x)) in float for |x| <= kLogitBound, the same way as
@@ -244,13 +251,7 @@ constexpr float kFastError = 1.9073486328125e-06f;  // 2^-19
     sum = sum * r + 0.5f;
     sum = sum * r + 1.0f;
     sum = sum * r + 1.0f;
-    uint32_t shifted_bits, shift_bits;
-    std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
-    std::memcpy(&shift_bits, &kShift, sizeof shift_bits);
-    const uint32_t scale_bits = (shifted_bits - shift_bits + 127u) << 23;
-    float scale;
-    std::memcpy(&scale, &scale_bits, sizeof scale);
-    return 1.0f / (1.0f + sum * scale);
+    return 1.0f / (1.0f + sum * power_of_two<float, uint32_t, 23, 127u>(shifted, kShift));
 }
 
 // Where a whole block of pixels is background or has logits <= kCertainlyNone, their
