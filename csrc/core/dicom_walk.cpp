@@ -40,19 +40,12 @@ private:
     int64_t size_;
 };
 
-struct Element {
-    uint32_t tag;
-    uint16_t vr;  // 0: none (implicit VR, items and delimiters)
-    int64_t start;
-    uint32_t length;
-};
-
 bool long_vr(uint16_t vr) {
     return std::find(std::begin(kLongVrs), std::end(kLongVrs), vr) != std::end(kLongVrs);
 }
 
 // The element at pos; items and delimiters (group FFFE) have no VR in either encoding.
-Element element_at(const Reader& r, int64_t pos, bool explicit_vr) {
+WalkedElement element_at(const Reader& r, int64_t pos, bool explicit_vr) {
     const uint32_t tag = static_cast<uint32_t>(r.u16(pos)) << 16 | r.u16(pos + 2);
     if (explicit_vr && tag >> 16 != 0xFFFEu) {
         const uint16_t vr = r.u16(pos + 4);
@@ -67,14 +60,14 @@ int64_t skip(const Reader& r, int64_t pos, bool explicit_vr, uint32_t end, int d
     if (depth > kMaxWalkDepth) throw Unusual{};
     while (true) {
         if (pos >= r.size()) throw Shortfall{};
-        const Element e = element_at(r, pos, explicit_vr);
-        if (e.tag == end) return e.start;
+        const WalkedElement e = element_at(r, pos, explicit_vr);
+        if (e.tag == end) return e.offset;
         if (e.length == kUndefined) {
             if (e.vr == kUN) throw Unusual{};
-            pos = skip(r, e.start, explicit_vr, e.tag == kItem ? kItemEnd : kSequenceEnd,
+            pos = skip(r, e.offset, explicit_vr, e.tag == kItem ? kItemEnd : kSequenceEnd,
                        depth + 1);
         } else {
-            pos = e.start + e.length;
+            pos = e.offset + e.length;
         }
     }
 }
@@ -87,25 +80,25 @@ void walk(const Reader& r, int64_t pos, bool explicit_vr, bool complete,
             return;
         }
         if (pos > r.size()) throw Shortfall{};
-        const Element e = element_at(r, pos, explicit_vr);
+        const WalkedElement e = element_at(r, pos, explicit_vr);
         if (std::find(std::begin(kRefused), std::end(kRefused), e.tag) != std::end(kRefused) ||
             e.tag >> 16 == 0xFFFEu)
             throw Unusual{};
         if (e.tag == kPixelData) {
             if (e.length == kUndefined) throw Unusual{};
-            out.pixel_offset = e.start;
+            out.pixel_offset = e.offset;
             out.pixel_length = e.length;
             return;
         }
         if (e.length == kUndefined) {
             if (e.vr == kUN) throw Unusual{};  // a sequence encoded in implicit VR
-            pos = skip(r, e.start, explicit_vr, kSequenceEnd, 1);
+            pos = skip(r, e.offset, explicit_vr, kSequenceEnd, 1);
             continue;
         }
-        if (e.start + e.length > r.size()) throw Shortfall{};
+        if (e.offset + e.length > r.size()) throw Shortfall{};
         if (std::binary_search(wanted, wanted + n_wanted, e.tag))
-            out.kept.push_back({e.tag, e.vr, e.start, e.length});
-        pos = e.start + e.length;
+            out.kept.push_back(e);
+        pos = e.offset + e.length;
     }
 }
 

@@ -15,13 +15,13 @@ enum class WalkStatus {
     unusual,   // something ubc.io.dicom_scan leaves to pydicom (see walk_elements)
 };
 
-// A top-level element kept: its tag, VR (its two bytes as vr[0] | vr[1] << 8; 0 in implicit
-// VR), the offset of its value and its length.
+// An element: its tag, VR (its two bytes as vr[0] | vr[1] << 8; 0 in implicit VR and for
+// items and delimiters), the offset of its value and its length (0xFFFFFFFF: undefined).
 struct WalkedElement {
     uint32_t tag;
     uint16_t vr;
     int64_t offset;
-    int64_t length;
+    uint32_t length;
 };
 
 // Nesting of undefined-length sequences and items the walk follows (each counts one: 32
