@@ -81,10 +81,11 @@ class TrainedSpacing:
 @dataclass(frozen=True)
 class Conformance:
     """The volume to score (``data`` replaced when non-finite voxels or a shifted
-    background were handled) and the flags raised."""
+    background were handled), the flags raised and its brain (non-zero) volume in mL."""
 
     volume: Volume
     flags: tuple[str, ...]
+    brain_ml: float
 
 
 def _faces(data: np.ndarray) -> np.ndarray:
@@ -224,7 +225,7 @@ def check_volume(volume: Volume, *, target_spacing: tuple[float, float] = (1.0, 
     flags += _orientation_flags(volume, t)
     if data is not volume.data:
         volume = replace(volume, data=data)
-    return Conformance(volume, tuple(flags))
+    return Conformance(volume, tuple(flags), brain_ml)
 
 
 def check_output(lesion_ml: float, brain_ml: float,

@@ -188,7 +188,6 @@ def prepare_case(loaded: Loaded, context: RunContext) -> Prepared:
         volume = checked.volume
         record = dataclasses.replace(record, flags=record.flags + tuple(checked.flags))
         counts = foreground.counts
-        brain_ml = float(counts.sum()) * float(np.prod(volume.spacing)) / 1000.0
         indices = np.flatnonzero(counts)
         if len(indices) == 0:
             raise UBCInputError(f"{case.image}: empty volume (every voxel is 0)")
@@ -200,7 +199,7 @@ def prepare_case(loaded: Loaded, context: RunContext) -> Prepared:
         except ValueError as exc:  # the bundle's settings were checked at open: the input's
             raise UBCInputError(f"{case.image}: {exc}") from exc
         record = dataclasses.replace(record, grid=volume.header_only(), indices=indices,
-                                     brain_ml=brain_ml, slices=slices)
+                                     brain_ml=checked.brain_ml, slices=slices)
     except Exception as exc:
         record = record.failed("preprocess", exc)
     seconds = loaded.seconds + time.perf_counter() - start
