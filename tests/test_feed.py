@@ -78,6 +78,24 @@ def test_lesion_probabilities_match_the_numpy_formula_within_one_float16_step() 
     assert np.abs(steps).max() <= 1 and np.count_nonzero(steps) < 1e-4 * steps.size
 
 
+def test_the_images_float16_from_the_same_pass_are_numpys() -> None:
+    """What overlays keep: NumPy's astype(float16) bit for bit, over random floats and every
+    float near the binary16 boundaries (subnormal, normal, overflow), zeros, infinities and
+    NaN payloads."""
+    edges = [0x33000000, 0x33800000, 0x38800000, 0x3F800000, 0x477FE000, 0x47800000,
+             0x7F800000, 0x7FC00000, 0x7FFFF000]
+    near = np.concatenate([np.arange(e - 4096, e + 4096) for e in edges])
+    drawn = np.random.default_rng(1).integers(0, 2**31, 400_000)
+    magnitudes = np.concatenate([near, drawn, [0, 0x7FFFFFFF]]).astype(np.uint32)
+    bits = np.concatenate([magnitudes, magnitudes | np.uint32(0x80000000)])
+    images = bits.view(np.float32).reshape(2, -1)
+    halves = np.empty(images.shape, np.float16)
+    lesion_pixels(np.zeros_like(images), images, image_halves=halves)
+    with np.errstate(over="ignore"):
+        expected = images.astype(np.float16)
+    assert np.array_equal(halves.view(np.uint16), expected.view(np.uint16))
+
+
 def test_lesion_pixels_refuses_what_it_cannot_read() -> None:
     logits = np.zeros((2, 4, 4), np.float32)
     with pytest.raises(ValueError, match="shape"):
@@ -86,6 +104,8 @@ def test_lesion_pixels_refuses_what_it_cannot_read() -> None:
         lesion_pixels(logits, np.ones_like(logits), np.empty((2, 4, 4), np.float32))
     with pytest.raises(ValueError, match="shape"):
         lesion_pixels(logits, np.ones_like(logits), np.empty((2, 16), np.float16))
+    with pytest.raises(ValueError, match="shape"):
+        lesion_pixels(logits, np.ones_like(logits), image_halves=np.empty((2, 16), np.float16))
     assert list(lesion_pixels(np.zeros((0, 4, 4), np.float32),
                               np.zeros((0, 4, 4), np.float32))) == []
 

@@ -20,7 +20,8 @@ def to_original(values: npt.NDArray[np.float32], spacing: Sequence[float],
                 threads: int, out: npt.NDArray[np.float32]) -> None: ...
 def lesion_pixels(logits: npt.NDArray[np.float32], images: npt.NDArray[np.float32],
                   counts: npt.NDArray[np.int64],
-                  probs: npt.NDArray[np.uint16] | None = None) -> None: ...
+                  probs: npt.NDArray[np.uint16] | None = None,
+                  image_halves: npt.NDArray[np.uint16] | None = None) -> None: ...
 def to_original_mask(values: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
                      spacing: Sequence[float], target_spacing: Sequence[float],
                      indices: npt.NDArray[np.int64],

@@ -256,7 +256,7 @@ void to_original_mask(const py::array& values, std::array<double, 3> spacing,
 }
 
 void lesion_pixels(const Values& logits, const Values& images, py::array counts,
-                   std::optional<py::array> probs) {
+                   std::optional<py::array> probs, std::optional<py::array> image_halves) {
     if (logits.ndim() < 1) throw py::value_error("logits must be [S, ...]");
     const std::vector<py::ssize_t> shape(logits.shape(), logits.shape() + logits.ndim());
     if (std::vector<py::ssize_t>(images.shape(), images.shape() + images.ndim()) != shape)
@@ -270,10 +270,17 @@ void lesion_pixels(const Values& logits, const Values& images, py::array counts,
         check_disjoint(*probs, logits, "the logits");
         check_disjoint(*probs, images, "the images");
     }
+    uint16_t* halves = nullptr;
+    if (image_halves) {
+        halves = checked_out<uint16_t>(*image_halves, shape);
+        check_disjoint(*image_halves, logits, "the logits");
+        check_disjoint(*image_halves, images, "the images");
+        if (probs) check_disjoint(*image_halves, *probs, "probs");
+    }
     const float* src = checked_input(logits, "logits").data();
     const float* image = checked_input(images, "images").data();
     py::gil_scoped_release release;
-    ubc::lesion_pixels(src, image, n, slice_len, per_slice, dst);
+    ubc::lesion_pixels(src, image, n, slice_len, per_slice, dst, halves);
 }
 
 py::tuple dicom_walk(const py::buffer& buffer, int64_t pos, bool explicit_vr, bool complete,
@@ -323,7 +330,8 @@ PYBIND11_MODULE(_native, m) {
           py::arg("target_spacing"), py::arg("indices"), py::arg("threads"),
           py::arg("out").noconvert());
     m.def("lesion_pixels", &lesion_pixels, py::arg("logits"), py::arg("images"),
-          py::arg("counts").noconvert(), py::arg("probs").noconvert() = py::none());
+          py::arg("counts").noconvert(), py::arg("probs").noconvert() = py::none(),
+          py::arg("image_halves").noconvert() = py::none());
     m.def("to_original_mask", &to_original_mask, py::arg("values"), py::arg("spacing"),
           py::arg("target_spacing"), py::arg("indices"), py::arg("threshold"),
           py::arg("threads"), py::arg("out").noconvert());

@@ -305,15 +305,27 @@ UBC_SCALAR void settle_unsure(const float* logits, const float* images, int64_t 
 
 [[gnu::always_inline]] inline int64_t lesion_body(const float* __restrict logits,
                                                   const float* __restrict images, int64_t n,
-                                                  uint16_t* __restrict probs) {
+                                                  uint16_t* __restrict probs,
+                                                  uint16_t* __restrict image_halves) {
     int64_t pixels = 0;
     for (int64_t start = 0; start < n; start += kBlock) {
         const int64_t stop = std::min(n, start + kBlock);
+        if (image_halves != nullptr)
+            for (int64_t i = start; i < stop; ++i) image_halves[i] = half_bits(images[i]);
+        // the images alone settle most blocks (all background: no lesion, probabilities 0),
+        // whose logits are then not read at all
+        int32_t head_pixels = 0;
+        for (int64_t i = start; i < stop; ++i) head_pixels += images[i] != 0.0f;
+        if (head_pixels == 0) {
+            if (probs != nullptr) std::fill(probs + start, probs + stop, uint16_t{0});
+            continue;
+        }
         int32_t lesion = 0, live = 0;
         for (int64_t i = start; i < stop; ++i) {
+            // & rather than &&: the logit is read either way, so the loop vectorises
             const bool head = images[i] != 0.0f;
-            lesion += head && logits[i] > 0.0f;
-            live += head && !(logits[i] <= kCertainlyNone);
+            lesion += head & (logits[i] > 0.0f);
+            live += head & !(logits[i] <= kCertainlyNone);
         }
         pixels += lesion;
         if (probs == nullptr) continue;
@@ -326,12 +338,12 @@ UBC_SCALAR void settle_unsure(const float* logits, const float* images, int64_t 
 }
 
 UBC_AVX2 int64_t lesion_avx2(const float* logits, const float* images, int64_t n,
-                             uint16_t* probs) {
-    return lesion_body(logits, images, n, probs);
+                             uint16_t* probs, uint16_t* image_halves) {
+    return lesion_body(logits, images, n, probs, image_halves);
 }
 UBC_AVX512 int64_t lesion_avx512(const float* logits, const float* images, int64_t n,
-                                 uint16_t* probs) {
-    return lesion_body(logits, images, n, probs);
+                                 uint16_t* probs, uint16_t* image_halves) {
+    return lesion_body(logits, images, n, probs, image_halves);
 }
 
 }  // namespace
@@ -345,13 +357,14 @@ void from_half(const uint16_t* in, int64_t n, float* out) {
     from_half_body(in, n, out);
 }
 
-int64_t lesion_pixels(const float* logits, const float* images, int64_t n, uint16_t* probs) {
+int64_t lesion_pixels(const float* logits, const float* images, int64_t n, uint16_t* probs,
+                      uint16_t* image_halves) {
     switch (isa()) {
-        case Isa::avx512: return lesion_avx512(logits, images, n, probs);
-        case Isa::avx2: return lesion_avx2(logits, images, n, probs);
+        case Isa::avx512: return lesion_avx512(logits, images, n, probs, image_halves);
+        case Isa::avx2: return lesion_avx2(logits, images, n, probs, image_halves);
         case Isa::baseline: break;
     }
-    return lesion_body(logits, images, n, probs);
+    return lesion_body(logits, images, n, probs, image_halves);
 }
 
 template <typename T>

@@ -62,7 +62,9 @@ inline constexpr float kLogitBound = 60.0f;
 // -kLogitBound where images[i] == 0. The probability is computed in double (relative error
 // under 1e-14), rounded to float and then to binary16: the same bits on every CPU. (A float
 // sigmoid gives those bits wherever its error bound cannot change them, 99 % of pixels;
-// checked identical for all 2^32 logits on each ISA.)
-int64_t lesion_pixels(const float* logits, const float* images, int64_t n, uint16_t* probs);
+// checked identical for all 2^32 logits on each ISA.) Where image_halves is not null, also
+// image_halves[i] = the binary16 bits of images[i], as NumPy's astype(float16) gives them.
+int64_t lesion_pixels(const float* logits, const float* images, int64_t n, uint16_t* probs,
+                      uint16_t* image_halves);
 
 }  // namespace ubc::detail

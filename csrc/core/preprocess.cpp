@@ -704,14 +704,16 @@ void for_each_original_slice(const V* values, const std::array<int64_t, 2>& size
 }  // namespace
 
 void lesion_pixels(const float* logits, const float* images, int64_t n_slices,
-                   int64_t slice_len, int64_t* counts, uint16_t* probs) {
+                   int64_t slice_len, int64_t* counts, uint16_t* probs,
+                   uint16_t* image_halves) {
     if (n_slices < 0 || slice_len < 0 ||
         (n_slices > 0 && (logits == nullptr || images == nullptr || counts == nullptr)))
         throw std::invalid_argument("lesion_pixels: no data");
     for (int64_t s = 0; s < n_slices; ++s) {
         const int64_t first = s * slice_len;
         counts[s] = detail::lesion_pixels(logits + first, images + first, slice_len,
-                                          probs == nullptr ? nullptr : probs + first);
+                                          probs == nullptr ? nullptr : probs + first,
+                                          image_halves == nullptr ? nullptr : image_halves + first);
     }
 }
 

@@ -91,9 +91,11 @@ void to_original(const float* values, const std::array<int64_t, 2>& size,
 // logits and images (the engine's input under them) are float32 [n_slices, slice_len];
 // counts[s] = slice s's pixels with image != 0 and logit > 0, and where probs is not null,
 // probs = the float16 bits of every pixel's lesion probability (background: none), as
-// detail::lesion_pixels computes them.
+// detail::lesion_pixels computes them, and where image_halves is not null, the images'
+// float16 bits (what overlays draw).
 void lesion_pixels(const float* logits, const float* images, int64_t n_slices,
-                   int64_t slice_len, int64_t* counts, uint16_t* probs);
+                   int64_t slice_len, int64_t* counts, uint16_t* probs,
+                   uint16_t* image_halves);
 
 // to_original thresholded: out is a uint8 volume (strides in elements), 1 where the resampled
 // value > threshold (> 0), else 0, written for every voxel of the listed slices. The same

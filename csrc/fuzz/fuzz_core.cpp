@@ -254,7 +254,8 @@ void fuzz_to_original(Input& in, const Volume& v, int threads) {
 
 // Lesion pixels and probabilities of the volume's bytes read as float logits and images (any
 // bit pattern: NaN, infinity, subnormals): the count is the pixels with image != 0 and logit
-// > 0, a probability is NaN exactly where its logit is, else in [0, 1], 0 on background.
+// > 0, a probability is NaN exactly where its logit is, else in [0, 1], 0 on background; an
+// image's float16 is NaN exactly where the image is, with the image's sign.
 void fuzz_lesion_pixels(const Volume& v) {
     const size_t n = v.bytes.size() / (2 * sizeof(float));
     std::vector<float> logits(n), images(n);
@@ -263,9 +264,9 @@ void fuzz_lesion_pixels(const Volume& v) {
     std::memcpy(images.data(), v.bytes.data() + n * sizeof(float), n * sizeof(float));
     const int64_t rows = n % 3 == 0 ? 3 : 1;
     std::vector<int64_t> counts(static_cast<size_t>(rows));
-    std::vector<uint16_t> probs(n);
+    std::vector<uint16_t> probs(n), halves(n);
     ubc::lesion_pixels(logits.data(), images.data(), rows, static_cast<int64_t>(n) / rows,
-                       counts.data(), probs.data());
+                       counts.data(), probs.data(), halves.data());
     int64_t expected = 0, total = 0;
     for (size_t i = 0; i < n; ++i) {
         const bool head = images[i] != 0.0f;
@@ -274,6 +275,8 @@ void fuzz_lesion_pixels(const Volume& v) {
         const bool nan = magnitude > 0x7c00u;
         if (head && nan != std::isnan(logits[i])) __builtin_trap();
         if (!nan && (probs[i] > 0x3c00u || (!head && probs[i] != 0))) __builtin_trap();
+        if (((halves[i] & 0x7fffu) > 0x7c00u) != std::isnan(images[i])) __builtin_trap();
+        if (((halves[i] & 0x8000u) != 0) != std::signbit(images[i])) __builtin_trap();
     }
     for (const int64_t c : counts) total += c;
     if (total != expected) __builtin_trap();
