@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 namespace ubc::detail {
 
@@ -37,6 +38,30 @@ void normalise_row(const T* in, int64_t n, float* out, const Affine& f);
 // kTile x kTile, side by side.
 template <typename T>
 void transpose_tiles(const T* in, int64_t in_row, int64_t count, T* out, int64_t out_row);
+
+// out[b * out_row + a] = in[a * in_row + b * step] for a < na, b < nb, by kTile x kTile tiles
+// (partial ones and steps other than +-1 element by element).
+template <typename T>
+inline void transpose(const T* in, int64_t na, int64_t nb, int64_t in_row, int64_t step,
+                      T* out, int64_t out_row) {
+    const int64_t whole = std::llabs(step) == 1 ? na / kTile : 0;  // whole tiles along a
+    for (int64_t b0 = 0; b0 < nb; b0 += kTile) {
+        const int64_t nb1 = std::min(kTile, nb - b0);
+        const T* src = in + b0 * step;
+        T* dst = out + b0 * out_row;
+        int64_t a0 = 0;
+        if (nb1 == kTile && whole > 0) {
+            if (step == 1)
+                transpose_tiles(src, in_row, whole, dst, out_row);
+            else  // read the runs forwards, and write the rows bottom up
+                transpose_tiles(src - (kTile - 1), in_row, whole, dst + (kTile - 1) * out_row,
+                                -out_row);
+            a0 = whole * kTile;
+        }
+        for (int64_t b = 0; b < nb1; ++b)
+            for (int64_t a = a0; a < na; ++a) dst[b * out_row + a] = src[a * in_row + b * step];
+    }
+}
 
 // Exact sums over the non-zero values of 8/16-bit data: |v| <= 2^16 and at most 2^30 values
 // (kMaxVoxels), so sum fits 47 bits and sum_sq 62. For T in uint8_t, int16_t, uint16_t.

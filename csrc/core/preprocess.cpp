@@ -363,31 +363,6 @@ bool z_is_fastest(const VolumeView& v) {
     return sz < std::llabs(v.strides[0]) && sz < std::llabs(v.strides[1]);
 }
 
-// out[b * out_row + a] = in[a * in_row + b * step] for a < na, b < nb, by kTile x kTile tiles
-// (partial ones and steps other than +-1 element by element).
-template <typename T>
-void transpose(const T* in, int64_t na, int64_t nb, int64_t in_row, int64_t step, T* out,
-               int64_t out_row) {
-    constexpr int64_t kTile = detail::kTile;
-    const int64_t whole = std::llabs(step) == 1 ? na / kTile : 0;  // whole tiles along a
-    for (int64_t b0 = 0; b0 < nb; b0 += kTile) {
-        const int64_t nb1 = std::min(kTile, nb - b0);
-        const T* src = in + b0 * step;
-        T* dst = out + b0 * out_row;
-        int64_t a0 = 0;
-        if (nb1 == kTile && whole > 0) {
-            if (step == 1)
-                detail::transpose_tiles(src, in_row, whole, dst, out_row);
-            else  // read the runs forwards, and write the rows bottom up
-                detail::transpose_tiles(src - (kTile - 1), in_row, whole,
-                                        dst + (kTile - 1) * out_row, -out_row);
-            a0 = whole * kTile;
-        }
-        for (int64_t b = 0; b < nb1; ++b)
-            for (int64_t a = a0; a < na; ++a) dst[b * out_row + a] = src[a * in_row + b * step];
-    }
-}
-
 // Normalises voxels (x0 + x, y0 + y), x < nx, y < ny, of slices indices[0..count) into
 // out[s * out_plane + x * out_row + y]. Rows along y are normalised in place when y is the
 // faster in-plane axis, else from a buffer that tiles transpose them into: blocks of rows of
@@ -421,7 +396,7 @@ void normalise_slices(const VolumeView& v, const int64_t* indices, int64_t count
         for (int64_t s = 0; s < count; ++s)
             for (int64_t xa = 0; xa < nx; xa += kTile) {
                 const int64_t xb = std::min(kTile, nx - xa);
-                transpose(data + indices[s] * sz + xa * sx, ny, xb, sy, sx, rows.data(), ny);
+                detail::transpose(data + indices[s] * sz + xa * sx, ny, xb, sy, sx, rows.data(), ny);
                 for (int64_t x = 0; x < xb; ++x)
                     detail::normalise_row(rows.data() + x * ny, ny,
                                           out + s * out_plane + (xa + x) * out_row, f);
@@ -447,7 +422,7 @@ void normalise_slices(const VolumeView& v, const int64_t* indices, int64_t count
                 const int64_t n = s == first && length % kTile != 0 ? length % kTile : kTile;
                 const int64_t read = std::min(kTile, first + length - s);
                 for (int64_t x = 0; x < xb; ++x)
-                    transpose(data + indices[s] * sz + (xa + x) * sx, ny, read, sy, d * sz,
+                    detail::transpose(data + indices[s] * sz + (xa + x) * sx, ny, read, sy, d * sz,
                               rows.data() + x * ny, xb * ny);
                 for (int64_t j = 0; j < n; ++j)
                     for (int64_t x = 0; x < xb; ++x)
@@ -497,6 +472,10 @@ void zero_borders(const AlignedAxis& rows, const AlignedAxis& cols, int64_t n_ro
         std::fill(out + h * n_cols, out + h * n_cols + cols.lo, 0.0f);
         std::fill(out + h * n_cols + cols.hi, out + (h + 1) * n_cols, 0.0f);
     }
+}
+
+std::array<int64_t, 2> clamped(const std::array<int64_t, 2>& range, int64_t n) {
+    return {std::clamp<int64_t>(range[0], 0, n), std::clamp<int64_t>(range[1], 0, n)};
 }
 
 }  // namespace
@@ -553,12 +532,18 @@ void slices(const VolumeView& volume, const SliceGeometry& g, Norm norm,
             });
             return;
         }
+        // only the voxels that some output reads (a small model grid reads the centre)
+        const std::array<int64_t, 2> xs = clamped(resampler.inputs_read(0), nx),
+                                     ys = clamped(resampler.inputs_read(1), ny);
         parallel_for(n_indices, threads, [&](int64_t begin, int64_t end) {
-            std::vector<float> padded(block_floats, 0.0f), scratch;  // the zero ring stays
+            std::vector<float> padded(block_floats, 0.0f), scratch;  // zeros where not read
             for (int64_t s = begin; s < end; s += block) {
                 const int64_t count = std::min(block, end - s);
-                normalise_slices<T>(volume, slice_indices + s, count, 0, nx, 0, ny,
-                                    padded.data() + row_len + 1, padded_plane, row_len, f);
+                if (xs[1] > xs[0] && ys[1] > ys[0])
+                    normalise_slices<T>(volume, slice_indices + s, count, xs[0], xs[1] - xs[0],
+                                        ys[0], ys[1] - ys[0],
+                                        padded.data() + (xs[0] + 1) * row_len + ys[0] + 1,
+                                        padded_plane, row_len, f);
                 for (int64_t j = 0; j < count; ++j)
                     resampler.run(padded.data() + j * padded_plane, row_len,
                                   out + (s + j) * plane, g.size[1], 1, scratch);

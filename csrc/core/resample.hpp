@@ -62,6 +62,10 @@ public:
     // that gives a non-zero weight to an input index in [first, last] (begin == end: none).
     std::array<int64_t, 2> outputs_reading(int axis, int64_t first, int64_t last) const;
 
+    // [first, end): the input indices along `axis` that some output reads, whatever its weight
+    // (first >= end: none); may reach past the input by one (the padding's zeros).
+    std::array<int64_t, 2> inputs_read(int axis) const;
+
 private:
     struct Axis {
         Taps taps;      // bilinear, always
