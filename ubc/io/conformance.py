@@ -120,7 +120,11 @@ def _non_finite(data: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
 
 
 def _dominant(values: np.ndarray) -> tuple[float, float]:
-    """(most frequent value, its share of ``values``)."""
+    """(most frequent value, its share of ``values``). Zero held by more than half of them
+    (the usual background) is that value without sorting them."""
+    zeros = values.size - np.count_nonzero(values)
+    if 2 * zeros > values.size:
+        return 0.0, zeros / values.size
     unique, counts = np.unique(values, return_counts=True)
     best = int(np.argmax(counts))
     return float(unique[best]), float(counts[best]) / float(values.size)
