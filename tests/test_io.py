@@ -153,6 +153,19 @@ def test_mask_files_are_the_one_deterministic_encoding(tmp_path):
         save_mask(mask, volume, tmp_path / "m.img")
 
 
+def test_masks_are_the_bytes_nibabel_writes():
+    """The header is nibabel's, the voxels are written without its chunked copy: the file is
+    byte for byte what nibabel's to_bytes gives, for integer and float masks in any layout."""
+    affine = np.array([[-1.1, 0, 0, 239], [0, -0.9, 0.1, 239], [0, 0, 1.3, -5], [0, 0, 0, 1]])
+    labels = (marked_volume() % 5 == 0)[:40, :30, :20]
+    for mask in (labels, np.asfortranarray(labels.astype(np.int64)), labels[::-1, :, ::2],
+                 labels * np.float64(0.25), np.asfortranarray(labels, np.float32)):
+        dtype = np.float32 if mask.dtype.kind == "f" else np.uint8
+        image = nib.Nifti1Image(np.asarray(mask, dtype=dtype), affine)
+        image.header.set_xyzt_units("mm")
+        assert encode_mask(mask, affine, compress=False) == image.to_bytes()
+
+
 @pytest.mark.real
 def test_real_volumes_load_in_canonical_orientation(real_volume_paths):
     for key in ("brats_flair", "tcga_flair", "tcga_seg"):

@@ -323,6 +323,9 @@ def declared_voxels(data: bytes | bytearray | memoryview, *, name: str = "<uploa
     return layout.shape, layout.dtype
 
 
+_SINGLE_FILE_OFFSET = 352  # a NIfTI-1 header (348 bytes) and a no-extension flag
+
+
 def encode_mask(mask: np.ndarray, affine: np.ndarray, *, compress: bool = True) -> bytes:
     """``mask`` as the bytes of a NIfTI-1 file (.nii.gz unless ``compress`` is False) in its
     own grid with ``affine`` (4 x 4, voxel -> world mm): uint8 for integer/bool masks,
@@ -330,14 +333,24 @@ def encode_mask(mask: np.ndarray, affine: np.ndarray, *, compress: bool = True) 
     level 1: on a 240 x 240 x 155 mask 30x faster than zlib level 1 (nibabel's) and 4x
     smaller (``ubc-bench --feed``; isal's levels 0, 2 and 3 are slower or larger)."""
     dtype = np.float32 if mask.dtype.kind == "f" else np.uint8
-    image = nib.Nifti1Image(np.asarray(mask, dtype=dtype), affine)
-    image.header.set_xyzt_units("mm")
-    raw = image.to_bytes()
+    voxels = np.asfortranarray(mask, dtype=dtype)
+    raw = b"".join([_single_file_header(voxels, affine), voxels.ravel(order="F").data])
     if not compress:
         return raw
     from isal import igzip
 
     return igzip.compress(raw, 1, mtime=0)
+
+
+def _single_file_header(voxels: np.ndarray, affine: np.ndarray) -> bytes:
+    """The header and (empty) extension block that nibabel's ``to_bytes`` writes before
+    ``voxels`` (unscaled, Fortran order, from byte 352): the same bytes, without its
+    chunked copy of the voxels (6 ms of the 8 a BraTS mask took to encode)."""
+    header = nib.Nifti1Image(voxels, affine).header
+    header.set_xyzt_units("mm")
+    header["vox_offset"] = _SINGLE_FILE_OFFSET
+    header.set_slope_inter(1.0, 0.0)
+    return header.binaryblock + b"\0" * (_SINGLE_FILE_OFFSET - len(header.binaryblock))
 
 
 def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike[str]) -> Path:
