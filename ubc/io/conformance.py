@@ -88,9 +88,8 @@ class Conformance:
     brain_ml: float
 
 
-def _faces(data: np.ndarray) -> np.ndarray:
-    return np.concatenate([data[0].ravel(), data[-1].ravel(), data[:, 0].ravel(),
-                           data[:, -1].ravel(), data[:, :, 0].ravel(), data[:, :, -1].ravel()])
+def _faces(data: np.ndarray) -> list[np.ndarray]:
+    return [data[0], data[-1], data[:, 0], data[:, -1], data[:, :, 0], data[:, :, -1]]
 
 
 def _border_connected(mask: np.ndarray) -> np.ndarray:
@@ -119,12 +118,14 @@ def _non_finite(data: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
         [f"nonfinite_background:{n}"]
 
 
-def _dominant(values: np.ndarray) -> tuple[float, float]:
-    """(most frequent value, its share of ``values``). Zero held by more than half of them
-    (the usual background) is that value without sorting them."""
-    zeros = values.size - np.count_nonzero(values)
-    if 2 * zeros > values.size:
-        return 0.0, zeros / values.size
+def _dominant(parts: list[np.ndarray]) -> tuple[float, float]:
+    """(most frequent value, its share of the values of ``parts``). Zero held by more than
+    half of them (the usual background) is that value without gathering and sorting them."""
+    size = sum(part.size for part in parts)
+    zeros = size - sum(np.count_nonzero(part) for part in parts)
+    if 2 * zeros > size:
+        return 0.0, zeros / size
+    values = np.concatenate([part.ravel() for part in parts])
     unique, counts = np.unique(values, return_counts=True)
     best = int(np.argmax(counts))
     return float(unique[best]), float(counts[best]) / float(values.size)
