@@ -131,51 +131,88 @@ void interpolate(const float* padded, int64_t row_len, const Taps& rows, const T
     }
 }
 
+// [first, end) of the outputs in `range` that read some input (the others are 0).
+std::array<int64_t, 2> reading(const Kernel& kernel, const std::array<int64_t, 2>& range) {
+    int64_t first = range[1], end = range[0];
+    for (int64_t o = range[0]; o < range[1]; ++o)
+        if (kernel.count[static_cast<size_t>(o)] > 0) {
+            first = std::min(first, o);
+            end = o + 1;
+        }
+    return {first, std::max(first, end)};
+}
+
 // Separable weighted sums: each output row first combines its input rows into one padded
 // row (contiguous, so it vectorises); those rows, transposed, are combined the same way into
 // each output column: every pixel's sum in the same order as one pixel at a time would take
-// (the same bits), eight times faster than a scalar sum per pixel.
+// (the same bits). Only the outputs that read an input are summed, over the padded columns
+// they read; the others are 0, as their sums of nothing were.
 void convolve(const float* padded, int64_t row_len, const Kernel& rows, const Kernel& cols,
               const std::array<int64_t, 2>& rows_out, const std::array<int64_t, 2>& cols_out,
               float* out, int64_t out_row_stride, int64_t out_col_stride,
               std::vector<float>& scratch) {
-    const int64_t n_rows = rows_out[1] - rows_out[0], n_cols = cols_out[1] - cols_out[0];
-    if (n_rows <= 0 || n_cols <= 0) return;
-    const auto plane = static_cast<size_t>(n_rows * row_len);
-    const auto n_sums = static_cast<size_t>(n_cols * n_rows);
-    scratch.resize(2 * plane + n_sums);
-    float* combined = scratch.data();     // [n_rows][row_len]
-    float* sums = combined + plane;       // [n_cols][n_rows]
-    float* by_column = sums + n_sums;     // [row_len][n_rows], all written by the transpose
-    std::fill(combined, by_column, 0.0f);
-    for (int64_t i = 0; i < n_rows; ++i) {
-        const auto h = static_cast<size_t>(rows_out[0] + i);
-        float* row = combined + i * row_len;
-        const float* weight = rows.weight.data() + rows.offset[h];
-        for (int64_t t = 0; t < rows.count[h]; ++t) {
-            const float* src = padded + (rows.start[h] + t + 1) * row_len;
-            const float w = weight[t];
-            for (int64_t y = 0; y < row_len; ++y) row[y] += w * src[y];
+    const auto at = [&](int64_t h, int64_t c) -> float& {
+        return out[(h - rows_out[0]) * out_row_stride + (c - cols_out[0]) * out_col_stride];
+    };
+    const std::array<int64_t, 2> active_rows = reading(rows, rows_out),
+                                 active_cols = reading(cols, cols_out);
+    const auto zero = [&](int64_t h, int64_t first, int64_t end) {
+        for (int64_t c = first; c < end; ++c) at(h, c) = 0.0f;
+    };
+    for (int64_t h = rows_out[0]; h < rows_out[1]; ++h) {
+        if (h < active_rows[0] || h >= active_rows[1]) {
+            zero(h, cols_out[0], cols_out[1]);
+        } else {
+            zero(h, cols_out[0], active_cols[0]);
+            zero(h, active_cols[1], cols_out[1]);
         }
     }
-    transpose(combined, n_rows, row_len, row_len, 1, by_column, n_rows);
+    const int64_t n_rows = active_rows[1] - active_rows[0], n_cols = active_cols[1] - active_cols[0];
+    if (n_rows == 0 || n_cols == 0) return;
+    int64_t y0 = row_len, y1 = 0;  // the padded columns the active outputs read
+    for (int64_t c = active_cols[0]; c < active_cols[1]; ++c) {
+        const auto k = static_cast<size_t>(c);
+        if (cols.count[k] == 0) continue;
+        y0 = std::min(y0, cols.start[k] + 1);
+        y1 = std::max(y1, cols.start[k] + 1 + cols.count[k]);
+    }
+    const int64_t width = y1 - y0;
+    const auto plane = static_cast<size_t>(n_rows * width);
+    const auto n_sums = static_cast<size_t>(n_cols * n_rows);
+    scratch.resize(2 * plane + n_sums);
+    float* combined = scratch.data();     // [n_rows][width]
+    float* sums = combined + plane;       // [n_cols][n_rows]
+    float* by_column = sums + n_sums;     // [width][n_rows], all written by the transpose
+    std::fill(combined, by_column, 0.0f);
+    for (int64_t i = 0; i < n_rows; ++i) {
+        const auto h = static_cast<size_t>(active_rows[0] + i);
+        float* row = combined + i * width;
+        const float* weight = rows.weight.data() + rows.offset[h];
+        for (int64_t t = 0; t < rows.count[h]; ++t) {
+            const float* src = padded + (rows.start[h] + t + 1) * row_len + y0;
+            const float w = weight[t];
+            for (int64_t y = 0; y < width; ++y) row[y] += w * src[y];
+        }
+    }
+    transpose(combined, n_rows, width, width, 1, by_column, n_rows);
     for (int64_t j = 0; j < n_cols; ++j) {
-        const auto c = static_cast<size_t>(cols_out[0] + j);
+        const auto c = static_cast<size_t>(active_cols[0] + j);
         float* sum = sums + j * n_rows;
         const float* weight = cols.weight.data() + cols.offset[c];
         for (int64_t t = 0; t < cols.count[c]; ++t) {
-            const float* src = by_column + (cols.start[c] + t + 1) * n_rows;
+            const float* src = by_column + (cols.start[c] + t + 1 - y0) * n_rows;
             const float w = weight[t];
             for (int64_t i = 0; i < n_rows; ++i) sum[i] += w * src[i];
         }
     }
     if (out_col_stride == 1) {
-        transpose(sums, n_cols, n_rows, n_rows, 1, out, out_row_stride);
+        transpose(sums, n_cols, n_rows, n_rows, 1, &at(active_rows[0], active_cols[0]),
+                  out_row_stride);
         return;
     }
     for (int64_t j = 0; j < n_cols; ++j)
         for (int64_t i = 0; i < n_rows; ++i)
-            out[i * out_row_stride + j * out_col_stride] = sums[j * n_rows + i];
+            at(active_rows[0] + i, active_cols[0] + j) = sums[j * n_rows + i];
 }
 
 }  // namespace
