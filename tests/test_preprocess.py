@@ -438,3 +438,51 @@ def test_upsampling_and_equal_spacing_stay_bilinear():
                   zip(coords, volume.shape[:2], strict=True))
         want = np.stack([wx @ volume[:, :, k] @ wy.T for k in range(3)])[:, None]
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-3)
+
+
+def _footprint_weights(n_out, n_in, spacing, target):
+    """Each output's first input index and float32 weights, computed as the native core
+    computes them (double, in the same order; resample.cpp's footprint_kernel)."""
+    ratio = target / spacing
+    kernel = []
+    for o in range(n_out):
+        centre = (o - (n_out - 1) * 0.5) * (target / spacing) + (n_in - 1) * 0.5
+        first, last = float(math.ceil(centre - ratio)), float(math.floor(centre + ratio))
+        total, j = 0.0, first
+        while j <= last:
+            total += 1.0 - abs(j - centre) / ratio
+            j += 1.0
+        j, weights = max(first, 0.0), []
+        while j <= min(last, n_in - 1.0):
+            weights.append(np.float32((1.0 - abs(j - centre) / ratio) / total))
+            j += 1.0
+        kernel.append((int(max(first, 0.0)), weights))
+    return kernel
+
+
+@pytest.mark.parametrize(("shape", "spacing", "target", "size"), [
+    ((240, 240), (1.0, 1.0), (2.0, 2.0), (64, 64)),    # BraTS at the demo's grid: the centre
+    ((240, 240), (1.0, 1.0), (2.0, 2.0), (224, 224)),  # BraTS at 224: zeros around the head
+    ((37, 50), (1.0, 0.9), (2.0, 1.7), (32, 64)),
+])
+def test_downsampling_keeps_the_bits_of_a_sum_per_pixel(shape, spacing, target, size):
+    """Bit for bit what summing each pixel's taps in order gives: the input rows of an output
+    row first, then that row's columns, in float32 from 0 (the native core reorders the
+    loops, never the sums)."""
+    volume = np.random.default_rng(31).normal(0.0, 100.0, (*shape, 2)).astype(np.float32)
+    volume[:10] = 0.0
+    got = native.slices(volume, (*spacing, 1.0), size=size, target_spacing=target, norm="none")
+    rows = _footprint_weights(size[0], shape[0], spacing[0], target[0])
+    cols = _footprint_weights(size[1], shape[1], spacing[1], target[1])
+    for z in range(volume.shape[2]):
+        padded = np.zeros((shape[0] + 2, shape[1] + 2), np.float32)
+        padded[1:-1, 1:-1] = volume[:, :, z]
+        combined = np.zeros((size[0], shape[1] + 2), np.float32)
+        for h, (start, weights) in enumerate(rows):
+            for t, w in enumerate(weights):
+                combined[h] += w * padded[start + t + 1]
+        want = np.zeros(size, np.float32)
+        for c, (start, weights) in enumerate(cols):
+            for t, w in enumerate(weights):
+                want[:, c] += w * combined[:, start + t + 1]
+        assert np.array_equal(got[z, 0].view(np.uint32), want.view(np.uint32))
