@@ -396,7 +396,8 @@ void normalise_slices(const VolumeView& v, const int64_t* indices, int64_t count
         for (int64_t s = 0; s < count; ++s)
             for (int64_t xa = 0; xa < nx; xa += kTile) {
                 const int64_t xb = std::min(kTile, nx - xa);
-                detail::transpose(data + indices[s] * sz + xa * sx, ny, xb, sy, sx, rows.data(), ny);
+                detail::transpose(data + indices[s] * sz + xa * sx, ny, xb, sy, sx, rows.data(),
+                                  ny);
                 for (int64_t x = 0; x < xb; ++x)
                     detail::normalise_row(rows.data() + x * ny, ny,
                                           out + s * out_plane + (xa + x) * out_row, f);
@@ -422,8 +423,8 @@ void normalise_slices(const VolumeView& v, const int64_t* indices, int64_t count
                 const int64_t n = s == first && length % kTile != 0 ? length % kTile : kTile;
                 const int64_t read = std::min(kTile, first + length - s);
                 for (int64_t x = 0; x < xb; ++x)
-                    detail::transpose(data + indices[s] * sz + (xa + x) * sx, ny, read, sy, d * sz,
-                              rows.data() + x * ny, xb * ny);
+                    detail::transpose(data + indices[s] * sz + (xa + x) * sx, ny, read, sy,
+                                      d * sz, rows.data() + x * ny, xb * ny);
                 for (int64_t j = 0; j < n; ++j)
                     for (int64_t x = 0; x < xb; ++x)
                         detail::normalise_row(rows.data() + (j * xb + x) * ny, ny,

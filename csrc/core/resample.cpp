@@ -236,6 +236,11 @@ void PlaneResampler::run(const float* padded, int64_t row_len, const std::array<
                  col_stride, scratch);
 }
 
+std::array<int64_t, 2> PlaneResampler::inputs_of(const Axis& a, size_t o) const {
+    if (bilinear_) return {a.taps.i0[o] - 1, a.taps.i0[o]};  // i0 is padded: inputs i0 - 1, i0
+    return {a.kernel.start[o], a.kernel.start[o] + a.kernel.count[o] - 1};
+}
+
 std::array<int64_t, 2> PlaneResampler::outputs_reading(int axis, int64_t first,
                                                        int64_t last) const {
     const Axis& a = axis == 0 ? rows_ : cols_;
@@ -243,15 +248,10 @@ std::array<int64_t, 2> PlaneResampler::outputs_reading(int axis, int64_t first,
     int64_t begin = n, end = 0;
     for (int64_t o = 0; o < n; ++o) {
         const auto i = static_cast<size_t>(o);
-        // the input indices output o weighs (a bilinear tap i0 is padded: input i0 - 1, i0)
-        int64_t lo = a.taps.i0[i] - 1, hi = a.taps.i0[i];
-        bool weighs = a.taps.w0[i] != 0.0f || a.taps.w1[i] != 0.0f;
-        if (!bilinear_) {
-            lo = a.kernel.start[i];
-            hi = lo + a.kernel.count[i] - 1;
-            weighs = a.kernel.count[i] > 0;
-        }
-        if (weighs && lo <= last && hi >= first) {
+        const std::array<int64_t, 2> read = inputs_of(a, i);
+        const bool weighs =
+            bilinear_ ? a.taps.w0[i] != 0.0f || a.taps.w1[i] != 0.0f : read[0] <= read[1];
+        if (weighs && read[0] <= last && read[1] >= first) {
             begin = std::min(begin, o);
             end = o + 1;
         }
@@ -263,15 +263,10 @@ std::array<int64_t, 2> PlaneResampler::inputs_read(int axis) const {
     const Axis& a = axis == 0 ? rows_ : cols_;
     int64_t first = std::numeric_limits<int64_t>::max(), last = std::numeric_limits<int64_t>::min();
     for (size_t o = 0; o < a.taps.i0.size(); ++o) {
-        // a bilinear tap i0 is padded: it reads inputs i0 - 1 and i0
-        int64_t lo = a.taps.i0[o] - 1, hi = a.taps.i0[o];
-        if (!bilinear_) {
-            if (a.kernel.count[o] == 0) continue;
-            lo = a.kernel.start[o];
-            hi = lo + a.kernel.count[o] - 1;
-        }
-        first = std::min(first, lo);
-        last = std::max(last, hi);
+        const std::array<int64_t, 2> read = inputs_of(a, o);
+        if (read[0] > read[1]) continue;
+        first = std::min(first, read[0]);
+        last = std::max(last, read[1]);
     }
     return first > last ? std::array<int64_t, 2>{0, 0} : std::array<int64_t, 2>{first, last + 1};
 }

@@ -73,6 +73,9 @@ private:
     };
     static Axis make_axis(int64_t n_out, int64_t n_in, double spacing_in, double spacing_out,
                           bool need_kernel);
+    // The input indices [first, last] output o of `a` reads, whatever their weights (first >
+    // last: none).
+    std::array<int64_t, 2> inputs_of(const Axis& a, size_t o) const;
     bool bilinear_;
     Axis rows_, cols_;
 };
