@@ -106,7 +106,7 @@ def scan_header(path: Path) -> ScannedHeader | None:
                     return None
                 buf += file.read()
                 return _scan(buf, True, stat)
-    except (_Unusual, _Short, struct.error, OSError, ValueError, RecursionError):
+    except (_Unusual, _Short, struct.error, OSError, ValueError):
         return None
 
 
@@ -139,7 +139,7 @@ def _file_meta(buf: bytes) -> tuple[dict[int, str], int]:
     meta: dict[int, str] = {}
     pos = 132
     while True:
-        tag, _, start, length = _element(buf, pos, explicit=True)
+        tag, start, length = _meta_element(buf, pos)
         if tag >> 16 != 0x0002:
             return meta, pos
         if length == _UNDEFINED or start + length > len(buf):
@@ -149,17 +149,13 @@ def _file_meta(buf: bytes) -> tuple[dict[int, str], int]:
         pos = start + length
 
 
-def _element(buf: bytes, pos: int, explicit: bool) -> tuple[int, bytes, int, int]:
-    """(tag, VR (empty when implicit), value offset, value length) of the element at
-    ``pos``; items and delimiters have no VR in either encoding."""
+def _meta_element(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, value offset, value length) of the explicit VR element at ``pos`` (the file
+    meta group's encoding; the data set's elements are walked natively)."""
     group, number = _TAG.unpack_from(buf, pos)
-    tag = group << 16 | number
-    if explicit and group != 0xFFFE:
-        vr = buf[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            return tag, vr, pos + 12, _U32.unpack_from(buf, pos + 8)[0]
-        return tag, vr, pos + 8, _U16.unpack_from(buf, pos + 6)[0]
-    return tag, b"", pos + 8, _U32.unpack_from(buf, pos + 4)[0]
+    if buf[pos + 4:pos + 6] in _LONG_VRS:
+        return group << 16 | number, pos + 12, _U32.unpack_from(buf, pos + 8)[0]
+    return group << 16 | number, pos + 8, _U16.unpack_from(buf, pos + 6)[0]
 
 
 def _ascii(raw: bytes) -> str:
